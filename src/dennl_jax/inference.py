@@ -1,0 +1,135 @@
+"""Public inference API: one padded sequence in, posteriors out.
+
+Every function takes a model (``HMM`` or ``HSMM``), ``obs: (T, ...)`` and
+``mask: (T,) bool`` for one sequence, is a pure JAX function that jits and
+vmaps over users, and -- when called with concrete arrays -- validates its
+inputs first, raising ``ValueError`` that names the problem.  Inside ``jit``
+or ``vmap`` the value checks cannot run; call :func:`validate` on the
+concrete batch beforehand (or wrap with ``jax.experimental.checkify``; see
+:func:`checked`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dennl_jax import _checks
+
+
+def validate(params, obs, mask) -> None:
+  """Raise ``ValueError`` naming the first problem with (params, obs, mask).
+
+  Works on one sequence (``obs: (T, ...)``, ``mask: (T,)``) or on a batch
+  with a leading user axis on all three.  Checks: shapes, mask dtype and at
+  least one valid step, observation domain (range, sign, finiteness on valid
+  steps) and that parameters are valid distributions.
+  """
+  mask_np = np.asarray(mask)
+  if mask_np.ndim == 2:
+    num_users = mask_np.shape[0]
+    for name, tree in (("obs", obs), ("params", params)):
+      for leaf in jax.tree_util.tree_leaves(tree):
+        if np.shape(leaf)[:1] != (num_users,):
+          raise ValueError(
+              f"{name} must have a leading user axis of size {num_users} to match mask "
+              f"{mask_np.shape}; found a leaf of shape {np.shape(leaf)}")
+    for u in range(num_users):
+      try:
+        validate(jax.tree_util.tree_map(lambda x: x[u], params),
+                 np.asarray(obs)[u], mask_np[u])
+      except ValueError as err:
+        raise ValueError(f"user {u}: {err}") from None
+    return
+  if mask_np.ndim != 1:
+    raise ValueError(f"mask must have shape (T,) or (U, T), got {mask_np.shape}")
+  obs_np = np.asarray(obs)
+  if obs_np.ndim == 0:
+    raise ValueError("obs must have a time axis; got a scalar")
+  mask_np = _checks.check_mask(mask_np, obs_np.shape[0])
+  params.check_parameters()
+  params.emission.check_observations(obs_np, mask_np)
+
+
+def _validate_if_concrete(params, obs, mask) -> None:
+  if _checks.is_concrete(params, obs, mask):
+    validate(params, obs, mask)
+
+
+def _as_mask(mask):
+  return jnp.asarray(mask, bool)
+
+
+def log_likelihood(params, obs, mask):
+  """Marginal log-likelihood () of the valid steps of one sequence."""
+  _validate_if_concrete(params, obs, mask)
+  return params.log_likelihood(obs, _as_mask(mask))
+
+
+def posterior(params, obs, mask):
+  """All posterior summaries of one sequence as a NamedTuple.
+
+  ``HMMPosterior`` for an HMM, ``HSMMPosterior`` for an HSMM; both carry
+  ``log_likelihood``, ``smoothed_probs (T, K)`` and ``transition_counts (K, K)``.
+  """
+  _validate_if_concrete(params, obs, mask)
+  return params.posterior(obs, _as_mask(mask))
+
+
+def filtered_posteriors(params, obs, mask):
+  """p(z_t | o_{1:t}) for every step, (T, K)."""
+  _validate_if_concrete(params, obs, mask)
+  return params.filtered_posteriors(obs, _as_mask(mask))
+
+
+def smoothed_posteriors(params, obs, mask):
+  """p(z_t | o_{1:T}) for every step, (T, K)."""
+  return posterior(params, obs, mask).smoothed_probs
+
+
+def expected_transition_counts(params, obs, mask):
+  """sum_t p(z_{t-1}=i, z_t=j | o) over consecutive valid steps, (K, K).
+
+  For an HSMM these are the expected counts of segment-to-segment jumps.
+  """
+  return posterior(params, obs, mask).transition_counts
+
+
+def viterbi(params, obs, mask):
+  """Most likely state path, (T,) int32 (masked steps repeat the carried state)."""
+  _validate_if_concrete(params, obs, mask)
+  return params.most_likely_states(obs, _as_mask(mask))
+
+
+def sample(key, params, num_steps: int):
+  """Draw ``(states: (T,) int32, obs: (T, ...))`` from one model."""
+  if _checks.is_concrete(params):
+    params.check_parameters()
+  return params.sample(key, num_steps)
+
+
+def stationary_distribution(transition):
+  """Stationary distribution pi = pi A of an ergodic chain, (K,).
+
+  Solves (A^T - I) pi = 0 with the normalisation sum(pi) = 1 replacing one
+  equation; for a reducible chain the result is one of several solutions.
+  """
+  transition = jnp.asarray(transition)
+  if _checks.is_concrete(transition):
+    _checks.check_distribution("transition", transition, axis=-1)
+  num_states = transition.shape[-1]
+  system = transition.T - jnp.eye(num_states, dtype=transition.dtype)
+  system = system.at[-1].set(1.0)
+  rhs = jnp.zeros(num_states, transition.dtype).at[-1].set(1.0)
+  return jnp.linalg.solve(system, rhs)
+
+
+def checked(fn):
+  """Wrap a public function so its value checks also run under ``jit``.
+
+  Uses ``jax.experimental.checkify``: ``err, out = checked(log_likelihood)(
+  params, obs, mask)`` then ``err.throw()``.  It flags NaN/inf produced
+  anywhere inside (e.g. from out-of-domain observations).
+  """
+  from jax.experimental import checkify
+  return checkify.checkify(fn, errors=checkify.float_checks | checkify.user_checks)
