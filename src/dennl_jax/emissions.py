@@ -32,6 +32,16 @@ from jax.scipy.special import gammaln
 from dennl_jax import _checks
 
 
+def floored_log(x):
+  """log with a floor at the smallest normal number, so the result is finite.
+
+  Used for unconstrained coordinates: a probability that is exactly 0 (e.g.
+  an EM output for a symbol the user never emitted) must not give -inf,
+  whose gradient is NaN.
+  """
+  return jnp.log(jnp.maximum(x, jnp.finfo(jnp.asarray(x).dtype).tiny))
+
+
 def _keep_where_empty(mass, new, old):
   """Per-state fallback: states with zero posterior mass keep old values."""
   has_mass = mass > 0
@@ -75,11 +85,19 @@ class Categorical:
   def log_likelihoods(self, obs):
     # Taking the log of the gathered column (not the whole table) keeps the
     # cost O(T K) and lets probabilities be exactly zero elsewhere.
-    return jnp.log(self.probs[:, obs].T)
+    gathered = self.probs[:, obs].T
+    # Safe log: a zero probability gives -inf with a zero (not NaN) gradient,
+    # so a masked step whose filler symbol has probability 0 (a symbol the
+    # user never emitted) cannot poison gradients through the mask's where.
+    positive = gathered > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, gathered, 1.0)), -jnp.inf)
 
   def expected_statistics(self, obs, weights):
-    onehot = jax.nn.one_hot(obs, self.num_symbols, dtype=weights.dtype)
-    return {"counts": weights.T @ onehot}
+    # A scatter-add of the (T, K) weights into symbol rows: O(T K) work, and
+    # several times faster under vmap on CPU than the equivalent one-hot
+    # (K, T) x (T, V) matmul, which lowers to a slow batched dot.
+    counts = jnp.zeros((self.num_symbols, weights.shape[-1]), weights.dtype)
+    return {"counts": counts.at[obs].add(weights).T}
 
   def m_step(self, stats):
     counts = stats["counts"]
@@ -107,7 +125,7 @@ class Categorical:
     _checks.check_distribution("Categorical.probs", self.probs, axis=-1)
 
   def to_unconstrained(self):
-    return Categorical(jnp.log(self.probs))
+    return Categorical(floored_log(self.probs))
 
   @staticmethod
   def from_unconstrained(theta: "Categorical"):
@@ -171,7 +189,7 @@ class Multinomial:
     _checks.check_distribution("Multinomial.probs", self.probs, axis=-1)
 
   def to_unconstrained(self):
-    return Multinomial(jnp.log(self.probs))
+    return Multinomial(floored_log(self.probs))
 
   @staticmethod
   def from_unconstrained(theta: "Multinomial"):
@@ -229,7 +247,7 @@ class Poisson:
     _checks.check_positive("Poisson.rate", self.rate)
 
   def to_unconstrained(self):
-    return Poisson(jnp.log(self.rate))
+    return Poisson(floored_log(self.rate))
 
   @staticmethod
   def from_unconstrained(theta: "Poisson"):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dennl_jax import _checks
+from dennl_jax.emissions import floored_log
 
 
 class HMMPosterior(NamedTuple):
@@ -98,7 +99,10 @@ def _backward(transition, likes, norms, moves):
   def step(beta_next, inputs):
     b_next, norm_next, moves_next = inputs
     msg = b_next * beta_next / norm_next
-    beta = jnp.where(moves_next, transition @ msg, beta_next)
+    # A masked next step has b = 1 and c = 1, so msg = beta_next passes
+    # through; the first valid step (no transition into it) contributes its
+    # emission, so leading padded steps report the carried state's posterior.
+    beta = jnp.where(moves_next, transition @ msg, msg)
     return beta, beta
 
   ones = jnp.ones_like(likes[0])
@@ -130,7 +134,7 @@ def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   # product rather than T outer products.
   weights = jnp.where(moves[1:, None], likes[1:] * betas[1:] / norms[1:, None], 0.0)
   counts = transition * (filtered[:-1].T @ weights)
-  initial_probs = is_first.astype(smoothed.dtype) @ smoothed
+  initial_probs = jnp.sum(jnp.where(is_first[:, None], smoothed, 0.0), axis=0)
   return HMMPosterior(ll, filtered, smoothed, counts, initial_probs)
 
 
@@ -218,6 +222,8 @@ class HMM:
 
   def sample(self, key, num_steps: int):
     """(states: (T,) int32, obs: (T, ...)) drawn from the model."""
+    # numpy leaves cannot be indexed by the traced states below.
+    self = jax.tree_util.tree_map(jnp.asarray, self)
     key_init, key_trans, key_obs = jax.random.split(key, 3)
     first = jax.random.categorical(key_init, jnp.log(self.initial))
     log_trans = jnp.log(self.transition)
@@ -243,7 +249,7 @@ class HMM:
     self.emission.check_parameters()
 
   def to_unconstrained(self):
-    return HMM(jnp.log(self.initial), jnp.log(self.transition),
+    return HMM(floored_log(self.initial), floored_log(self.transition),
                self.emission.to_unconstrained())
 
   def from_unconstrained(self, theta: "HMM"):
