@@ -10,5 +10,11 @@ from dennl_jax.inference import (checked, expected_transition_counts, filtered_p
 from dennl_jax.em import em_step, em_step_with_log_likelihood, fit_em
 from dennl_jax.spsa import (GRADIENT_MODES, PERTURBATIONS, em_layer, forward_gradient,
                             perturbation_directions, spsa)
+from dennl_jax import data
+from dennl_jax.metrics import confusion_matrix, labelling_accuracy, per_user_accuracy
+from dennl_jax.models import (DENNL, EmbeddingMapper, InitialFusion, ParamCodec, conventional_em,
+                              pooled_start)
+from dennl_jax.training import (Batch, heldout_step_loss, likelihood_loss, make_optimizer,
+                                make_train_step, regression_loss, train)
 
 __version__ = "0.1.0"

@@ -42,16 +42,28 @@ def floored_log(x):
   return jnp.log(jnp.maximum(x, jnp.finfo(jnp.asarray(x).dtype).tiny))
 
 
+# States whose expected occupancy is below this many time steps are treated
+# as empty and keep their parameters.  Testing `mass > 0` is not enough for
+# gradients: the backward pass of counts / mass has a 1 / mass**2 term that
+# overflows for masses like 1e-30 (common with many states on short
+# sequences), and inf * 0 = NaN then poisons every gradient of the layer.
+MIN_STATE_MASS = 1e-6
+
+
 def _keep_where_empty(mass, new, old):
-  """Per-state fallback: states with zero posterior mass keep old values."""
-  has_mass = mass > 0
+  """Per-state fallback: states with (almost) no posterior mass keep old values."""
+  has_mass = mass > MIN_STATE_MASS
   shape = has_mass.shape + (1,) * (new.ndim - has_mass.ndim)
   return jnp.where(has_mass.reshape(shape), new, old)
 
 
 def _safe_div(num, den):
-  """num / den with den == 0 mapped to 0 (the result is discarded there)."""
-  den_ok = den > 0
+  """num / den, with den at or below MIN_STATE_MASS replaced by 1.
+
+  The caller discards those entries with ``_keep_where_empty``; replacing
+  the denominator (not just the result) keeps the gradient finite there.
+  """
+  den_ok = den > MIN_STATE_MASS
   shape = den.shape + (1,) * (num.ndim - den.ndim)
   den_safe = jnp.where(den_ok, den, 1.0).reshape(shape)
   return num / den_safe

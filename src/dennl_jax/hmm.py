@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dennl_jax import _checks
-from dennl_jax.emissions import floored_log
+from dennl_jax.emissions import MIN_STATE_MASS, floored_log
 
 
 class HMMPosterior(NamedTuple):
@@ -167,9 +167,13 @@ def hmm_viterbi(initial, transition, log_likes, mask):
 
 
 def normalize_counts(counts, fallback):
-  """Row-normalise expected counts; rows with no mass keep ``fallback``."""
+  """Row-normalise expected counts; rows with (almost) no mass keep ``fallback``.
+
+  The threshold is ``MIN_STATE_MASS`` (see emissions.py for why it is not 0).
+  """
   mass = counts.sum(-1, keepdims=True)
-  return jnp.where(mass > 0, counts / jnp.where(mass > 0, mass, 1.0), fallback)
+  has_mass = mass > MIN_STATE_MASS
+  return jnp.where(has_mass, counts / jnp.where(has_mass, mass, 1.0), fallback)
 
 
 @struct.dataclass

@@ -53,7 +53,7 @@ from flax import struct
 from jax.scipy.special import gammaln, xlogy
 
 from dennl_jax import _checks
-from dennl_jax.emissions import floored_log
+from dennl_jax.emissions import MIN_STATE_MASS, floored_log
 from dennl_jax.hmm import (HMM, hmm_smoother, masked_log_likelihoods, normalize_counts,
                            step_structure)
 
@@ -105,28 +105,48 @@ class PoissonDuration:
     counts = jnp.asarray(duration_counts, jnp.asarray(self.rate).dtype)
     shifted = jnp.arange(self.max_duration, dtype=counts.dtype)
     mass = counts.sum(-1)
-    target = jnp.sum(counts * shifted, -1) / jnp.where(mass > 0, mass, 1.0)
+    has_mass = mass > MIN_STATE_MASS
+    target = jnp.sum(counts * shifted, -1) / jnp.where(has_mass, mass, 1.0)
     tiny = jnp.finfo(counts.dtype).tiny
     # A mean at the upper end of the support has an infinite MLE; a cap on
     # log-rate keeps it finite (the fitted distribution is then all mass at D).
     max_log_rate = jnp.log(jnp.asarray(1e3 * self.max_duration + 1e3, counts.dtype))
     log_tiny = jnp.log(jnp.asarray(tiny, counts.dtype))
-    log_rate = jnp.clip(jnp.log(jnp.maximum(target, tiny)), log_tiny, max_log_rate)
+    # The solve sees a gradient-free copy of the target: even with its
+    # output stop-gradiented, a scan that reads a differentiated input is
+    # transposed with instantiated zero cotangents under vmap, and 0 * inf
+    # from the tiny floors below would give NaN.
+    fixed_target = jax.lax.stop_gradient(target)
+    log_rate = jnp.clip(jnp.log(jnp.maximum(fixed_target, tiny)), log_tiny, max_log_rate)
     base = -gammaln(shifted + 1.0)
 
     def newton(log_rate, _):
       probs = jax.nn.softmax(shifted * log_rate[:, None] + base, axis=-1)
       mean = probs @ shifted
       var = probs @ (shifted * shifted) - mean * mean
-      step = (target - mean) / jnp.maximum(var, tiny)
+      step = (fixed_target - mean) / jnp.maximum(var, tiny)
       step = jnp.clip(step, -1.0, 1.0)
       return jnp.clip(log_rate + step, log_tiny, max_log_rate), None
 
+    # The Newton iterations are not differentiated through (their clips and
+    # tiny floors give inf * 0 = NaN gradients).  The derivative is supplied
+    # by the implicit function theorem instead: at the fixed point
+    # mean(log_rate) = target, so d log_rate / d target = 1 / Var(d - 1).
+    # `correction - stop_gradient(correction)` is zero in value and carries
+    # exactly that derivative.
     log_rate, _ = jax.lax.scan(newton, log_rate, None, length=_POISSON_NEWTON_ITERS)
+    probs = jax.nn.softmax(shifted * log_rate[:, None] + base, axis=-1)
+    mean = probs @ shifted
+    var = probs @ (shifted * shifted) - mean * mean
+    # Where the rate sits on a clip bound the variance vanishes; no gradient there.
+    inv_var = jnp.where(var > 1e-6, 1.0 / jnp.maximum(var, 1e-6), 0.0)
+    correction = (target - mean) * inv_var
+    log_rate = log_rate + correction - jax.lax.stop_gradient(correction)
     # A zero mean has MLE rate 0; the floor keeps log-probabilities finite.
-    rate = jnp.where(target > 0, jnp.exp(log_rate), tiny)
+    has_target = target > MIN_STATE_MASS
+    rate = jnp.where(has_target, jnp.exp(jnp.where(has_target, log_rate, 0.0)), tiny)
     # States with no expected segment, or D == 1 (rate unidentifiable), keep theirs.
-    keep = (mass <= 0) | (self.max_duration == 1)
+    keep = ~has_mass | (self.max_duration == 1)
     return PoissonDuration(jnp.where(keep, self.rate, rate), self.max_duration)
 
   def check_parameters(self):
