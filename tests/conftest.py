@@ -171,3 +171,16 @@ def tree_allclose(a, b, **kwargs) -> None:
 
 def stack_trees(trees):
   return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+# Every public function that takes (params, obs, mask) for one sequence.
+PUBLIC_SEQUENCE_FUNCTIONS = {
+    "log_likelihood": dj.log_likelihood,
+    "posterior": dj.posterior,
+    "filtered_posteriors": dj.filtered_posteriors,
+    "smoothed_posteriors": dj.smoothed_posteriors,
+    "expected_transition_counts": dj.expected_transition_counts,
+    "viterbi": dj.viterbi,
+    "em_step": dj.em_step,
+    "em_step_with_log_likelihood": dj.em_step_with_log_likelihood,
+}

@@ -12,8 +12,9 @@ import pytest
 from scipy.special import gammaln
 
 import dennl_jax as dj
-from conftest import (FAMILIES, NUM_TRIALS, BruteForce, pad_sequence, random_hmm,
-                      random_obs, reference_log_likelihoods, stack_trees, tree_allclose)
+from conftest import (FAMILIES, NUM_TRIALS, PUBLIC_SEQUENCE_FUNCTIONS, BruteForce, pad_sequence,
+                      random_hmm, random_obs, reference_log_likelihoods, stack_trees,
+                      tree_allclose)
 
 jax.config.update("jax_enable_x64", True)
 
@@ -303,16 +304,7 @@ def test_stationary_distribution_matches_eigenvector():
 # jit + vmap over users for every public function.
 # ---------------------------------------------------------------------------
 
-PER_SEQUENCE = {
-    "log_likelihood": dj.log_likelihood,
-    "posterior": dj.posterior,
-    "filtered_posteriors": dj.filtered_posteriors,
-    "smoothed_posteriors": dj.smoothed_posteriors,
-    "expected_transition_counts": dj.expected_transition_counts,
-    "viterbi": dj.viterbi,
-    "em_step": dj.em_step,
-    "em_step_with_log_likelihood": dj.em_step_with_log_likelihood,
-}
+PER_SEQUENCE = PUBLIC_SEQUENCE_FUNCTIONS
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
-from conftest import FAMILIES, NUM_SYMBOLS, random_hmm, random_obs, stack_trees
+from conftest import (FAMILIES, NUM_SYMBOLS, PUBLIC_SEQUENCE_FUNCTIONS, random_hmm, random_obs,
+                      stack_trees)
 
 jax.config.update("jax_enable_x64", True)
 
-PUBLIC = {
-    "log_likelihood": dj.log_likelihood,
-    "posterior": dj.posterior,
-    "filtered_posteriors": dj.filtered_posteriors,
-    "smoothed_posteriors": dj.smoothed_posteriors,
-    "expected_transition_counts": dj.expected_transition_counts,
-    "viterbi": dj.viterbi,
-    "em_step": dj.em_step,
-    "em_step_with_log_likelihood": dj.em_step_with_log_likelihood,
-}
+PUBLIC = PUBLIC_SEQUENCE_FUNCTIONS
 
 
 def _case(family, seed=0):
