@@ -108,14 +108,10 @@ def _encode_family(family):
     return family.replace(cov=pre)
   if isinstance(family, em_families.DiagGaussian):
     return family.replace(var=_encode_positive(family.var, family.min_covar))
-  if isinstance(family, (em_families.Categorical, em_families.Multinomial)):
+  if isinstance(family, (em_families.Categorical, em_families.Multinomial, CategoricalDuration)):
     return family.replace(probs=_encode_probs(family.probs))
-  if isinstance(family, em_families.Poisson):
+  if isinstance(family, (em_families.Poisson, PoissonDuration)):
     return family.replace(rate=_encode_positive(family.rate, RATE_FLOOR))
-  if PoissonDuration is not None and isinstance(family, PoissonDuration):
-    return family.replace(rate=_encode_positive(family.rate, RATE_FLOOR))
-  if CategoricalDuration is not None and isinstance(family, CategoricalDuration):
-    return family.replace(probs=_encode_probs(family.probs))
   raise ValueError(f"no parameter codec for {type(family).__name__}")
 
 
@@ -128,14 +124,10 @@ def _decode_family(pre):
     return pre.replace(cov=chol @ jnp.swapaxes(chol, -1, -2) + _cov_floor(pre) * eye)
   if isinstance(pre, em_families.DiagGaussian):
     return pre.replace(var=_decode_positive(pre.var, pre.min_covar))
-  if isinstance(pre, (em_families.Categorical, em_families.Multinomial)):
+  if isinstance(pre, (em_families.Categorical, em_families.Multinomial, CategoricalDuration)):
     return pre.replace(probs=_decode_probs(pre.probs))
-  if isinstance(pre, em_families.Poisson):
+  if isinstance(pre, (em_families.Poisson, PoissonDuration)):
     return pre.replace(rate=_decode_positive(pre.rate, RATE_FLOOR))
-  if PoissonDuration is not None and isinstance(pre, PoissonDuration):
-    return pre.replace(rate=_decode_positive(pre.rate, RATE_FLOOR))
-  if CategoricalDuration is not None and isinstance(pre, CategoricalDuration):
-    return pre.replace(probs=_decode_probs(pre.probs))
   raise ValueError(f"no parameter codec for {type(pre).__name__}")
 
 
