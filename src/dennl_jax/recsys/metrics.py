@@ -1,0 +1,164 @@
+"""Ranking metrics for next-step category prediction (numpy, host-side).
+
+Scores ``(U, C)`` rank the C categories per user, higher first.  **Ties are
+broken deterministically by the lower category index first** (a stable sort
+of ``-scores``); predictors that want a different order among equal scores
+must add their own tie-breaker (the baselines add a tiny popularity term).
+
+Per user (evaluated users only, those with ``target_step >= 0``):
+
+* ``top{k}`` (k = 1, 3, 5): the target step's dominant category (argmax of
+  its strength vector, lower index on ties) is among the first k — primary.
+* ``hit{k}``: the paper's hit, any of the first k categories has strength > 0
+  at the target step ("the user interacted with the predicted category").
+* ``ndcg5``: 1 / log2(1 + rank) of the dominant category if rank <= 5, else 0
+  (one relevant item, so the ideal DCG is 1).
+* ``mrr``: 1 / rank of the dominant category over the full ranking.
+
+Intervals are percentile bootstraps over users; the resampling indices come
+from a numpy generator seeded with the bits of an explicit ``jax.random``
+key, so every interval is reproducible from its key.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from dennl_jax.recsys.task import NextStepTask, dominant_target, evaluated, interacted_target
+
+KS = (1, 3, 5)
+METRICS = ("top1", "top3", "top5", "hit1", "hit3", "hit5", "ndcg5", "mrr")
+BUCKETS = ((0, 0), (1, 1), (2, 3), (4, 10), (11, None))
+
+
+def ranking(scores) -> np.ndarray:
+  """(U, C) int: categories best first; ties -> lower index first."""
+  scores = np.asarray(scores)
+  if scores.ndim != 2:
+    raise ValueError(f"scores must be (U, C); got shape {scores.shape}")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("scores contain NaN or inf")
+  return np.argsort(-scores, axis=1, kind="stable")
+
+
+def rank_of(scores, target) -> np.ndarray:
+  """(U,) 1-based rank of ``target[u]`` under :func:`ranking` (ties broken as there)."""
+  order = ranking(scores)
+  target = np.asarray(target)
+  return 1 + np.argmax(order == target[:, None], axis=1)
+
+
+def per_user_metrics(scores, task: NextStepTask) -> dict:
+  """{metric: (n,) float} over the n evaluated users of ``task`` (in user order).
+
+  scores: (U, C) for all U users (rows of non-evaluated users are ignored).
+  """
+  scores = np.asarray(scores)
+  if scores.shape != (task.strengths.shape[0], task.strengths.shape[2]):
+    raise ValueError(f"scores must be (U, C) = {task.strengths.shape[::2]}; got {scores.shape}")
+  keep = evaluated(task)
+  s = scores[keep]
+  order = ranking(s)
+  dom = dominant_target(task)[keep]
+  rank = 1 + np.argmax(order == dom[:, None], axis=1)
+  touched = interacted_target(task)[keep]
+  touched_in_order = np.take_along_axis(touched, order, axis=1)
+  out = {}
+  for k in KS:
+    out[f"top{k}"] = (rank <= k).astype(np.float64)
+    out[f"hit{k}"] = touched_in_order[:, :k].any(1).astype(np.float64)
+  out["ndcg5"] = np.where(rank <= 5, 1.0 / np.log2(1.0 + rank), 0.0)
+  out["mrr"] = 1.0 / rank
+  return out
+
+
+def _rng(key) -> np.random.Generator:
+  return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().astype(np.uint32))
+
+
+def bootstrap_interval(values, key, num_samples: int = 1000, level: float = 0.95):
+  """(low, high) percentile bootstrap interval of the mean of ``values`` (n,)."""
+  values = np.asarray(values, np.float64)
+  if values.ndim != 1 or values.size == 0:
+    raise ValueError(f"values must be a non-empty (n,) array; got shape {values.shape}")
+  idx = _rng(key).integers(0, values.size, (num_samples, values.size))
+  means = values[idx].mean(1)
+  a = (1.0 - level) / 2.0
+  return float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))
+
+
+def summarize(per_user: dict, key, num_samples: int = 1000) -> dict:
+  """{metric: {"mean", "low", "high"} in %} with bootstrap intervals over users, plus "n"."""
+  out = {}
+  keys = jax.random.split(key, len(per_user))
+  for k, (name, v) in zip(keys, sorted(per_user.items())):
+    lo, hi = bootstrap_interval(v, k, num_samples)
+    out[name] = {"mean": 100.0 * float(np.mean(v)), "low": 100.0 * lo, "high": 100.0 * hi}
+  out["n"] = int(len(next(iter(per_user.values())))) if per_user else 0
+  return out
+
+
+def paired_difference(a, b, key, num_samples: int = 1000) -> dict:
+  """Per-user paired difference a - b (same users, same order), in %.
+
+  Returns mean, 95% bootstrap interval and ``p``: the two-sided bootstrap
+  probability that the mean difference has the opposite sign (0.0 means no
+  resample crossed zero).
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"a and b must be equal (n,) arrays; got {a.shape}, {b.shape}")
+  d = a - b
+  idx = _rng(key).integers(0, d.size, (num_samples, d.size))
+  means = d[idx].mean(1)
+  p = 2.0 * min(np.mean(means <= 0.0), np.mean(means >= 0.0))
+  return {"mean": 100.0 * float(d.mean()), "low": 100.0 * float(np.quantile(means, 0.025)),
+          "high": 100.0 * float(np.quantile(means, 0.975)), "p": float(min(p, 1.0))}
+
+
+def lift(method: dict, popularity: dict) -> dict:
+  """{metric: relative lift in %} of summary means: 100 * (method / popularity - 1)."""
+  out = {}
+  for name, v in method.items():
+    if isinstance(v, dict) and name in popularity and popularity[name]["mean"] > 0:
+      out[name] = 100.0 * (v["mean"] / popularity[name]["mean"] - 1.0)
+  return out
+
+
+def average_over_seeds(per_user_by_seed: list) -> dict:
+  """{metric: (n,)} per-user metrics averaged over seeds (same users each seed).
+
+  Bootstrapping this average over users gives one interval that covers both
+  the user sample and the seed variation's mean; the spread over seeds is
+  reported separately by :func:`seed_spread`.
+  """
+  if not per_user_by_seed:
+    raise ValueError("need at least one seed")
+  names = per_user_by_seed[0].keys()
+  return {n: np.mean([np.asarray(r[n], np.float64) for r in per_user_by_seed], axis=0)
+          for n in names}
+
+
+def seed_spread(per_user_by_seed: list) -> dict:
+  """{metric: standard deviation over seeds of the per-seed mean, in %}."""
+  names = per_user_by_seed[0].keys()
+  return {n: 100.0 * float(np.std([np.mean(r[n]) for r in per_user_by_seed])) for n in names}
+
+
+def bucket_name(lo, hi) -> str:
+  if hi is None:
+    return f">{lo - 1}"
+  return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def by_bucket(per_user: dict, history_length, buckets=BUCKETS) -> dict:
+  """{bucket: {metric: mean %, "n": users}} by history length (empty buckets omitted)."""
+  h = np.asarray(history_length)
+  out = {}
+  for lo, hi in buckets:
+    sel = (h >= lo) & (h <= (np.inf if hi is None else hi))
+    if sel.any():
+      row = {name: 100.0 * float(np.mean(np.asarray(v)[sel])) for name, v in per_user.items()}
+      row["n"] = int(sel.sum())
+      out[bucket_name(lo, hi)] = row
+  return out

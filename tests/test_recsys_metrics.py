@@ -1,0 +1,94 @@
+"""Ranking metrics on hand-made cases with known rankings."""
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+from dennl_jax.recsys import metrics as rm
+from dennl_jax.recsys.task import make_task
+
+
+def _task(target_vectors):
+  """One history step + one target step per user; target_vectors (U, C)."""
+  tv = np.asarray(target_vectors, np.float32)
+  u, c = tv.shape
+  s = np.stack([np.full((u, c), 1.0 / c, np.float32), tv], axis=1)
+  seqs = SimpleNamespace(strengths=s, mask=np.ones((u, 2), bool),
+                         category_names=tuple(map(str, range(c))))
+  return make_task(seqs, np.ones(u, int), np.zeros((u, 1)), np.ones(u, bool))
+
+
+def test_known_rankings():
+  # 4 categories.  Targets: dominant = 2 for user 0; user 1 dominant 0 with 3 also touched;
+  # user 2 dominant 3 (ties 0.5/0.5 between 1 and 3 -> lower index 1 is dominant!).
+  targets = [[0.0, 0.1, 0.9, 0.0],
+             [0.6, 0.0, 0.0, 0.4],
+             [0.0, 0.5, 0.0, 0.5]]
+  scores = [[0.4, 0.3, 0.2, 0.1],     # ranking 0,1,2,3 -> dominant 2 at rank 3
+            [0.1, 0.1, 0.1, 0.7],     # ranking 3,0,1,2 (tie 0,1,2 -> index order) -> rank 2
+            [5.0, 1.0, 1.0, 1.0]]     # ranking 0,1,2,3 -> dominant 1 at rank 2
+  pu = rm.per_user_metrics(np.array(scores), _task(targets))
+  np.testing.assert_array_equal(pu["top1"], [0, 0, 0])
+  np.testing.assert_array_equal(pu["top3"], [1, 1, 1])
+  np.testing.assert_array_equal(pu["mrr"], [1 / 3, 1 / 2, 1 / 2])
+  np.testing.assert_allclose(pu["ndcg5"], [0.5, 1 / np.log2(3), 1 / np.log2(3)])
+  # interacted: user 0 touches {1,2}: first category 0 misses, top-3 hits;
+  # user 1 touches {0,3}: top category 3 is a hit; user 2 touches {1,3}: 0 misses.
+  np.testing.assert_array_equal(pu["hit1"], [0, 1, 0])
+  np.testing.assert_array_equal(pu["hit3"], [1, 1, 1])
+
+
+def test_rank_matches_brute_force_with_ties():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 3, (50, 6)).astype(float)   # many ties
+  target = rng.integers(0, 6, 50)
+  ranks = rm.rank_of(scores, target)
+  for s, t, r in zip(scores, target, ranks):
+    better = np.sum(s > s[t]) + np.sum((s == s[t]) & (np.arange(6) < t))
+    assert r == better + 1
+
+
+def test_users_without_target_are_skipped():
+  task = _task([[1.0, 0.0], [0.0, 1.0]])
+  task = task._replace(target_step=np.array([1, -1]))
+  pu = rm.per_user_metrics(np.array([[0.0, 1.0], [1.0, 0.0]]), task)
+  assert pu["top1"].shape == (1,) and pu["top1"][0] == 0.0
+  with pytest.raises(ValueError, match="NaN"):
+    rm.per_user_metrics(np.array([[np.nan, 1.0], [1.0, 0.0]]), task)
+
+
+def test_bootstrap_is_keyed_and_covers_mean():
+  v = np.random.default_rng(1).random(200) < 0.3
+  key = jax.random.key(3)
+  a = rm.bootstrap_interval(v, key)
+  assert a == rm.bootstrap_interval(v, key)
+  assert a != rm.bootstrap_interval(v, jax.random.key(4))
+  assert a[0] < v.mean() < a[1]
+  half = (a[1] - a[0]) / 2
+  assert abs(half - 1.96 * np.sqrt(v.mean() * (1 - v.mean()) / 200)) < 0.01
+  assert rm.bootstrap_interval(np.ones(10), key) == (1.0, 1.0)
+
+
+def test_paired_difference_and_lift():
+  rng = np.random.default_rng(2)
+  b = (rng.random(300) < 0.4).astype(float)
+  a = np.maximum(b, rng.random(300) < 0.2)    # a never worse than b
+  d = rm.paired_difference(a, b, jax.random.key(0))
+  assert d["low"] > 0 and d["p"] == 0.0
+  assert abs(d["mean"] - 100 * (a - b).mean()) < 1e-9
+  same = rm.paired_difference(b, b, jax.random.key(0))
+  assert same["mean"] == same["low"] == same["high"] == 0.0
+  s_a = rm.summarize({"top1": a}, jax.random.key(1))
+  s_b = rm.summarize({"top1": b}, jax.random.key(1))
+  assert s_a["n"] == 300
+  assert abs(rm.lift(s_a, s_b)["top1"] - 100 * (a.mean() / b.mean() - 1)) < 1e-9
+
+
+def test_seeds_and_buckets():
+  runs = [{"top1": np.array([1.0, 0.0, 1.0])}, {"top1": np.array([0.0, 0.0, 1.0])}]
+  np.testing.assert_allclose(rm.average_over_seeds(runs)["top1"], [0.5, 0.0, 1.0])
+  assert abs(rm.seed_spread(runs)["top1"] - 100 * np.std([2 / 3, 1 / 3])) < 1e-9
+  b = rm.by_bucket({"top1": np.array([1.0, 0.0, 1.0, 1.0, 0.0])}, [1, 2, 3, 12, 40])
+  assert b == {"1": {"top1": 100.0, "n": 1}, "2-3": {"top1": 50.0, "n": 2},
+               ">10": {"top1": 50.0, "n": 2}}
