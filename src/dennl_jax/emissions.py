@@ -16,6 +16,8 @@ one new class:
   unconstrained space, used to perturb parameters (SPSA) and to build
   parameters from network outputs without leaving the valid domain.
 * ``observation_shape(num_steps)`` and ``observation_dtype``: what ``obs`` is.
+* ``observation_mean() -> (K, ...)``: the expected observation per state
+  (not ``mean``: the Gaussians already have a ``mean`` field).
 
 Observations on padded steps may hold any value; callers replace them with
 zeros (valid for every family here) before computing likelihoods so that no
@@ -94,6 +96,10 @@ class Categorical:
   def observation_shape(self, num_steps: int) -> tuple:
     return (num_steps,)
 
+  def observation_mean(self):
+    """(K, V): the symbol distribution, i.e. the mean of the one-hot observation."""
+    return self.probs
+
   def log_likelihoods(self, obs):
     # Taking the log of the gathered column (not the whole table) keeps the
     # cost O(T K) and lets probabilities be exactly zero elsewhere.
@@ -164,6 +170,10 @@ class Multinomial:
   def observation_shape(self, num_steps: int) -> tuple:
     return (num_steps, self.probs.shape[1])
 
+  def observation_mean(self):
+    """(K, V): the expected strength vector of a unit-total observation."""
+    return self.probs
+
   def log_likelihoods(self, obs):
     # xlogy-style: a zero strength contributes 0 even where probs is 0.
     logp = jnp.log(self.probs)
@@ -224,6 +234,10 @@ class Poisson:
 
   def observation_shape(self, num_steps: int) -> tuple:
     return (num_steps,)
+
+  def observation_mean(self):
+    """(K,): the expected count."""
+    return self.rate
 
   def log_likelihoods(self, obs):
     x = jnp.asarray(obs, self.rate.dtype)[:, None]
@@ -294,6 +308,10 @@ class Gaussian:
 
   def observation_shape(self, num_steps: int) -> tuple:
     return (num_steps, self.mean.shape[1])
+
+  def observation_mean(self):
+    """(K, D): the state means (named apart from the ``mean`` field)."""
+    return self.mean
 
   def log_likelihoods(self, obs):
     chol = jnp.linalg.cholesky(self.cov)                      # (K, D, D)
@@ -379,6 +397,10 @@ class DiagGaussian:
 
   def observation_shape(self, num_steps: int) -> tuple:
     return (num_steps, self.mean.shape[1])
+
+  def observation_mean(self):
+    """(K, D): the state means (named apart from the ``mean`` field)."""
+    return self.mean
 
   def log_likelihoods(self, obs):
     inv = 1.0 / self.var
