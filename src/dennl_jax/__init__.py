@@ -8,6 +8,7 @@ from dennl_jax.inference import (checked, expected_transition_counts, filtered_p
                                  log_likelihood, posterior, sample, smoothed_posteriors,
                                  stationary_distribution, validate, viterbi)
 from dennl_jax.em import em_step, em_step_with_log_likelihood, fit_em
+from dennl_jax.forecast import Forecast, forecast
 from dennl_jax.spsa import (GRADIENT_MODES, PERTURBATIONS, em_layer, forward_gradient,
                             perturbation_directions, spsa)
 from dennl_jax import data

@@ -71,6 +71,20 @@ def masked_log_likelihoods(emission, obs, mask):
   return jnp.where(mask[:, None], emission.log_likelihoods(safe_obs), 0.0)
 
 
+def append_blank_steps(log_likes, mask, num_steps: int):
+  """Append ``num_steps`` valid steps that carry no evidence (log b = 0).
+
+  log_likes: (T, K), mask: (T,) bool -> ((T + H, K), (T + H,)).  Masked steps
+  are removed from the sequence, so the first appended step directly follows
+  the last valid one; a filter run over the result reports, on the appended
+  steps, the predictive p(z_{t*+h} | valid observations).  Forecasting this
+  way reuses each model's own filter instead of a second copy of its dynamics.
+  """
+  blank = jnp.zeros((num_steps, log_likes.shape[-1]), log_likes.dtype)
+  return (jnp.concatenate([log_likes, blank]),
+          jnp.concatenate([jnp.asarray(mask, bool), jnp.ones(num_steps, bool)]))
+
+
 def _scaled_likelihoods(log_likes):
   shift = jnp.max(log_likes, axis=-1)
   shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
@@ -208,6 +222,12 @@ class HMM:
   def most_likely_states(self, obs, mask):
     log_likes = masked_log_likelihoods(self.emission, obs, mask)
     return hmm_viterbi(self.initial, self.transition, log_likes, mask)
+
+  def forecast_states(self, obs, mask, num_steps: int):
+    """(num_steps, K) p(z_{t*+h} | valid obs), h = 1 ... num_steps, t* the last valid step."""
+    log_likes, mask = append_blank_steps(
+        masked_log_likelihoods(self.emission, obs, mask), mask, num_steps)
+    return hmm_filter(self.initial, self.transition, log_likes, mask)[1][-num_steps:]
 
   def em_update(self, obs, mask):
     """One Baum-Welch iteration; returns (new params, log-likelihood before)."""

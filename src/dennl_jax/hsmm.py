@@ -54,8 +54,8 @@ from jax.scipy.special import gammaln, xlogy
 
 from dennl_jax import _checks
 from dennl_jax.emissions import MIN_STATE_MASS, floored_log
-from dennl_jax.hmm import (HMM, hmm_smoother, masked_log_likelihoods, normalize_counts,
-                           step_structure)
+from dennl_jax.hmm import (HMM, append_blank_steps, hmm_smoother, masked_log_likelihoods,
+                           normalize_counts, step_structure)
 
 # Number of damped Newton iterations of the truncated-Poisson M-step.  The
 # objective is concave in the log-rate and the start is the untruncated
@@ -482,6 +482,18 @@ class HSMM:
 
   def most_likely_states(self, obs, mask):
     return hsmm_viterbi(*self._inputs(obs, mask))
+
+  def forecast_states(self, obs, mask, num_steps: int):
+    """(num_steps, K) p(z_{t*+h} | valid obs), h = 1 ... num_steps, t* the last valid step.
+
+    Duration-aware: the filter's joint over (state, remaining duration) at t*
+    is the posterior of the censored last segment's remaining duration
+    (its total is only known to be >= the steps seen), and the blank steps
+    propagate it through the semi-Markov dynamics.
+    """
+    initial, transition, dur_log_probs, log_likes, mask = self._inputs(obs, mask)
+    log_likes, mask = append_blank_steps(log_likes, mask, num_steps)
+    return hsmm_filter(initial, transition, dur_log_probs, log_likes, mask)[1][-num_steps:]
 
   def em_update_from_posterior(self, post, obs, mask):
     """The M-step given posterior summaries (shared with the dense oracle)."""
