@@ -1,0 +1,198 @@
+"""Count-based practitioner baselines and GraphSAGE alone (numpy, host-side).
+
+* ``popularity``: mean strength vector over the training steps of the
+  training users (the global category popularity).
+* ``last_step``: the user's most recent history step, repeated.
+* ``own_frequency``: the user's mean history strength, shrunk towards
+  popularity: ``(sum_t s_t + alpha * pop) / (h + alpha)``.
+* ``markov``: first-order Markov chain over the dominant category of
+  consecutive history steps of the training users, each row shrunk towards
+  popularity: ``P[a] = (counts[a] + beta * pop) / (n_a + beta)``; a user is
+  scored by the row of their last history step's dominant category.
+* ``graphsage_dot``: the paper's GraphSAGE baseline as link prediction — the
+  user embedding dotted with each category embedding, a category's embedding
+  being the category-weighted mean of its items' GraphSAGE item embeddings
+  (``config["category_embeddings"]``, computed by the runner from the same
+  trained GraphSAGE model).  No history is read.
+
+Smoothing strengths (alpha, beta) are chosen on the validation targets by
+mean reciprocal rank (``config["select_by"]``).  Every history method adds
+``1e-9 * popularity`` so that ties fall to the more popular category.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dennl_jax.recsys import metrics as rmetrics
+from dennl_jax.recsys.registry import Predictor, register
+from dennl_jax.recsys.task import NextStepTask, history_length
+
+TIE_BREAK = 1e-9
+DEFAULT_GRID = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0)
+
+
+def popularity_vector(task: NextStepTask) -> np.ndarray:
+  """(C,) mean strength over the history steps of the training users."""
+  sel = np.asarray(task.history_mask) & np.asarray(task.train_users)[:, None]
+  if not sel.any():
+    raise ValueError("no history steps of training users to estimate popularity from")
+  pop = task.strengths[sel].mean(0).astype(np.float64)
+  return pop / pop.sum()
+
+
+def history_sum(task: NextStepTask) -> np.ndarray:
+  """(U, C) sum of each user's history strength vectors."""
+  return np.einsum("ut,utc->uc", task.history_mask.astype(np.float64), task.strengths)
+
+
+def last_history_step(task: NextStepTask) -> np.ndarray:
+  """(U,) int index of each user's last history step; -1 when the history is empty."""
+  hist = np.asarray(task.history_mask)
+  t = hist.shape[1]
+  last = t - 1 - np.argmax(hist[:, ::-1], axis=1)
+  return np.where(hist.any(1), last, -1)
+
+
+def select_on_validation(grid, score_fn, val_task: NextStepTask, select_by: str = "mrr"):
+  """(best value, {value: validation score}) for ``score_fn(value) -> (U, C)``."""
+  results = {}
+  for value in grid:
+    results[float(value)] = float(np.mean(
+        rmetrics.per_user_metrics(score_fn(value), val_task)[select_by]))
+  best = max(results, key=lambda v: (results[v], -v))   # ties: the smaller value
+  return best, results
+
+
+def _config(config, name, default):
+  return default if config is None or name not in config else config[name]
+
+
+# --- popularity -------------------------------------------------------------
+
+def fit_popularity(key, train_task, val_task, config=None):
+  del key, val_task
+  return {"popularity": popularity_vector(train_task)}
+
+
+def predict_popularity(fitted, task):
+  return np.broadcast_to(fitted["popularity"], task.strengths.shape[::2]).copy()
+
+
+# --- last step --------------------------------------------------------------
+
+def _last_step_scores(popularity, task):
+  last = last_history_step(task)
+  scores = np.zeros(task.strengths.shape[::2])
+  has = last >= 0
+  scores[has] = task.strengths[np.flatnonzero(has), last[has]]
+  return scores + TIE_BREAK * popularity
+
+
+def fit_last_step(key, train_task, val_task, config=None):
+  del key, val_task
+  return {"popularity": popularity_vector(train_task)}
+
+
+def predict_last_step(fitted, task):
+  return _last_step_scores(fitted["popularity"], task)
+
+
+# --- own frequency ----------------------------------------------------------
+
+def _frequency_scores(popularity, alpha, task):
+  h = history_length(task)[:, None].astype(np.float64)
+  return (history_sum(task) + alpha * popularity) / (h + alpha) + TIE_BREAK * popularity
+
+
+def fit_own_frequency(key, train_task, val_task, config=None):
+  del key
+  pop = popularity_vector(train_task)
+  alpha, scores = select_on_validation(
+      _config(config, "grid", DEFAULT_GRID), lambda a: _frequency_scores(pop, a, val_task),
+      val_task, _config(config, "select_by", "mrr"))
+  return {"popularity": pop, "alpha": alpha, "validation": scores}
+
+
+def predict_own_frequency(fitted, task):
+  return _frequency_scores(fitted["popularity"], fitted["alpha"], task)
+
+
+# --- first-order Markov -----------------------------------------------------
+
+def transition_counts(task: NextStepTask) -> np.ndarray:
+  """(C, C) counts of dominant category a -> b over consecutive history steps of training users."""
+  c = task.strengths.shape[2]
+  dom = np.argmax(task.strengths, axis=2)
+  pair = (task.history_mask[:, :-1] & task.history_mask[:, 1:]
+          & np.asarray(task.train_users)[:, None])
+  counts = np.zeros((c, c))
+  np.add.at(counts, (dom[:, :-1][pair], dom[:, 1:][pair]), 1.0)
+  return counts
+
+
+def _markov_scores(popularity, counts, beta, task):
+  trans = (counts + beta * popularity[None, :]) / (counts.sum(1, keepdims=True) + beta)
+  last = last_history_step(task)
+  has = last >= 0
+  scores = np.broadcast_to(popularity, task.strengths.shape[::2]).copy()
+  prev = np.argmax(task.strengths[np.flatnonzero(has), last[has]], axis=1)
+  scores[has] = trans[prev]
+  return scores + TIE_BREAK * popularity
+
+
+def fit_markov(key, train_task, val_task, config=None):
+  del key
+  pop = popularity_vector(train_task)
+  counts = transition_counts(train_task)
+  beta, scores = select_on_validation(
+      _config(config, "grid", DEFAULT_GRID), lambda b: _markov_scores(pop, counts, b, val_task),
+      val_task, _config(config, "select_by", "mrr"))
+  return {"popularity": pop, "counts": counts, "beta": beta, "validation": scores}
+
+
+def predict_markov(fitted, task):
+  return _markov_scores(fitted["popularity"], fitted["counts"], fitted["beta"], task)
+
+
+# --- GraphSAGE alone (dot product with category embeddings) -----------------
+
+def category_embeddings(item_embeddings, item_categories) -> np.ndarray:
+  """(C, d): each category's weighted mean of item embeddings.
+
+  item_embeddings: (I, d); item_categories: (I, C) non-negative weights
+  (the catalogue's split of each item over categories).
+  """
+  item_embeddings = np.asarray(item_embeddings, np.float64)
+  w = np.asarray(item_categories, np.float64)
+  if w.ndim != 2 or w.shape[0] != item_embeddings.shape[0]:
+    raise ValueError(f"item_categories {w.shape} must be (I, C) with I = {item_embeddings.shape[0]}")
+  mass = w.sum(0)
+  return (w.T @ item_embeddings) / np.maximum(mass, 1e-12)[:, None]
+
+
+def fit_graphsage_dot(key, train_task, val_task, config=None):
+  del key, val_task
+  if config is None or config.get("category_embeddings") is None:
+    raise ValueError("graphsage_dot needs config['category_embeddings'] (C, d)")
+  cat = np.asarray(config["category_embeddings"], np.float64)
+  if cat.shape != (train_task.strengths.shape[2], train_task.embeddings.shape[1]):
+    raise ValueError(f"category_embeddings must be (C, d) = "
+                     f"{(train_task.strengths.shape[2], train_task.embeddings.shape[1])}; got {cat.shape}")
+  return {"category_embeddings": cat, "popularity": popularity_vector(train_task)}
+
+
+def predict_graphsage_dot(fitted, task):
+  scores = np.asarray(task.embeddings, np.float64) @ fitted["category_embeddings"].T
+  return scores + TIE_BREAK * fitted["popularity"]
+
+
+register("popularity", Predictor(fit_popularity, predict_popularity, False, False,
+                                 "mean strength over training users' training steps"))
+register("last_step", Predictor(fit_last_step, predict_last_step, False, True,
+                                "repeat the last history step"))
+register("own_frequency", Predictor(fit_own_frequency, predict_own_frequency, False, True,
+                                    "user's mean history strength shrunk to popularity"))
+register("markov", Predictor(fit_markov, predict_markov, False, True,
+                             "first-order Markov chain over dominant categories"))
+register("graphsage_dot", Predictor(fit_graphsage_dot, predict_graphsage_dot, True, False,
+                                    "user embedding . category embedding (mean item embedding)"))
