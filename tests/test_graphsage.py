@@ -1,0 +1,217 @@
+"""GraphSAGE embeddings: aggregation vs a dense-adjacency oracle, training on a
+planted-community graph vs the popularity scorer, inductive cold users,
+leakage guard of the graph builder, persistence and bad input."""
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from dennl_jax import graph as graph_lib
+from dennl_jax import graphsage as gs
+
+NUM_COMMUNITIES = 4
+CONFIG = dict(embed_dim=16, hidden_dim=32, item_id_dim=8, fanout=5, num_steps=150,
+              batch_size=256, holdout=0.2, log_every=0)
+
+
+def planted_graph(seed=0, num_users=80, num_items=40, degree=8, p_in=0.9, user_features=False):
+  """Users and items in communities u % C, i % C; 90% of a user's clicks stay in its
+  community.  Communities have equal size, so item degrees carry no community signal."""
+  rng = np.random.default_rng(seed)
+  user_c, item_c = np.arange(num_users) % NUM_COMMUNITIES, np.arange(num_items) % NUM_COMMUNITIES
+  edge_user = np.repeat(np.arange(num_users), degree)
+  inside = rng.random(edge_user.size) < p_in
+  own = [rng.choice(np.flatnonzero(item_c == user_c[u])) for u in edge_user]
+  edge_item = np.where(inside, own, rng.integers(0, num_items, edge_user.size))
+  features = rng.normal(size=(num_items, 3)).astype(np.float32)
+  users = rng.normal(size=(num_users, 2)).astype(np.float32) if user_features else None
+  return gs.BipartiteGraph(edge_user, edge_item, num_users, num_items, features, users)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  graph = planted_graph()
+  before = [np.copy(graph.edge_user), np.copy(graph.edge_item), np.copy(graph.item_features)]
+  lines = []
+  model, embeddings, report = gs.train_graphsage(jax.random.key(0), graph,
+                                                 dict(CONFIG, log_every=50), log=lines.append)
+  for original, now in zip(before, graph[:2] + (graph.item_features,)):
+    np.testing.assert_array_equal(original, now)   # inputs never modified
+  return graph, model, embeddings, report, lines
+
+
+def dense_mean(values, source, target, num_targets):
+  adjacency = np.zeros((num_targets, values.shape[0]))
+  np.add.at(adjacency, (target, source), 1.0)
+  degree = adjacency.sum(1, keepdims=True)
+  return np.where(degree > 0, adjacency @ values / np.maximum(degree, 1), 0.0), degree[:, 0] > 0
+
+
+@pytest.mark.parametrize("num_edges,chunk", [(1, 64), (23, 64), (50, 7)])
+def test_segment_mean_matches_dense_adjacency(num_edges, chunk):
+  rng = np.random.default_rng(num_edges)
+  num_src, num_tgt = 6, 9   # more targets than edges can reach: isolated nodes
+  values = rng.normal(size=(num_src, 3))
+  source, target = rng.integers(0, num_src, num_edges), rng.integers(0, num_tgt - 2, num_edges)
+  with jax.enable_x64(True):
+    mean, has = graph_lib.segment_mean(jnp.asarray(values), jnp.asarray(source),
+                                       jnp.asarray(target), num_tgt, chunk=chunk)
+    assert mean.dtype == jnp.float64
+  want, want_has = dense_mean(values, source, target, num_tgt)
+  np.testing.assert_allclose(np.asarray(mean), want, atol=1e-12)
+  np.testing.assert_array_equal(np.asarray(has), want_has)
+  assert not want_has[-2:].any()
+
+
+def test_sampled_mean_draws_neighbours_and_is_unbiased():
+  graph = graph_lib.validate_graph(planted_graph(num_users=12, num_items=10, degree=3)._replace(
+      num_users=14))     # users 12 and 13 have no edges
+  device = graph_lib.to_device(graph)
+  values = jnp.asarray(np.random.default_rng(1).normal(size=(10, 2)), jnp.float32)
+  draw = jax.vmap(lambda k: graph_lib.sampled_mean(values, device.user_offsets,
+                                                   device.user_neighbours, k, 16))
+  means, has = draw(jax.random.split(jax.random.key(0), 400))
+  exact, exact_has = dense_mean(np.asarray(values), graph.edge_item, graph.edge_user, 14)
+  np.testing.assert_array_equal(np.asarray(has[0]), exact_has)
+  np.testing.assert_array_equal(np.asarray(means[:, 12:]), 0.0)
+  np.testing.assert_allclose(np.asarray(means).mean(0), exact, atol=0.05)
+  assert np.asarray(means).std(0)[:12].max() > 0.01     # it is a sample, not the exact mean
+
+
+def test_link_auc_matches_sklearn_with_ties():
+  rng = np.random.default_rng(0)
+  pos, neg = rng.integers(0, 5, 30).astype(float), rng.integers(0, 4, 40).astype(float)
+  want = roc_auc_score(np.r_[np.ones(30), np.zeros(40)], np.r_[pos, neg])
+  assert gs.link_auc(pos, neg) == pytest.approx(want, abs=1e-12)
+  with pytest.raises(ValueError, match="at least one"):
+    gs.link_auc(pos, [])
+
+
+def test_planted_communities_beat_popularity(trained):
+  _, _, embeddings, report, lines = trained
+  assert report["num_heldout_edges"] > 50 and report["skipped_steps"] == 0
+  assert report["auc"] > 0.8 and report["auc"] > report["popularity_auc"] + 0.25, report
+  assert report["auc_popularity_negatives"] > report["popularity_auc_popularity_negatives"] + 0.2
+  assert embeddings.shape == (80, 16) and embeddings.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+  assert any("step    50/150" in line for line in lines)
+  assert any("held-out AUC" in line for line in lines)
+
+
+def test_same_key_same_embeddings(trained):
+  graph, _, embeddings, report, _ = trained
+  _, again, report_again = gs.train_graphsage(jax.random.key(0), graph, CONFIG)
+  np.testing.assert_array_equal(again, embeddings)
+  assert report_again["auc"] == report["auc"]
+  _, other, _ = gs.train_graphsage(jax.random.key(1), graph, CONFIG)
+  assert np.abs(other - embeddings).max() > 1e-3
+
+
+def test_inductive_cold_and_new_users(trained):
+  graph, model, embeddings, _, _ = trained
+  np.testing.assert_allclose(gs.embed_users(model, graph), embeddings, atol=1e-6)
+  # Two new users: one who clicked community-0 items, one with no edges at all.
+  items_c0 = np.flatnonzero(np.arange(graph.num_items) % NUM_COMMUNITIES == 0)[:5]
+  grown = graph._replace(edge_user=np.r_[graph.edge_user, np.full(5, 80)],
+                         edge_item=np.r_[graph.edge_item, items_c0], num_users=82)
+  new = gs.embed_users(model, grown)
+  assert new.shape == (82, 16) and np.all(np.isfinite(new))
+  np.testing.assert_allclose(np.linalg.norm(new, axis=1), 1.0, atol=1e-5)
+  similarity = embeddings @ new[80]
+  community = np.arange(80) % NUM_COMMUNITIES
+  assert similarity[community == 0].mean() > similarity[community != 0].mean() + 0.3
+  # Without user features every edgeless user gets the one learned default.
+  cold = graph._replace(edge_user=graph.edge_user[graph.edge_user > 1],
+                        edge_item=graph.edge_item[graph.edge_user > 1])
+  z = gs.embed_users(model, cold)
+  np.testing.assert_allclose(z[0], z[1], atol=1e-6)
+  np.testing.assert_allclose(z[0], new[81], atol=1e-5)
+  assert gs.item_embeddings(model, graph).shape == (40, 16)
+
+
+def test_cold_user_embedding_comes_from_features():
+  graph = planted_graph(num_users=8, num_items=6, degree=2, user_features=True)
+  users = graph.user_features.copy()
+  users[1] = users[0]
+  graph = graph._replace(user_features=users, edge_user=graph.edge_user[graph.edge_user > 2],
+                         edge_item=graph.edge_item[graph.edge_user > 2])
+  from flax import nnx
+  model = gs.GraphSAGE(6, 3, 2, embed_dim=8, hidden_dim=8, item_id_dim=0, rngs=nnx.Rngs(0))
+  z = gs.embed_users(model, graph)
+  np.testing.assert_allclose(z[0], z[1], atol=1e-6)      # same features, no edges
+  assert np.abs(z[0] - z[2]).max() > 1e-4                # other features
+  with pytest.raises(ValueError, match="user features"):
+    gs.embed_users(model, graph._replace(user_features=None))
+
+
+def fake_events(num_users=5, num_items=4, seed=0):
+  """Duck-typed EventLog + Sequences (only the fields graph_from_events reads)."""
+  rng = np.random.default_rng(seed)
+  item_ids = np.array([f"item{j}" for j in range(num_items)])[::-1]   # ids not in index order
+  event_user = rng.integers(0, num_users, 40)
+  event_item = rng.integers(0, num_items, 40)
+  catalogue = types.SimpleNamespace(item_ids=item_ids, categories=np.eye(num_items),
+                                    features=rng.normal(size=(num_items, 2)).astype(np.float32))
+  log = types.SimpleNamespace(item=item_ids[event_item], catalogue=catalogue)
+  seqs = types.SimpleNamespace(user_ids=np.arange(num_users) + 100, event_user=event_user)
+  return log, seqs, event_user, event_item
+
+
+def test_graph_from_events_keeps_only_masked_events():
+  log, seqs, event_user, event_item = fake_events()
+  mask = np.arange(40) < 25
+  mask[3] = False
+  graph = gs.graph_from_events(log, seqs, mask)
+  got = set(zip(graph.edge_user.tolist(), graph.edge_item.tolist()))
+  assert got == set(zip(event_user[mask].tolist(), event_item[mask].tolist()))
+  assert len(got) == graph.edge_user.size                       # unique pairs
+  assert graph.num_users == 5 and graph.num_items == 4
+  np.testing.assert_array_equal(graph.item_features, log.catalogue.features)
+  empty = gs.graph_from_events(log, seqs, np.zeros(40, bool))   # all users cold
+  assert empty.edge_user.size == 0 and empty.num_users == 5
+  with pytest.raises(ValueError, match="event_mask"):
+    gs.graph_from_events(log, seqs, mask[:-1])
+  with pytest.raises(ValueError, match="event_mask"):
+    gs.graph_from_events(log, seqs, mask.astype(int))
+
+
+def test_save_load_round_trip(trained, tmp_path):
+  _, _, embeddings, report, _ = trained
+  paths = gs.save_embeddings(tmp_path / "emb.npz", embeddings, CONFIG, report)
+  assert [p.endswith(s) for p, s in zip(paths, (".npz", ".json"))] == [True, True]
+  loaded, config, loaded_report = gs.load_embeddings(tmp_path / "emb")
+  np.testing.assert_array_equal(loaded, embeddings)
+  assert config == gs.GraphSAGEConfig(**CONFIG)
+  assert loaded_report == pytest.approx(report)
+  with pytest.raises(ValueError, match="does not exist"):
+    gs.load_embeddings(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(edge_user=np.array([0, 80])), "edge_user\\[1\\] = 80 is out of range"),
+    (dict(edge_item=np.array([-1, 3])), "edge_item\\[0\\] = -1 is out of range"),
+    (dict(edge_item=np.array([0, 1, 2])), "equal length"),
+    (dict(edge_user=np.array([], int), edge_item=np.array([], int)), "no edges"),
+    (dict(num_items=0), "at least one"),
+    (dict(item_features=np.full((40, 3), np.nan)), "finite"),
+    (dict(item_features=np.zeros((39, 3))), "item_features has shape"),
+])
+def test_bad_graph_raises(change, message):
+  graph = planted_graph()._replace(edge_user=np.array([0, 1]), edge_item=np.array([0, 1]))
+  with pytest.raises(ValueError, match=message):
+    gs.train_graphsage(jax.random.key(0), graph._replace(**change), CONFIG)
+
+
+def test_bad_config_and_mismatched_model_raise(trained):
+  graph, model, *_ = trained
+  with pytest.raises(ValueError, match="unknown GraphSAGE config"):
+    gs.train_graphsage(jax.random.key(0), graph, dict(CONFIG, hidden=3))
+  with pytest.raises(ValueError, match="negatives"):
+    gs.train_graphsage(jax.random.key(0), graph, dict(CONFIG, negatives="hard"))
+  with pytest.raises(ValueError, match="items"):
+    gs.embed_users(model, planted_graph(num_items=41))
