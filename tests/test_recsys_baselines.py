@@ -72,6 +72,17 @@ def test_markov_known_transitions():
   assert rm.per_user_metrics(pred, test)["top1"].mean() == 1.0
 
 
+def test_graphsage_link_scores_by_hand():
+  z_users = np.array([[1.0, 0.0], [0.0, 1.0]])
+  z_items = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+  w = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+  got = bl.link_category_scores(z_users, z_items, w, 3.0, -1.0, chunk_size=1)
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  want = np.array([[sig(2.0) + 0.5 * sig(0.8), sig(-1.0) + 0.5 * sig(0.8)],
+                   [sig(-1.0) + 0.5 * sig(1.4), sig(2.0) + 0.5 * sig(1.4)]])
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_history_methods_fall_back_to_popularity_at_h0():
   s, mask = _cyclic()
   train, val, test = _tasks(s, mask)
@@ -95,14 +106,16 @@ def test_gru_learns_cyclic_pattern():
 
 
 @pytest.mark.parametrize("name", ["popularity", "last_step", "own_frequency", "markov",
-                                  "graphsage_dot", "graphsage_linear", "gru"])
+                                  "graphsage", "graphsage_dot", "graphsage_linear", "gru"])
 def test_no_method_reads_target_or_later_steps(name):
   # same shapes as the GRU test, so the compiled steps are reused
   s, mask = _cyclic(seed=1)
   u = s.shape[0]
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(u, 2)).astype(np.float32)
-  config = dict(SMALL, category_embeddings=rng.normal(size=(4, 2)))
+  config = dict(SMALL, category_embeddings=rng.normal(size=(4, 2)),
+                item_embeddings=rng.normal(size=(5, 2)), item_categories=rng.dirichlet(np.ones(4), 5),
+                link_scale=2.0, link_bias=-0.5)
   p = registry.get(name)
   train, val, test = _tasks(s, mask, emb)
   poisoned = s.copy()

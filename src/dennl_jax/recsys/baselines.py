@@ -9,11 +9,14 @@
   consecutive history steps of the training users, each row shrunk towards
   popularity: ``P[a] = (counts[a] + beta * pop) / (n_a + beta)``; a user is
   scored by the row of their last history step's dominant category.
-* ``graphsage_dot``: the paper's GraphSAGE baseline as link prediction — the
-  user embedding dotted with each category embedding, a category's embedding
-  being the category-weighted mean of its items' GraphSAGE item embeddings
-  (``config["category_embeddings"]``, computed by the runner from the same
-  trained GraphSAGE model).  No history is read.
+* ``graphsage``: the paper's GraphSAGE baseline as link prediction — the
+  trained decoder's click probability summed over each category's items,
+  ``sum_i w_ic sigmoid(s <z_u, z_i> + b)`` (``config``: ``item_embeddings``,
+  ``item_categories``, ``link_scale``, ``link_bias`` from the same trained
+  model).  No history is read.
+* ``graphsage_dot``: a cruder variant — the user embedding dotted with each
+  category embedding, a category's embedding being the category-weighted
+  mean of its items' embeddings (``config["category_embeddings"]``).
 
 Smoothing strengths (alpha, beta) are chosen on the validation targets by
 mean reciprocal rank (``config["select_by"]``).  Every history method adds
@@ -186,6 +189,44 @@ def predict_graphsage_dot(fitted, task):
   return scores + TIE_BREAK * fitted["popularity"]
 
 
+# --- GraphSAGE alone (link prediction, the paper's baseline) ----------------
+
+def link_category_scores(user_embeddings, item_embeddings, item_categories, scale, bias,
+                         chunk_size: int = 1024) -> np.ndarray:
+  """(U, C) expected category mass of a user's links: sum_i w_ic * sigmoid(s <z_u, z_i> + b).
+
+  The trained GraphSAGE decoder gives P(user u clicks item i); summing it
+  over each category's items (weighted by the item's category split) is
+  the model's likelihood of the user interacting with the category.
+  """
+  z_items = np.asarray(item_embeddings, np.float64)
+  w = np.asarray(item_categories, np.float64)
+  if w.shape[0] != z_items.shape[0]:
+    raise ValueError(f"item_categories has {w.shape[0]} rows for {z_items.shape[0]} items")
+  users = np.asarray(user_embeddings, np.float64)
+  out = np.empty((users.shape[0], w.shape[1]))
+  for lo in range(0, users.shape[0], chunk_size):
+    logits = scale * users[lo:lo + chunk_size] @ z_items.T + bias
+    out[lo:lo + chunk_size] = (0.5 * (1.0 + np.tanh(0.5 * logits))) @ w
+  return out
+
+
+def fit_graphsage_link(key, train_task, val_task, config=None):
+  del key, val_task
+  need = ("item_embeddings", "item_categories", "link_scale", "link_bias")
+  missing = [k for k in need if config is None or config.get(k) is None]
+  if missing:
+    raise ValueError(f"graphsage needs config entries {missing} (from the trained GraphSAGE model)")
+  return {k: config[k] for k in need} | {"popularity": popularity_vector(train_task)}
+
+
+def predict_graphsage_link(fitted, task):
+  scores = link_category_scores(task.embeddings, fitted["item_embeddings"],
+                                fitted["item_categories"], fitted["link_scale"],
+                                fitted["link_bias"])
+  return scores + TIE_BREAK * fitted["popularity"]
+
+
 register("popularity", Predictor(fit_popularity, predict_popularity, False, False,
                                  "mean strength over training users' training steps"))
 register("last_step", Predictor(fit_last_step, predict_last_step, False, True,
@@ -194,5 +235,7 @@ register("own_frequency", Predictor(fit_own_frequency, predict_own_frequency, Fa
                                     "user's mean history strength shrunk to popularity"))
 register("markov", Predictor(fit_markov, predict_markov, False, True,
                              "first-order Markov chain over dominant categories"))
+register("graphsage", Predictor(fit_graphsage_link, predict_graphsage_link, True, False,
+                                "GraphSAGE link probabilities summed over each category's items"))
 register("graphsage_dot", Predictor(fit_graphsage_dot, predict_graphsage_dot, True, False,
                                     "user embedding . category embedding (mean item embedding)"))
