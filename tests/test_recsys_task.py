@@ -40,6 +40,9 @@ def test_make_tasks_targets_and_histories():
   assert tk.interacted_target(val)[0].sum() == 0
   train = tk.training_task(val)
   assert np.all(train.target_step == -1) and np.array_equal(train.history_mask, val.history_mask)
+  held_out = tk.training_task(val._replace(train_users=np.array([1, 1, 0, 1], bool)))
+  assert not held_out.history_mask[2].any()
+  np.testing.assert_array_equal(held_out.history_mask[3], val.history_mask[3])
 
 
 def test_leaky_history_rejected():

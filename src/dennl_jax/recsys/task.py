@@ -140,13 +140,14 @@ def make_tasks(seqs, split, embeddings, train_users, *, test_embeddings=None):
 
 
 def training_task(val_task: NextStepTask) -> NextStepTask:
-  """The task a predictor trains on: the training steps only, no targets.
+  """The task a predictor trains on: training steps of training users, no targets.
 
-  Shared models train on ``history_mask`` steps of ``train_users`` (e.g.
-  next-step prediction inside the history); ``target_step`` is -1 so no
-  target can be read from it.
+  ``history_mask`` keeps the validation task's history (the training steps)
+  of ``train_users`` only, and ``target_step`` is -1, so neither a target
+  nor a held-out user's step can reach a training loss.
   """
-  return val_task._replace(target_step=np.full_like(val_task.target_step, -1))
+  return val_task._replace(target_step=np.full_like(val_task.target_step, -1),
+                           history_mask=val_task.history_mask & val_task.train_users[:, None])
 
 
 def evaluated(task: NextStepTask) -> np.ndarray:
