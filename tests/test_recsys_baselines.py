@@ -70,6 +70,11 @@ def test_markov_known_transitions():
   # test step of user 0 is index 5 (b), last history step index 4 (a)
   assert np.argmax(pred[0]) == 1 and np.argmax(pred[1]) == 0
   assert rm.per_user_metrics(pred, test)["top1"].mean() == 1.0
+  # a tied step (a and b equal) spreads its count.  Training steps a, (a|b), a:
+  # a -> (a|b) adds 1/2 to a->a and a->b; (a|b) -> a adds 1/2 to a->a and b->a.
+  tied = np.array([[[1, 0], [0.5, 0.5], [1, 0], [1, 0], [0, 1]]], np.float32)
+  counts = bl.transition_counts(_tasks(tied, np.ones((1, 5), bool))[0])
+  np.testing.assert_allclose(counts, [[1.0, 0.5], [0.5, 0.0]])
 
 
 def test_graphsage_link_scores_by_hand():

@@ -21,18 +21,19 @@ def _task(target_vectors):
 
 def test_known_rankings():
   # 4 categories.  Targets: dominant = 2 for user 0; user 1 dominant 0 with 3 also touched;
-  # user 2 dominant 3 (ties 0.5/0.5 between 1 and 3 -> lower index 1 is dominant!).
+  # user 2: 1 and 3 tie for dominant (0.5/0.5) -> credit split half/half.
   targets = [[0.0, 0.1, 0.9, 0.0],
              [0.6, 0.0, 0.0, 0.4],
              [0.0, 0.5, 0.0, 0.5]]
   scores = [[0.4, 0.3, 0.2, 0.1],     # ranking 0,1,2,3 -> dominant 2 at rank 3
             [0.1, 0.1, 0.1, 0.7],     # ranking 3,0,1,2 (tie 0,1,2 -> index order) -> rank 2
-            [5.0, 1.0, 1.0, 1.0]]     # ranking 0,1,2,3 -> dominant 1 at rank 2
+            [5.0, 1.0, 1.0, 1.0]]     # ranking 0,1,2,3 -> tied dominants 1, 3 at ranks 2, 4
   pu = rm.per_user_metrics(np.array(scores), _task(targets))
   np.testing.assert_array_equal(pu["top1"], [0, 0, 0])
-  np.testing.assert_array_equal(pu["top3"], [1, 1, 1])
-  np.testing.assert_array_equal(pu["mrr"], [1 / 3, 1 / 2, 1 / 2])
-  np.testing.assert_allclose(pu["ndcg5"], [0.5, 1 / np.log2(3), 1 / np.log2(3)])
+  np.testing.assert_array_equal(pu["top3"], [1, 1, 0.5])
+  np.testing.assert_array_equal(pu["top5"], [1, 1, 1])
+  np.testing.assert_allclose(pu["mrr"], [1 / 3, 1 / 2, (1 / 2 + 1 / 4) / 2])
+  np.testing.assert_allclose(pu["ndcg5"], [0.5, 1 / np.log2(3), (1 / np.log2(3) + 1 / np.log2(5)) / 2])
   # interacted: user 0 touches {1,2}: first category 0 misses, top-3 hits;
   # user 1 touches {0,3}: top category 3 is a hit; user 2 touches {1,3}: 0 misses.
   np.testing.assert_array_equal(pu["hit1"], [0, 1, 0])
@@ -47,6 +48,20 @@ def test_rank_matches_brute_force_with_ties():
   for s, t, r in zip(scores, target, ranks):
     better = np.sum(s > s[t]) + np.sum((s == s[t]) & (np.arange(6) < t))
     assert r == better + 1
+
+
+def test_tied_dominants_match_uniform_tie_breaking_by_enumeration():
+  rng = np.random.default_rng(3)
+  targets = rng.integers(0, 3, (40, 5)).astype(float)     # many ties at the maximum
+  targets[targets.sum(1) == 0, 0] = 1.0
+  targets /= targets.sum(1, keepdims=True)
+  scores = rng.normal(size=(40, 5))
+  pu = rm.per_user_metrics(scores, _task(targets))
+  for u in range(40):
+    tied = np.flatnonzero(np.isclose(targets[u], targets[u].max()))
+    ranks = rm.rank_of(np.repeat(scores[u:u + 1], len(tied), 0), tied)
+    assert np.isclose(pu["top3"][u], np.mean(ranks <= 3))
+    assert np.isclose(pu["mrr"][u], np.mean(1.0 / ranks))
 
 
 def test_users_without_target_are_skipped():

@@ -8,7 +8,8 @@
 * ``markov``: first-order Markov chain over the dominant category of
   consecutive history steps of the training users, each row shrunk towards
   popularity: ``P[a] = (counts[a] + beta * pop) / (n_a + beta)``; a user is
-  scored by the row of their last history step's dominant category.
+  scored by the row of their last history step's dominant category (tied
+  maxima share a step's count, and a tied last step averages its rows).
 * ``graphsage``: the paper's GraphSAGE baseline as link prediction — the
   trained decoder's click probability summed over each category's items,
   ``sum_i w_ic sigmoid(s <z_u, z_i> + b)`` (``config``: ``item_embeddings``,
@@ -28,7 +29,7 @@ import numpy as np
 
 from dennl_jax.recsys import metrics as rmetrics
 from dennl_jax.recsys.registry import Predictor, register
-from dennl_jax.recsys.task import NextStepTask, history_length
+from dennl_jax.recsys.task import TIE_TOLERANCE, NextStepTask, history_length
 
 TIE_BREAK = 1e-9
 DEFAULT_GRID = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0)
@@ -122,15 +123,23 @@ def predict_own_frequency(fitted, task):
 
 # --- first-order Markov -----------------------------------------------------
 
+def dominant_fraction(strengths) -> np.ndarray:
+  """(..., C): 1/n on each of the n categories tied for the maximal strength, 0 elsewhere."""
+  x = np.asarray(strengths, np.float64)
+  top = x >= x.max(-1, keepdims=True) - TIE_TOLERANCE
+  return top / top.sum(-1, keepdims=True)
+
+
 def transition_counts(task: NextStepTask) -> np.ndarray:
-  """(C, C) counts of dominant category a -> b over consecutive history steps of training users."""
-  c = task.strengths.shape[2]
-  dom = np.argmax(task.strengths, axis=2)
+  """(C, C) counts of dominant category a -> b over consecutive history steps of training users.
+
+  A step whose maximum is tied spreads its unit count equally over the tied
+  categories (the same convention as the metrics).
+  """
   pair = (task.history_mask[:, :-1] & task.history_mask[:, 1:]
           & np.asarray(task.train_users)[:, None])
-  counts = np.zeros((c, c))
-  np.add.at(counts, (dom[:, :-1][pair], dom[:, 1:][pair]), 1.0)
-  return counts
+  frac = dominant_fraction(task.strengths)
+  return np.einsum("ut,uta,utb->ab", pair.astype(np.float64), frac[:, :-1], frac[:, 1:])
 
 
 def _markov_scores(popularity, counts, beta, task):
@@ -138,8 +147,7 @@ def _markov_scores(popularity, counts, beta, task):
   last = last_history_step(task)
   has = last >= 0
   scores = np.broadcast_to(popularity, task.strengths.shape[::2]).copy()
-  prev = np.argmax(task.strengths[np.flatnonzero(has), last[has]], axis=1)
-  scores[has] = trans[prev]
+  scores[has] = dominant_fraction(task.strengths[np.flatnonzero(has), last[has]]) @ trans
   return scores + TIE_BREAK * popularity
 
 

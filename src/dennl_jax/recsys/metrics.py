@@ -8,12 +8,18 @@ must add their own tie-breaker (the baselines add a tiny popularity term).
 Per user (evaluated users only, those with ``target_step >= 0``):
 
 * ``top{k}`` (k = 1, 3, 5): the target step's dominant category (argmax of
-  its strength vector, lower index on ties) is among the first k — primary.
+  its strength vector) is among the first k — primary.
 * ``hit{k}``: the paper's hit, any of the first k categories has strength > 0
   at the target step ("the user interacted with the predicted category").
 * ``ndcg5``: 1 / log2(1 + rank) of the dominant category if rank <= 5, else 0
   (one relevant item, so the ideal DCG is 1).
 * ``mrr``: 1 / rank of the dominant category over the full ranking.
+
+When several categories tie for the maximal target strength
+(:func:`~dennl_jax.recsys.task.dominant_set`), top-k, NDCG@5 and MRR are
+averaged over the tied categories — the expected value when the dominant
+category is drawn uniformly among them — rather than crediting the lowest
+index, which would favour alphabetically early categories.
 
 Intervals are percentile bootstraps over users; the resampling indices come
 from a numpy generator seeded with the bits of an explicit ``jax.random``
@@ -24,7 +30,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from dennl_jax.recsys.task import NextStepTask, dominant_target, evaluated, interacted_target
+from dennl_jax.recsys.task import NextStepTask, dominant_set, evaluated, interacted_target
 
 KS = (1, 3, 5)
 METRICS = ("top1", "top3", "top5", "hit1", "hit3", "hit5", "ndcg5", "mrr")
@@ -59,16 +65,19 @@ def per_user_metrics(scores, task: NextStepTask) -> dict:
   keep = evaluated(task)
   s = scores[keep]
   order = ranking(s)
-  dom = dominant_target(task)[keep]
-  rank = 1 + np.argmax(order == dom[:, None], axis=1)
+  # rank[u, c]: 1-based position of category c in user u's ranking
+  rank = np.empty_like(order)
+  np.put_along_axis(rank, order, np.arange(1, order.shape[1] + 1)[None, :], axis=1)
+  dom = dominant_set(task)[keep]
+  weight = dom / dom.sum(1, keepdims=True)
   touched = interacted_target(task)[keep]
   touched_in_order = np.take_along_axis(touched, order, axis=1)
   out = {}
   for k in KS:
-    out[f"top{k}"] = (rank <= k).astype(np.float64)
+    out[f"top{k}"] = np.sum(weight * (rank <= k), axis=1)
     out[f"hit{k}"] = touched_in_order[:, :k].any(1).astype(np.float64)
-  out["ndcg5"] = np.where(rank <= 5, 1.0 / np.log2(1.0 + rank), 0.0)
-  out["mrr"] = 1.0 / rank
+  out["ndcg5"] = np.sum(weight * np.where(rank <= 5, 1.0 / np.log2(1.0 + rank), 0.0), axis=1)
+  out["mrr"] = np.sum(weight / rank, axis=1)
   return out
 
 
