@@ -1,0 +1,245 @@
+r"""Table 2: next-category prediction on MovieLens and the simulated marketplace.
+
+  python -m experiments.table2 --quick --dataset=movielens \
+      --data_dir=../shared/data/movielens-latest-small --output_dir=/tmp/table2_quick_movielens
+  python -m experiments.table2 --quick --dataset=marketplace --output_dir=/tmp/table2_quick_marketplace
+
+(see experiments/configs/table2.py for the variants and fields).
+
+Pipeline: events -> per-user strength sequences (``dennl_jax.data.events``)
+-> time split (last step = test, second-last = validation) -> user roles
+(:mod:`dennl_jax.recsys.protocol`: train / cold / too short) -> per seed:
+GraphSAGE on the training steps of the training users only, its user
+embeddings shared by every method -> every registered method fitted on the
+training steps, hyperparameters and training length chosen on the
+validation step -> scored on the test step of the training users (main
+table) and of the cold users shown h = 0, 1, 2 steps.  Per-user metrics are
+averaged over seeds, then bootstrapped over users.  Outputs (``--output_dir``):
+table2.json, table2.md, table2_buckets.json, table2_cold.json, plots, config.json.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from dennl_jax import graphsage
+from dennl_jax.recsys import metrics as rm
+from dennl_jax.recsys import protocol, registry
+from dennl_jax.recsys.baselines import category_embeddings, popularity_vector
+from dennl_jax.recsys.task import evaluated, history_length, make_tasks, training_task
+from experiments import common
+from experiments import table2_report as report
+
+NAME = "table2"
+
+
+# ------------------------------------------------------------------ data
+
+
+def load_data(config, key):
+  """(log, seqs, split, extra) for ``config.dataset``; extra holds user features / truth."""
+  from dennl_jax.data import events
+  extra = {}
+  if config.dataset == "movielens":
+    from dennl_jax.data.movielens import load_movielens
+    log = load_movielens(config.data_dir)
+  elif config.dataset == "marketplace":
+    from dennl_jax.data import marketplace
+    log, truth = marketplace.simulate_marketplace(key, marketplace_config(config))
+    extra["truth"] = truth
+  else:
+    raise common.ConfigError(f"dataset must be 'movielens' or 'marketplace'; got {config.dataset!r}")
+  seqs = events.to_sequences(log, unit=config.unit, events_per_step=config.events_per_step,
+                             max_steps=config.max_steps)
+  split = events.time_split(seqs)
+  if config.dataset == "marketplace":
+    extra["user_features"] = marketplace_user_features(extra["truth"], seqs)
+  return log, seqs, split, extra
+
+
+def marketplace_config(config):
+  from dennl_jax.data import marketplace
+  base = marketplace.MarketplaceConfig()
+  return base.__class__(**{**_fields(base), "num_users": config.marketplace_users,
+                           "num_days": config.marketplace_days})
+
+
+def _fields(obj):
+  import dataclasses
+  return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def marketplace_user_features(truth, seqs):
+  """(U, F_u) user features in ``seqs`` order (the simulator's features, by user id)."""
+  feats = np.asarray(truth.user_features, np.float32)
+  ids = np.asarray(truth.user_ids) if hasattr(truth, "user_ids") else np.arange(len(feats))
+  order = {u: i for i, u in enumerate(ids.tolist())}
+  return feats[[order[u] for u in np.asarray(seqs.user_ids).tolist()]]
+
+
+# ------------------------------------------------------------ embeddings
+
+
+def embeddings_for_seed(key, log, seqs, split, roles, config, user_features):
+  """GraphSAGE trained on TRAIN users' training steps; embeddings for every task.
+
+  Returns dict(val (U, d), test (U, d), cold {h: (U, d)}, category (C, d), report).
+  """
+  include_val = bool(config.test_embedding_includes_val)
+  train_ev, test_ev, cold_ev = protocol.graph_event_masks(
+      seqs.event_user, seqs.event_step, split, roles, include_val=include_val)
+  graph = lambda mask: graphsage.graph_from_events(log, seqs, mask, user_features)
+  train_graph = graph(train_ev)
+  model, val_emb, rep = graphsage.train_graphsage(key, train_graph, dict(config.graphsage),
+                                                  log=common.log)
+  test_emb = graphsage.embed_users(model, graph(test_ev)) if include_val else val_emb
+  if config.cold_embedding == "all_before_test":
+    everything = graphsage.embed_users(model, graph(cold_ev))
+    cold = {h: everything for h in config.cold_history}
+  elif config.cold_embedding == "shown":
+    cold = {}
+    for h in config.cold_history:
+      _, _, ev = protocol.graph_event_masks(seqs.event_user, seqs.event_step, split, roles,
+                                            include_val=include_val, cold_shown=h)
+      cold[h] = graphsage.embed_users(model, graph(ev))
+  else:
+    raise common.ConfigError(f"cold_embedding must be 'shown' or 'all_before_test'; "
+                             f"got {config.cold_embedding!r}")
+  items = graphsage.item_embeddings(model, train_graph)
+  cats = category_embeddings(items, log.catalogue.categories)
+  link = dict(item_embeddings=items, item_categories=np.asarray(log.catalogue.categories),
+              link_scale=float(np.exp(model.log_scale[...])), link_bias=float(model.bias[...]))
+  rep["graph_events"] = {"train": int(train_ev.sum()), "test": int(test_ev.sum()),
+                         "cold": int(cold_ev.sum())}
+  return dict(val=val_emb, test=test_emb, cold=cold, category=cats, link=link, report=rep)
+
+
+# ------------------------------------------------------------------ run
+
+
+def method_config(config, name, side, link):
+  """The plain dict passed to ``fit``: the method's config plus side information."""
+  cfg = dict(config.method_config[name]) if name in config.method_config else {}
+  # ConfigDict turns nested dicts/lists into ConfigDicts/tuples; predictors take plain values.
+  cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in cfg.items()}
+  if "grid" in cfg:
+    cfg["grid"] = [dict(g) for g in cfg["grid"]]
+  return dict(cfg, **side, **(link if name == "graphsage" else {}))
+
+
+def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods):
+  """{method: {"main": per-user dict, "cold": {h: per-user dict}, "fit_seconds", ...}}."""
+  k_graph, k_methods = jax.random.split(seed_key)
+  common.log(f"[table2] seed {seed}: GraphSAGE on training events")
+  emb = embeddings_for_seed(k_graph, log, seqs, split, roles, config, extra.get("user_features"))
+  train_users = roles == protocol.TRAIN
+  val_task, test_task = make_tasks(seqs, split, emb["val"], train_users, test_embeddings=emb["test"])
+  val_task = protocol.only_users(val_task, train_users)
+  main_task = protocol.only_users(test_task, train_users)
+  train_task = training_task(val_task)
+  pop = popularity_vector(train_task)
+  side = {"popularity": pop, "category_embeddings": emb["category"], "log": common.log}
+  # history length of each evaluated user, aligned with the per-user metric arrays
+  out = {"_graphsage": emb["report"],
+         "_history_length": history_length(main_task)[evaluated(main_task)]}
+  cold_users = roles == protocol.COLD
+  cold_tasks = {h: protocol.cold_task(test_task, cold_users, h, emb["cold"][h])
+                for h in config.cold_history} if cold_users.any() else {}
+  for j, name in enumerate(methods):
+    predictor = registry.get(name)
+    common.log(f"[table2] seed {seed}: {name} ({j + 1}/{len(methods)})")
+    start = time.time()
+    fitted = predictor.fit(jax.random.fold_in(k_methods, j), train_task, val_task,
+                           method_config(config, name, side, emb["link"]))
+    fit_seconds = time.time() - start
+    start = time.time()
+    scores, fell_back = registry.predict_with_fallback(predictor, fitted, main_task, pop)
+    res = {"main": rm.per_user_metrics(scores, main_task), "fit_seconds": fit_seconds,
+           "fell_back": int(fell_back.sum()), "cold": {}, "cold_fell_back": {}}
+    for h, task in cold_tasks.items():
+      s, fb = registry.predict_with_fallback(predictor, fitted, task, pop)
+      res["cold"][h] = rm.per_user_metrics(s, task)
+      res["cold_fell_back"][h] = int(fb.sum())
+    res["predict_seconds"] = time.time() - start
+    res["selected"] = {k: v for k, v in (fitted.get("selected") or {}).items()
+                       if isinstance(v, (int, float, str))} if isinstance(fitted, dict) else {}
+    for k in ("alpha", "beta", "selected_steps", "validation"):
+      if isinstance(fitted, dict) and k in fitted and np.isscalar(fitted[k]):
+        res["selected"][k] = fitted[k]
+    common.log(f"[table2] seed {seed}: {name} top1 {100 * res['main']['top1'].mean():.1f} "
+               f"top3 {100 * res['main']['top3'].mean():.1f} fit {fit_seconds:.1f}s")
+    out[name] = res
+  return out
+
+
+def run(config, output_dir):
+  methods = common.names(config.methods)
+  if not methods:
+    raise common.ConfigError("no methods given")
+  for name in methods:
+    registry.get(name)          # unknown names fail before any work
+  root = jax.random.key(config.seed)
+  k_data, k_roles, k_seeds, k_boot = jax.random.split(root, 4)
+  start = time.time()
+  log, seqs, split, extra = load_data(config, k_data)
+  lengths = np.asarray(seqs.mask).sum(1)
+  roles = protocol.assign_roles(k_roles, lengths, min_steps=config.min_steps,
+                                cold_fraction=config.cold_fraction,
+                                cold_min_steps=max(config.min_steps, max(config.cold_history) + 1))
+  counts = protocol.role_counts(roles)
+  common.log(f"[table2] {config.dataset}: {len(lengths)} users, roles {counts}, "
+             f"load {time.time() - start:.1f}s")
+  runs = [run_seed(jax.random.fold_in(k_seeds, s), s, log, seqs, split, roles, config, extra,
+                   methods) for s in range(config.seeds)]
+  meta = dict(dataset=config.dataset, preset=config.preset, unit=config.unit,
+              events_per_step=config.events_per_step if config.unit == "events" else None,
+              target="dominant category of the test step (primary); any category with strength > 0 "
+                     "(hit@k, the paper's definition)",
+              split="per user: last valid step = test, second-last = validation, rest = training",
+              seeds=list(range(config.seeds)), num_users=int(len(lengths)),
+              num_users_evaluated=int(counts["train"]), users_per_role=counts,
+              num_categories=len(seqs.category_names), category_names=list(seqs.category_names),
+              split_report=dict(split.report), cold_embedding=config.cold_embedding,
+              tie_break="stable sort: lower category index first; methods add 1e-9 * popularity",
+              seconds=time.time() - start,
+              graphsage=[common.to_jsonable({k: v for k, v in r["_graphsage"].items()})
+                         for r in runs])
+  results = report.aggregate(runs, methods, k_boot, config, meta)
+  text = report.markdown(results, config)
+  print(text)
+  if output_dir:
+    report.write(results, text, output_dir)
+    common.save_config(config, output_dir)
+    common.log(f"[table2] wrote {output_dir}")
+  return results
+
+
+def main():
+  from absl import app, flags
+  binary = common.BinaryFlags(NAME, output_dir=None, variants={"quick": "quick", "tiny": "tiny"})
+  dataset = flags.DEFINE_string("dataset", None, "Shorthand for --config.dataset.")
+  data_dir = flags.DEFINE_string("data_dir", None, "Shorthand for --config.data_dir.")
+
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+      config = binary.config()
+      with config.unlocked():
+        if dataset.value is not None:
+          config.dataset = dataset.value
+        if data_dir.value is not None:
+          config.data_dir = data_dir.value
+      common.enable_compilation_cache(binary.compilation_cache_dir)
+      run(config, binary.output_dir)
+    except common.ConfigError as e:
+      raise app.UsageError(str(e)) from e
+
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()
