@@ -130,13 +130,25 @@ def test_time_split_roles_and_report():
   np.testing.assert_array_equal(sp.train_mask.sum(1), [0, 0, 1, 3])
   assert not np.any(sp.train_mask & ~s.mask)
   assert sp.report == dict(users=4, with_test=4, with_val=3, with_train=2, too_short=2,
-                           length_1=1, length_2=1)
+                           length_1=1, length_2=1, idle_between=0)
   train = ev.training_events(log, s, sp)
   np.testing.assert_array_equal(train, s.event_step < sp.val_step[s.event_user])
   with_val = ev.training_events(log, s, sp, include="train+val")
   np.testing.assert_array_equal(with_val, s.event_step < sp.test_step[s.event_user])
   with pytest.raises(ValueError, match="include"):
     ev.training_events(log, s, sp, include="all")
+
+
+def test_time_split_with_idle_days_validates_on_an_active_day():
+  s = ev.to_sequences(small_log(), unit="day", idle_category="idle")
+  np.testing.assert_array_equal(s.idle, [[False, True, True, False], [False, False, False, False]])
+  sp = ev.time_split(s)
+  # u1: days 0 (active), 1-2 (idle), 3 (active): val = day 0, test = day 3, no training step.
+  np.testing.assert_array_equal(sp.test_step, [3, 0])
+  np.testing.assert_array_equal(sp.val_step, [0, -1])
+  assert not sp.train_mask.any()
+  assert sp.report["idle_between"] == 2 and sp.report["with_val"] == 1 and sp.report["too_short"] == 2
+  assert not ev.to_sequences(small_log()).idle.any()
 
 
 def test_training_events_never_leak_cut_val_or_test_events():

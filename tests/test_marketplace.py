@@ -93,6 +93,10 @@ def test_through_the_event_pipeline(world):
   np.testing.assert_array_equal(s.strengths[..., idle] == 1, s.mask & ~was_active)
   split = ev.time_split(s)
   assert split.report["users"] == s.user_ids.size
+  users = np.arange(s.user_ids.size)
+  has_val = split.val_step >= 0
+  assert not s.idle[users[has_val], split.val_step[has_val]].any()   # targets are active days
+  assert not s.idle[users, split.test_step].any()
   keep = ev.training_events(log, s, split)
   assert np.all(s.event_step[keep] < split.val_step[s.event_user[keep]])
 

@@ -219,8 +219,10 @@ class Sequences(NamedTuple):
   event_user: (N,) int64 user index of every event of the log.
   event_step: (N,) int64 step of every event within its user's sequence;
     -1 for events cut by ``max_steps``.
+  idle: (U, T) bool steps that are event-free days filled with
+    ``idle_category`` (all False without it).
   report: dict of counts (unit, users, events, steps, idle_steps, cut_steps,
-    cut_events, cut_users).
+    cut_events, cut_users) and the arguments.
   """
   strengths: np.ndarray
   mask: np.ndarray
@@ -230,6 +232,7 @@ class Sequences(NamedTuple):
   category_names: tuple
   event_user: np.ndarray
   event_step: np.ndarray
+  idle: np.ndarray
   report: dict
 
 
@@ -333,9 +336,10 @@ def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
                 users=int(num_users), events=int(n), steps=int(lengths.sum()),
                 idle_steps=int(idle.sum()) if idle_category is not None else 0,
                 cut_steps=int(cut.sum()), cut_events=int((~keep).sum()),
-                cut_users=int((cut > 0).sum()), max_steps=max_steps)
+                cut_users=int((cut > 0).sum()), max_steps=max_steps, idle_category=idle_category)
   return Sequences(strengths.astype(np.float32), mask, step_time, lengths, user_ids, names,
-                   event_user, event_step, report)
+                   event_user, event_step, idle if idle_category is not None else np.zeros_like(mask),
+                   report)
 
 
 class TimeSplit(NamedTuple):
@@ -343,10 +347,15 @@ class TimeSplit(NamedTuple):
 
   test_step: (U,) int64 last valid step, -1 if none.
   val_step: (U,) int64 second-last valid step, -1 if fewer than 2 steps.
-  train_mask: (U, T) bool valid steps strictly before val_step (before
-    test_step when there is no val step, i.e. none).
+    With idle days (``seqs.idle``), the last *non-idle* step before the test
+    step, so validation and test targets are both days with events (the
+    test step always is one: a user's window ends at their last event);
+    idle days between the two are history for the test target only.
+  train_mask: (U, T) bool valid steps strictly before val_step (none when
+    there is no val step).
   report: dict users, with_test, with_val, with_train (>= 1 training step),
-    too_short (users lacking at least one role), length_1, length_2.
+    too_short (users lacking at least one role), length_1, length_2,
+    idle_between (idle steps between val and test steps, all users).
   """
   test_step: np.ndarray
   val_step: np.ndarray
@@ -362,13 +371,18 @@ def time_split(seqs: Sequences) -> TimeSplit:
   lengths = mask.sum(1).astype(np.int64)
   if not np.array_equal(mask, np.arange(mask.shape[1])[None, :] < lengths[:, None]):
     raise ValueError("seqs.mask must be left-aligned (valid steps first, padding at the end)")
+  t = np.arange(mask.shape[1])[None, :]
   test = np.where(lengths >= 1, lengths - 1, -1)
-  val = np.where(lengths >= 2, lengths - 2, -1)
-  train = mask & (np.arange(mask.shape[1])[None, :] < val[:, None])
-  report = dict(users=int(lengths.size), with_test=int((lengths >= 1).sum()),
-                with_val=int((lengths >= 2).sum()), with_train=int((lengths >= 3).sum()),
-                too_short=int((lengths < 3).sum()), length_1=int((lengths == 1).sum()),
-                length_2=int((lengths == 2).sum()))
+  idle = np.asarray(seqs.idle, bool)
+  candidate = mask & ~idle & (t < test[:, None])
+  val = np.where(candidate.any(1), mask.shape[1] - 1 - np.argmax(candidate[:, ::-1], axis=1), -1)
+  train = mask & (t < val[:, None])
+  num_train = train.sum(1)
+  report = dict(users=int(lengths.size), with_test=int((test >= 0).sum()),
+                with_val=int((val >= 0).sum()), with_train=int((num_train >= 1).sum()),
+                too_short=int(((test < 0) | (val < 0) | (num_train < 1)).sum()),
+                length_1=int((lengths == 1).sum()), length_2=int((lengths == 2).sum()),
+                idle_between=int(np.where(val >= 0, test - val - 1, 0).sum()))
   return TimeSplit(test, val, train, report)
 
 
