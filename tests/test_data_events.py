@@ -137,6 +137,24 @@ def test_time_split_roles_and_report():
   np.testing.assert_array_equal(with_val, s.event_step < sp.test_step[s.event_user])
   with pytest.raises(ValueError, match="include"):
     ev.training_events(log, s, sp, include="all")
+  with pytest.raises(ValueError, match="left-aligned"):
+    ev.time_split(s._replace(mask=s.mask[:, ::-1]))
+
+
+@pytest.mark.parametrize("idle_category", [None, "idle"])
+def test_extra_padding_changes_neither_split_nor_training_events(idle_category):
+  log = small_log()
+  s = ev.to_sequences(log, unit="day", idle_category=idle_category)
+  extra = 3
+  pad = lambda x, v: np.concatenate([x, np.full(x.shape[:1] + (extra,) + x.shape[2:], v, x.dtype)], 1)
+  padded = s._replace(strengths=pad(s.strengths, 0), mask=pad(s.mask, False),
+                      step_time=pad(s.step_time, -1), idle=pad(s.idle, False))
+  a, b = ev.time_split(s), ev.time_split(padded)
+  np.testing.assert_array_equal(a.test_step, b.test_step)
+  np.testing.assert_array_equal(a.val_step, b.val_step)
+  np.testing.assert_array_equal(a.train_mask, b.train_mask[:, :-extra])
+  assert not b.train_mask[:, -extra:].any() and a.report == b.report
+  np.testing.assert_array_equal(ev.training_events(log, s, a), ev.training_events(log, padded, b))
 
 
 def test_time_split_with_idle_days_validates_on_an_active_day():
