@@ -3,15 +3,15 @@ planted-community graph vs the popularity scorer, inductive cold users,
 leakage guard of the graph builder, persistence and bad input."""
 from __future__ import annotations
 
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from sklearn.metrics import roc_auc_score
 
 from dennl_jax import graph as graph_lib
+from dennl_jax.data import events
 from dennl_jax import graphsage as gs
 
 NUM_COMMUNITIES = 4
@@ -35,7 +35,7 @@ def planted_graph(seed=0, num_users=80, num_items=40, degree=8, p_in=0.9, user_f
 
 @pytest.fixture(scope="module")
 def trained():
-  graph = planted_graph()
+  graph = planted_graph(user_features=True)
   before = [np.copy(graph.edge_user), np.copy(graph.edge_item), np.copy(graph.item_features)]
   lines = []
   model, embeddings, report = gs.train_graphsage(jax.random.key(0), graph,
@@ -59,8 +59,8 @@ def test_segment_mean_matches_dense_adjacency(num_edges, chunk):
   values = rng.normal(size=(num_src, 3))
   source, target = rng.integers(0, num_src, num_edges), rng.integers(0, num_tgt - 2, num_edges)
   with jax.enable_x64(True):
-    mean, has = graph_lib.segment_mean(jnp.asarray(values), jnp.asarray(source),
-                                       jnp.asarray(target), num_tgt, chunk=chunk)
+    mean, has = jax.jit(graph_lib.segment_mean, static_argnums=(3, 4))(
+        jnp.asarray(values), jnp.asarray(source), jnp.asarray(target), num_tgt, chunk)
     assert mean.dtype == jnp.float64
   want, want_has = dense_mean(values, source, target, num_tgt)
   np.testing.assert_allclose(np.asarray(mean), want, atol=1e-12)
@@ -72,15 +72,19 @@ def test_sampled_mean_draws_neighbours_and_is_unbiased():
   graph = graph_lib.validate_graph(planted_graph(num_users=12, num_items=10, degree=3)._replace(
       num_users=14))     # users 12 and 13 have no edges
   device = graph_lib.to_device(graph)
-  values = jnp.asarray(np.random.default_rng(1).normal(size=(10, 2)), jnp.float32)
-  draw = jax.vmap(lambda k: graph_lib.sampled_mean(values, device.user_offsets,
-                                                   device.user_neighbours, k, 16))
-  means, has = draw(jax.random.split(jax.random.key(0), 400))
-  exact, exact_has = dense_mean(np.asarray(values), graph.edge_item, graph.edge_user, 14)
-  np.testing.assert_array_equal(np.asarray(has[0]), exact_has)
-  np.testing.assert_array_equal(np.asarray(means[:, 12:]), 0.0)
-  np.testing.assert_allclose(np.asarray(means).mean(0), exact, atol=0.05)
-  assert np.asarray(means).std(0)[:12].max() > 0.01     # it is a sample, not the exact mean
+  rng = np.random.default_rng(1)
+  values = rng.normal(size=(10, 2)).astype(np.float32)
+  draw = jax.jit(lambda u: graph_lib.sampled_mean(jnp.asarray(values), device.user_offsets,
+                                                  device.user_neighbours, u))
+  exact, exact_has = dense_mean(values, graph.edge_item, graph.edge_user, 14)
+  many, has = draw(rng.random((14, 4000), np.float32))
+  np.testing.assert_array_equal(np.asarray(has), exact_has)
+  np.testing.assert_allclose(np.asarray(many), exact, atol=0.05)
+  one, _ = draw(rng.random((14, 1), np.float32))     # one draw = one actual neighbour
+  for user in range(12):
+    neighbours = values[graph.edge_item[graph.edge_user == user]]
+    assert np.any(np.all(np.isclose(neighbours, np.asarray(one)[user]), axis=1))
+  np.testing.assert_array_equal(np.asarray(one)[12:], 0.0)
 
 
 def test_link_auc_matches_sklearn_with_ties():
@@ -115,65 +119,68 @@ def test_same_key_same_embeddings(trained):
 def test_inductive_cold_and_new_users(trained):
   graph, model, embeddings, _, _ = trained
   np.testing.assert_allclose(gs.embed_users(model, graph), embeddings, atol=1e-6)
-  # Two new users: one who clicked community-0 items, one with no edges at all.
+  # Three new users: one who clicked community-0 items, two without edges who
+  # share their features; the fourth user without edges has other features.
   items_c0 = np.flatnonzero(np.arange(graph.num_items) % NUM_COMMUNITIES == 0)[:5]
+  features = np.r_[graph.user_features, graph.user_features[[5, 7, 7]]]
   grown = graph._replace(edge_user=np.r_[graph.edge_user, np.full(5, 80)],
-                         edge_item=np.r_[graph.edge_item, items_c0], num_users=82)
+                         edge_item=np.r_[graph.edge_item, items_c0], num_users=83,
+                         user_features=features)
   new = gs.embed_users(model, grown)
-  assert new.shape == (82, 16) and np.all(np.isfinite(new))
+  assert new.shape == (83, 16) and np.all(np.isfinite(new))
   np.testing.assert_allclose(np.linalg.norm(new, axis=1), 1.0, atol=1e-5)
   similarity = embeddings @ new[80]
   community = np.arange(80) % NUM_COMMUNITIES
   assert similarity[community == 0].mean() > similarity[community != 0].mean() + 0.3
-  # Without user features every edgeless user gets the one learned default.
-  cold = graph._replace(edge_user=graph.edge_user[graph.edge_user > 1],
-                        edge_item=graph.edge_item[graph.edge_user > 1])
+  np.testing.assert_allclose(new[81], new[82], atol=1e-6)   # no edges: features decide
+  cold = grown._replace(edge_user=grown.edge_user[grown.edge_user != 5],
+                        edge_item=grown.edge_item[grown.edge_user != 5])
   z = gs.embed_users(model, cold)
-  np.testing.assert_allclose(z[0], z[1], atol=1e-6)
-  np.testing.assert_allclose(z[0], new[81], atol=1e-5)
+  assert np.abs(z[5] - z[81]).max() > 1e-4                  # other features, other embedding
   assert gs.item_embeddings(model, graph).shape == (40, 16)
-
-
-def test_cold_user_embedding_comes_from_features():
-  graph = planted_graph(num_users=8, num_items=6, degree=2, user_features=True)
-  users = graph.user_features.copy()
-  users[1] = users[0]
-  graph = graph._replace(user_features=users, edge_user=graph.edge_user[graph.edge_user > 2],
-                         edge_item=graph.edge_item[graph.edge_user > 2])
-  from flax import nnx
-  model = gs.GraphSAGE(6, 3, 2, embed_dim=8, hidden_dim=8, item_id_dim=0, rngs=nnx.Rngs(0))
-  z = gs.embed_users(model, graph)
-  np.testing.assert_allclose(z[0], z[1], atol=1e-6)      # same features, no edges
-  assert np.abs(z[0] - z[2]).max() > 1e-4                # other features
   with pytest.raises(ValueError, match="user features"):
     gs.embed_users(model, graph._replace(user_features=None))
 
 
-def fake_events(num_users=5, num_items=4, seed=0):
-  """Duck-typed EventLog + Sequences (only the fields graph_from_events reads)."""
+def test_cold_user_without_features_gets_learned_default():
+  graph = planted_graph(num_users=8, num_items=40, degree=2)
+  graph = graph._replace(edge_user=graph.edge_user[graph.edge_user > 2],
+                         edge_item=graph.edge_item[graph.edge_user > 2])
+  model = gs.GraphSAGE(40, 3, 0, embed_dim=16, hidden_dim=32, item_id_dim=8, rngs=nnx.Rngs(0))
+  z = gs.embed_users(model, graph)
+  np.testing.assert_allclose(z[:3], np.broadcast_to(z[0], (3, 16)), atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+  assert np.abs(z[0] - z[3]).max() > 1e-4
+
+
+def event_pipeline(seed=0, num_users=6, num_items=5, num_events=60):
+  """A small event log over 4 days, its daily sequences and time split."""
   rng = np.random.default_rng(seed)
-  item_ids = np.array([f"item{j}" for j in range(num_items)])[::-1]   # ids not in index order
-  event_user = rng.integers(0, num_users, 40)
-  event_item = rng.integers(0, num_items, 40)
-  catalogue = types.SimpleNamespace(item_ids=item_ids, categories=np.eye(num_items),
-                                    features=rng.normal(size=(num_items, 2)).astype(np.float32))
-  log = types.SimpleNamespace(item=item_ids[event_item], catalogue=catalogue)
-  seqs = types.SimpleNamespace(user_ids=np.arange(num_users) + 100, event_user=event_user)
-  return log, seqs, event_user, event_item
+  item_ids = np.array([f"item{j}" for j in range(num_items)])
+  catalogue = events.make_catalogue(item_ids, rng.dirichlet(np.ones(3), num_items), ("a", "b", "c"),
+                                    rng.normal(size=(num_items, 2)))
+  log = events.make_event_log(rng.integers(0, num_users, num_events),
+                              rng.integers(0, 4, num_events) * events.SECONDS_PER_DAY,
+                              item_ids[rng.integers(0, num_items, num_events)], catalogue)
+  seqs = events.to_sequences(log, unit="day")
+  return log, seqs, events.time_split(seqs)
 
 
-def test_graph_from_events_keeps_only_masked_events():
-  log, seqs, event_user, event_item = fake_events()
-  mask = np.arange(40) < 25
-  mask[3] = False
+def test_graph_from_events_keeps_only_training_events():
+  log, seqs, split = event_pipeline()
+  mask = events.training_events(log, seqs, split)
+  assert 0 < mask.sum() < mask.size
   graph = gs.graph_from_events(log, seqs, mask)
-  got = set(zip(graph.edge_user.tolist(), graph.edge_item.tolist()))
-  assert got == set(zip(event_user[mask].tolist(), event_item[mask].tolist()))
-  assert len(got) == graph.edge_user.size                       # unique pairs
-  assert graph.num_users == 5 and graph.num_items == 4
+  edges = set(zip(graph.edge_user.tolist(), graph.edge_item.tolist()))
+  step_is_train = np.asarray(split.train_mask)[seqs.event_user, seqs.event_step]
+  want = {(u, i) for u, i, t in zip(seqs.event_user, log.item_index, step_is_train) if t}
+  assert edges == want and len(edges) == graph.edge_user.size   # unique training pairs only
+  late = {(u, i) for u, i, t in zip(seqs.event_user, log.item_index, step_is_train) if not t}
+  assert late - want and not (late - want) & edges               # val/test-only pairs stay out
+  assert graph.num_users == len(seqs.user_ids) and graph.num_items == 5
   np.testing.assert_array_equal(graph.item_features, log.catalogue.features)
-  empty = gs.graph_from_events(log, seqs, np.zeros(40, bool))   # all users cold
-  assert empty.edge_user.size == 0 and empty.num_users == 5
+  empty = gs.graph_from_events(log, seqs, np.zeros(mask.size, bool))   # everybody cold
+  assert empty.edge_user.size == 0 and empty.num_users == len(seqs.user_ids)
   with pytest.raises(ValueError, match="event_mask"):
     gs.graph_from_events(log, seqs, mask[:-1])
   with pytest.raises(ValueError, match="event_mask"):

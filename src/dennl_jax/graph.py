@@ -13,7 +13,11 @@ contiguous), so that a node's neighbourhood mean is either
   sample), costing ``nodes x fanout x d`` whatever the degrees.
 
 Edges are unique (user, item) pairs: repeated clicks on the same item do not
-weigh a neighbour more (GraphSAGE's mean is over the neighbour set).
+weigh a neighbour more (GraphSAGE's mean is over the neighbour set).  On the
+device the edge arrays are padded to a power of two (padding edges point
+past the last node and are dropped), so graphs of similar size -- the
+training graph, the graph with held-out edges, a graph with a few new users
+-- share one compiled program.
 """
 from __future__ import annotations
 
@@ -97,15 +101,32 @@ def validate_graph(graph: BipartiteGraph, *, require_edges: bool = True) -> Bipa
                         num_users, num_items, item_features, user_features)
 
 
+def padded_size(num_edges: int) -> int:
+  """The next power of two: a graph and the graph minus its held-out edges (or
+  plus a few new users) then usually share one compiled program."""
+  return 1 << int(np.ceil(np.log2(max(num_edges, 1))))
+
+
 def to_device(graph: BipartiteGraph) -> DeviceGraph:
-  """CSR arrays of a graph already passed through :func:`validate_graph`."""
+  """CSR arrays of a graph already passed through :func:`validate_graph`.
+
+  Edge arrays are padded to :func:`padded_size`: edge_user with num_users,
+  edge_item with num_items (out of range, so aggregation drops them), the
+  neighbour lists with 0 (never inside a node's CSR slice).
+  """
   eu, ei = graph.edge_user, graph.edge_item
   user_offsets = np.concatenate([[0], np.cumsum(np.bincount(eu, minlength=graph.num_users))])
   by_item = np.lexsort((eu, ei))
   item_offsets = np.concatenate([[0], np.cumsum(np.bincount(ei, minlength=graph.num_items))])
-  as_int = lambda a: jnp.asarray(a, jnp.int32)
-  return DeviceGraph(as_int(user_offsets), as_int(ei), as_int(item_offsets), as_int(eu[by_item]),
-                     as_int(eu), as_int(ei), jnp.asarray(graph.item_features, jnp.float32),
+  pad = padded_size(eu.size) - eu.size
+
+  def as_int(a, fill):
+    return jnp.asarray(np.concatenate([a, np.full(pad, fill)]), jnp.int32)
+
+  return DeviceGraph(jnp.asarray(user_offsets, jnp.int32), as_int(ei, 0),
+                     jnp.asarray(item_offsets, jnp.int32), as_int(eu[by_item], 0),
+                     as_int(eu, graph.num_users), as_int(ei, graph.num_items),
+                     jnp.asarray(graph.item_features, jnp.float32),
                      None if graph.user_features is None
                      else jnp.asarray(graph.user_features, jnp.float32))
 
@@ -115,8 +136,10 @@ def segment_mean(values, source, target, num_targets: int, chunk: int = EDGE_CHU
 
   values: (N_src, d); source, target: (E,) int; returns ((num_targets, d),
   has_neighbour (num_targets,) bool).  Targets without an edge get zeros.
+  Edges with ``target >= num_targets`` are ignored (padding).
   """
   num_edges = source.shape[0]
+  source = jnp.minimum(source, values.shape[0] - 1)   # padding edges may point past the end
   counts = jax.ops.segment_sum(jnp.ones(num_edges, values.dtype), target, num_targets)
   if num_edges <= chunk:
     total = jax.ops.segment_sum(values[source], target, num_targets)
@@ -136,19 +159,20 @@ def segment_mean(values, source, target, num_targets: int, chunk: int = EDGE_CHU
   return mean, counts > 0
 
 
-def sampled_mean(values, offsets, neighbours, key, fanout: int):
+def sampled_mean(values, offsets, neighbours, uniform):
   """Mean of ``fanout`` neighbours per node drawn uniformly with replacement.
 
-  values: (N_src, d); offsets: (N + 1,) CSR offsets into neighbours (E,).
-  Returns ((N, d), has_neighbour (N,) bool); nodes without neighbours get zeros.
-  An unbiased estimate of :func:`segment_mean` for every node with edges.
+  values: (N_src, d); offsets: (N + 1,) CSR offsets into neighbours (E,);
+  uniform: (N, fanout) draws in [0, 1) that pick the neighbours (the caller
+  draws them from its key, all layers' at once: every separate random call
+  adds a threefry hash to the compiled step).  Returns ((N, d),
+  has_neighbour (N,) bool); nodes without neighbours get zeros.  An unbiased
+  estimate of :func:`segment_mean` for every node with edges.
   """
-  num_nodes = offsets.shape[0] - 1
   degree = offsets[1:] - offsets[:-1]
-  u = jax.random.uniform(key, (num_nodes, fanout))
-  pick = offsets[:-1, None] + jnp.minimum((u * degree[:, None]).astype(jnp.int32),
+  pick = offsets[:-1, None] + jnp.minimum((uniform * degree[:, None]).astype(jnp.int32),
                                           jnp.maximum(degree[:, None] - 1, 0))
-  pick = jnp.clip(pick, 0, max(neighbours.shape[0] - 1, 0))
+  pick = jnp.clip(pick, 0, neighbours.shape[0] - 1)
   has = degree > 0
   mean = jnp.mean(values[neighbours[pick]], axis=1)
   return jnp.where(has[:, None], mean, 0.0), has
@@ -166,7 +190,7 @@ def graph_from_events(log, seqs, event_mask, user_features=None) -> BipartiteGra
   the catalogue has none.  user_features: optional (U, F_u) in seqs order.
   """
   event_mask = np.asarray(event_mask)
-  num_events = np.asarray(log.item).shape[0]
+  num_events = np.asarray(log.item_index).shape[0]
   if event_mask.shape != (num_events,) or event_mask.dtype != np.bool_:
     raise ValueError(f"event_mask must be a bool array of shape ({num_events},), got "
                      f"{event_mask.dtype} {event_mask.shape}")
@@ -174,16 +198,10 @@ def graph_from_events(log, seqs, event_mask, user_features=None) -> BipartiteGra
   if event_user.shape != (num_events,):
     raise ValueError(f"seqs.event_user has shape {event_user.shape}; seqs must come from this log "
                      f"({num_events} events)")
-  item_ids = np.asarray(log.catalogue.item_ids)
-  order = np.argsort(item_ids, kind="stable")
-  pos = np.searchsorted(item_ids[order], np.asarray(log.item))
-  pos = np.minimum(pos, len(item_ids) - 1)
-  missing = np.flatnonzero(item_ids[order][pos] != np.asarray(log.item))
-  if missing.size:
-    raise ValueError(f"event {missing[0]} has item {log.item[missing[0]]!r} not in the catalogue")
-  keep = event_mask & (event_user >= 0)
+  keep = event_mask
   catalogue = log.catalogue
   features = catalogue.features if catalogue.features is not None else catalogue.categories
-  return validate_graph(BipartiteGraph(event_user[keep], order[pos[keep]], len(seqs.user_ids),
-                                       len(item_ids), features, user_features),
+  return validate_graph(BipartiteGraph(event_user[keep], np.asarray(log.item_index)[keep],
+                                       len(seqs.user_ids), len(catalogue.item_ids), features,
+                                       user_features),
                         require_edges=False)

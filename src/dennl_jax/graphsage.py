@@ -142,25 +142,31 @@ class GraphSAGE(nnx.Module):
       user_h = jax.nn.relu(self.user_in(graph.user_features))
     else:
       user_h = jnp.broadcast_to(self.user_default[...], (num_users, item_h.shape[1]))
-    keys = [None] * 4 if key is None or fanout is None else list(jax.random.split(key, 4))
+    num_items = self.num_items
+    if key is None or fanout is None:
+      draws = [None] * 4
+    else:
+      sizes = [num_users, num_items, num_users, num_items]
+      uniform = jax.random.uniform(key, (sum(sizes), fanout))
+      draws = jnp.split(uniform, np.cumsum(sizes)[:-1])
 
-    def aggregate(values, to_users: bool, k, empty):
-      if k is None:
+    def aggregate(values, to_users: bool, draw, empty):
+      if draw is None:
         src, tgt = ((graph.edge_item, graph.edge_user) if to_users
                     else (graph.edge_user, graph.edge_item))
         mean, has = segment_mean(values, src, tgt, num_users if to_users else self.num_items)
       else:
         offsets, neighbours = ((graph.user_offsets, graph.user_neighbours) if to_users
                                else (graph.item_offsets, graph.item_neighbours))
-        mean, has = sampled_mean(values, offsets, neighbours, k, fanout)
+        mean, has = sampled_mean(values, offsets, neighbours, draw)
       return jnp.where(has[:, None], mean, empty)
 
     empty = self.empty[...]
     layer = lambda dense, self_h, agg: dense(jnp.concatenate([self_h, agg], axis=1))
-    user_1 = jax.nn.relu(layer(self.user1, user_h, aggregate(item_h, True, keys[0], empty[0])))
-    item_1 = jax.nn.relu(layer(self.item1, item_h, aggregate(user_h, False, keys[1], empty[1])))
-    user_z = layer(self.user2, user_1, aggregate(item_1, True, keys[2], empty[2]))
-    item_z = layer(self.item2, item_1, aggregate(user_1, False, keys[3], empty[3]))
+    user_1 = jax.nn.relu(layer(self.user1, user_h, aggregate(item_h, True, draws[0], empty[0])))
+    item_1 = jax.nn.relu(layer(self.item1, item_h, aggregate(user_h, False, draws[1], empty[1])))
+    user_z = layer(self.user2, user_1, aggregate(item_1, True, draws[2], empty[2]))
+    item_z = layer(self.item2, item_1, aggregate(user_1, False, draws[3], empty[3]))
     unit = lambda z: z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     return unit(user_z), unit(item_z)
 
@@ -181,14 +187,16 @@ class LinkBatch(NamedTuple):
 def link_loss(model: GraphSAGE, batch: LinkBatch, key, *, batch_size: int, num_negatives: int,
               fanout: Optional[int]):
   """Binary cross-entropy of ``batch_size`` random positive edges vs sampled items."""
-  k_edges, k_neg, k_agg = jax.random.split(key, 3)
+  k_draw, k_agg = jax.random.split(key)
   z_users, z_items = model(batch.graph, k_agg, fanout)
-  pick = jax.random.randint(k_edges, (batch_size,), 0, batch.pos_user.shape[0])
+  draw = jax.random.uniform(k_draw, (batch_size, 1 + num_negatives))
+  num_pos = batch.pos_user.shape[0]
+  pick = jnp.minimum((draw[:, 0] * num_pos).astype(jnp.int32), num_pos - 1)
   users, items = batch.pos_user[pick], batch.pos_item[pick]
   # Inverse-CDF sampling: O(B log I), where categorical() would draw B x I Gumbels.
-  u = jax.random.uniform(k_neg, (batch_size, num_negatives)) * batch.negative_cdf[-1]
-  negatives = jnp.minimum(jnp.searchsorted(batch.negative_cdf, u, side="right"),
-                          batch.negative_cdf.shape[0] - 1)
+  negatives = jnp.minimum(
+      jnp.searchsorted(batch.negative_cdf, draw[:, 1:] * batch.negative_cdf[-1], side="right"),
+      batch.negative_cdf.shape[0] - 1)
   pos = model.logits(z_users[users], z_items[items])
   neg = model.logits(z_users[users][:, None], z_items[negatives])
   return jnp.mean(jax.nn.softplus(-pos)) + jnp.mean(jax.nn.softplus(neg))
@@ -303,7 +311,8 @@ def train_graphsage(key, graph: BipartiteGraph, config=None, *,
                     item_id_dim=config.item_id_dim, rngs=nnx.Rngs(params=k_init))
   degree = np.bincount(train_graph.edge_item, minlength=graph.num_items).astype(np.float64)
   weights = np.ones(graph.num_items) if config.negatives == "uniform" else (degree + 1.0) ** 0.75
-  batch = LinkBatch(device_graph, device_graph.edge_user, device_graph.edge_item,
+  batch = LinkBatch(device_graph, jnp.asarray(train_graph.edge_user),
+                    jnp.asarray(train_graph.edge_item),
                     jnp.asarray(np.cumsum(weights / weights.sum()), jnp.float32))
   graphdef, state = nnx.split(model)
   optimizer, step_fn = _train_step(graphdef, config.batch_size, config.num_negatives,
@@ -339,6 +348,12 @@ def train_graphsage(key, graph: BipartiteGraph, config=None, *,
   return model, embeddings, report
 
 
+def _jsonable(value):
+  if isinstance(value, (np.generic, np.ndarray)):
+    return value.tolist()
+  raise TypeError(f"report value of type {type(value).__name__} is not JSON-serialisable")
+
+
 def _paths(path) -> tuple[str, str]:
   base = os.fspath(path)
   base = base[:-4] if base.endswith(".npz") else base
@@ -352,10 +367,9 @@ def save_embeddings(path, embeddings, config, report) -> tuple[str, str]:
     raise ValueError(f"embeddings must be a finite (U, d) array, got shape {embeddings.shape}")
   npz_path, json_path = _paths(path)
   config = dataclasses.asdict(_as_config(config))
-  clean = lambda v: v.item() if isinstance(v, np.generic) else v
   with open(json_path, "w") as f:
-    json.dump({"config": config, "report": {k: clean(v) for k, v in dict(report).items()},
-               "shape": list(embeddings.shape)}, f, indent=1, sort_keys=True)
+    json.dump({"config": config, "report": dict(report), "shape": list(embeddings.shape)}, f,
+              indent=1, sort_keys=True, default=_jsonable)
   np.savez(npz_path, embeddings=embeddings.astype(np.float32))
   return npz_path, json_path
 
