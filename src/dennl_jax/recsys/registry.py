@@ -47,24 +47,32 @@ def register(name: str, predictor: Predictor) -> Predictor:
   return predictor
 
 
+def _import(module: str) -> None:
+  try:
+    importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    # Only the optional module itself may be missing; a missing dependency
+    # inside an existing module is a real error.
+    if e.name != module:
+      raise
+
+
 def available() -> dict[str, Predictor]:
   """All registered predictors, importing every known predictor module first."""
   for module in _MODULES:
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:
-      # Only the optional module itself may be missing; a missing dependency
-      # inside an existing module is a real error.
-      if e.name != module:
-        raise
+    _import(module)
   return dict(_REGISTRY)
 
 
 def get(name: str) -> Predictor:
-  predictors = available()
-  if name not in predictors:
-    raise ValueError(f"unknown method {name!r}; registered: {sorted(predictors)}")
-  return predictors[name]
+  """The predictor ``name``; modules are imported in order until it is found."""
+  for module in _MODULES:
+    if name in _REGISTRY:
+      break
+    _import(module)
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown method {name!r}; registered: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
 
 
 def predict_with_fallback(predictor: Predictor, fitted, task: NextStepTask, popularity):
