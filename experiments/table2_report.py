@@ -89,7 +89,9 @@ def markdown(results, config) -> str:
   table, meta = results["table"], results["table"]["_meta"]
   methods = [m for m in table if not m.startswith("_")]
   blocks = [f"# Table 2 — {meta['dataset']} ({meta['preset']})",
-            f"Unit: {meta['unit']}; split: {meta['split']}; users per role: "
+            f"Unit: {meta['unit']}"
+            + (f" of {meta['events_per_step']}" if meta["events_per_step"] else "")
+            + f"; split: {meta['split']}; users per role: "
             f"{meta['users_per_role']}; evaluated (main): {meta['num_users_evaluated']}; "
             f"seeds: {meta['seeds']}; categories: {meta['num_categories']}.  Target: "
             f"{meta['target']}.  Intervals: 95% bootstrap over users ({config.bootstrap} "
@@ -177,13 +179,16 @@ def plot(results, output_dir):
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for m in methods:
     names = list(buckets[m])
-    axes[0].plot(names, [buckets[m][b]["top1"] for b in names], marker="o", label=m)
+    labels = [f"{b}\n(n={buckets[m][b]['n']})" for b in names]
+    axes[0].plot(labels, [buckets[m][b]["top1"] for b in names], marker="o", label=m)
     hs = sorted(results["cold"])
     if hs:
       axes[1].plot(hs, [results["cold"][h][m]["top1"] for h in hs], marker="o", label=m)
   axes[0].set_xlabel("history length (steps)")
   axes[0].set_ylabel("top-1 %")
   axes[0].set_title("training users by history length")
+  if results["cold"]:
+    axes[1].set_xticks(sorted(results["cold"]))
   axes[1].set_xlabel("cold users: steps shown (h)")
   axes[1].set_title("cold users")
   axes[1].legend(fontsize=7)

@@ -5,7 +5,6 @@ import jax
 import numpy as np
 import pytest
 
-from dennl_jax.data.events import TimeSplit
 from dennl_jax.recsys import protocol as pr
 from dennl_jax.recsys import task as tk
 
@@ -71,18 +70,3 @@ def test_cold_task_shows_last_h_steps_of_cold_users_only():
   assert not cold.train_users.any() and np.all(cold.embeddings == 1)
   tk.check_task(cold)
 
-
-def test_active_target_split_skips_idle_days():
-  # categories (a, b, idle); user 0: a, idle, b, idle, idle, a  -> test 5, val 2
-  idle = [0, 0, 1]
-  a, b = [1, 0, 0], [0, 1, 0]
-  s = np.array([[a, idle, b, idle, idle, a], [a, b, a, a, a, a]], np.float32)
-  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)
-  seqs = SimpleNamespace(strengths=s * mask[..., None], mask=mask)
-  plain = _split(mask.sum(1), 6)
-  split = TimeSplit(plain.test_step, plain.val_step, plain.train_mask & mask, report={})
-  out = pr.active_target_split(seqs, split, 2)
-  assert isinstance(out, TimeSplit) and out.report["with_val"] == 2
-  np.testing.assert_array_equal(out.test_step, [5, 2])
-  np.testing.assert_array_equal(out.val_step, [2, 1])
-  np.testing.assert_array_equal(out.train_mask, [[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]])

@@ -83,34 +83,6 @@ def graph_event_masks(log_event_user, event_step, split, roles, *, include_val: 
   return train_events, test_events, cold_events
 
 
-def active_target_split(seqs, split, idle_index: int):
-  """``split`` with the validation step moved to the last *active* step before the test step.
-
-  With idle days in the sequences (the marketplace's "no action" category,
-  all mass on ``idle_index``), the test step — the user's last active day —
-  always has events, but the step before it is usually idle.  Targets should
-  be alike (days on which the user interacted, the paper's hit), so the
-  validation target becomes the last step before the test step that has
-  events; training steps are the steps before it, and the idle steps between
-  validation and test are test-time history.  Returns a ``TimeSplit``-like
-  NamedTuple of the same type as ``split``.
-  """
-  strengths = np.asarray(seqs.strengths)
-  mask = np.asarray(seqs.mask, bool)
-  t = np.arange(mask.shape[1])[None, :]
-  test = np.asarray(split.test_step)
-  active = mask & (strengths[..., idle_index] < 1.0 - 1e-6)
-  before = active & (t < test[:, None])
-  val = np.where(before.any(1), mask.shape[1] - 1 - np.argmax(before[:, ::-1], axis=1), -1)
-  train = mask & (t < np.where(val >= 0, val, test)[:, None])
-  report = dict(split.report, val_rule="last active step before the test step",
-                with_val=int(np.sum(val >= 0)),
-                with_train=int(np.sum(train.any(1))),
-                idle_test_steps=int(np.sum((test >= 0) & ~active[np.arange(len(test)),
-                                                                  np.maximum(test, 0)])))
-  return split._replace(val_step=val, train_mask=train, report=report)
-
-
 def only_users(task: NextStepTask, users) -> NextStepTask:
   """``task`` with targets kept only for ``users`` (bool (U,))."""
   users = np.asarray(users, bool)
