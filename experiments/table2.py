@@ -145,6 +145,18 @@ def embeddings_for_seed(key, log, seqs, split, roles, config, user_features):
   return dict(val=val_emb, test=test_emb, cold=cold, category=cats, link=link, report=rep)
 
 
+def phase_accuracy(predictor, fitted, task, seqs, truth) -> float:
+  """Labelling accuracy (best relabelling per user) of decoded history steps vs true phases."""
+  from dennl_jax.data.marketplace import phases_of_steps
+  from dennl_jax.metrics import labelling_accuracy
+  decoded = np.asarray(predictor.decode(fitted, task))
+  true = phases_of_steps(truth, seqs)
+  keep = evaluated(task)
+  mask = np.asarray(task.history_mask)[keep] & (decoded[keep] >= 0)
+  return 100.0 * labelling_accuracy(true[keep], np.maximum(decoded[keep], 0),
+                                    int(max(true.max(), decoded.max()) + 1), mask)
+
+
 # ------------------------------------------------------------------ run
 
 
@@ -193,6 +205,8 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods):
       res["cold"][h] = rm.per_user_metrics(rank_scores(s, extra.get("idle_index")), task)
       res["cold_fell_back"][h] = int(fb.sum())
     res["predict_seconds"] = time.time() - start
+    if predictor.decode is not None and "truth" in extra:
+      res["phase_accuracy"] = phase_accuracy(predictor, fitted, main_task, seqs, extra["truth"])
     res["selected"] = {k: v for k, v in (fitted.get("selected") or {}).items()
                        if isinstance(v, (int, float, str))} if isinstance(fitted, dict) else {}
     for k in ("alpha", "beta", "selected_steps", "validation"):

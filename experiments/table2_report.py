@@ -61,6 +61,8 @@ def aggregate(runs, methods, key, config, meta):
     table[name]["predict_seconds"] = float(np.mean([r[name]["predict_seconds"] for r in runs]))
     table[name]["fell_back"] = runs[0][name]["fell_back"]
     table[name]["selected"] = [r[name]["selected"] for r in runs]
+    if "phase_accuracy" in runs[0][name]:
+      table[name]["phase_accuracy"] = float(np.mean([r[name]["phase_accuracy"] for r in runs]))
   hist = np.asarray(runs[0]["_history_length"])
   for name in methods:
     buckets[name] = rm.by_bucket(avg[name], hist)
@@ -103,6 +105,11 @@ def markdown(results, config) -> str:
   blocks.append(["## Main table (dominant-category target, %)", ""] + common.markdown_table(
       ["method", "top-1", "top-3", "top-5", "NDCG@5", "MRR", "hit@1/3/5 (paper's)",
        "top-1 − popularity (pts)", "fit s"], rows))
+  decoded = [m for m in methods if "phase_accuracy" in table[m]]
+  if decoded:
+    blocks.append(["## Phase decoding on the history steps (labelling accuracy vs true phases, %)",
+                   ""] + common.markdown_table(
+        ["method", "accuracy"], [[m, f"{table[m]['phase_accuracy']:.1f}"] for m in decoded]))
   paper_rows = []
   ref = table.get("graphsage")
   for key, (label, *nums) in PAPER.items():

@@ -72,3 +72,22 @@ def test_tiny_marketplace_end_to_end(tmp_path, monkeypatch):
     # users with a validation target are training users only
     assert np.all(val_task.train_users[val >= 0])
   assert results["table"]["popularity"]["n"] == meta["num_users_evaluated"]
+
+
+def test_phase_accuracy_scores_relabelled_truth_as_perfect():
+  import jax
+  from dennl_jax.data import marketplace
+  from dennl_jax.recsys.task import make_tasks
+  config = _tiny()
+  log, seqs, split, extra = table2.load_data(config, jax.random.key(0))
+  truth = extra["truth"]
+  phases = marketplace.phases_of_steps(truth, seqs)
+  _, test = make_tasks(seqs, split, np.zeros((len(seqs.user_ids), 2)),
+                       np.ones(len(seqs.user_ids), bool))
+  relabel = np.array([3, 0, 4, 1, 2])
+  oracle = registry.Predictor(None, None, False, False,
+                              decode=lambda fitted, task: np.where(phases >= 0, relabel[phases], -1))
+  assert table2.phase_accuracy(oracle, None, test, seqs, truth) == 100.0
+  noisy = registry.Predictor(None, None, False, False,
+                             decode=lambda fitted, task: np.zeros_like(phases))
+  assert table2.phase_accuracy(noisy, None, test, seqs, truth) < 100.0

@@ -20,7 +20,7 @@ known modules (the HSMM-based ones are optional, see ``_MODULES``).
 from __future__ import annotations
 
 import importlib
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -33,6 +33,10 @@ class Predictor(NamedTuple):
   needs_embedding: bool
   needs_history: bool      # True: users with h = 0 get popularity instead (reported)
   description: str = ""
+  # Optional, for state-space methods: decode(fitted, task) -> (U, T) int
+  # most likely hidden state of every history step (-1 elsewhere); the
+  # marketplace run scores it against the true phases (labelling accuracy).
+  decode: Optional[Callable] = None
 
 
 _REGISTRY: dict[str, Predictor] = {}
