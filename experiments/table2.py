@@ -160,13 +160,15 @@ def phase_accuracy(predictor, fitted, task, seqs, truth) -> float:
 # ------------------------------------------------------------------ run
 
 
-def method_config(config, name, side, link):
+def method_config(config, name, side, link, idle_index=None):
   """The plain dict passed to ``fit``: the method's config plus side information."""
   cfg = dict(config.method_config[name]) if name in config.method_config else {}
   # ConfigDict turns nested dicts/lists into ConfigDicts/tuples; predictors take plain values.
   cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in cfg.items()}
   if "grid" in cfg:
     cfg["grid"] = [dict(g) for g in cfg["grid"]]
+  if name in ("last_step", "markov"):
+    cfg["idle_index"] = idle_index
   return dict(cfg, **side, **(link if name == "graphsage" else {}))
 
 
@@ -193,7 +195,8 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods):
     common.log(f"[table2] seed {seed}: {name} ({j + 1}/{len(methods)})")
     start = time.time()
     fitted = predictor.fit(jax.random.fold_in(k_methods, j), train_task, val_task,
-                           method_config(config, name, side, emb["link"]))
+                           method_config(config, name, side, emb["link"],
+                                         extra.get("idle_index")))
     fit_seconds = time.time() - start
     start = time.time()
     scores, fell_back = registry.predict_with_fallback(predictor, fitted, main_task, pop)

@@ -75,6 +75,12 @@ def test_markov_known_transitions():
   tied = np.array([[[1, 0], [0.5, 0.5], [1, 0], [1, 0], [0, 1]]], np.float32)
   counts = bl.transition_counts(_tasks(tied, np.ones((1, 5), bool))[0])
   np.testing.assert_allclose(counts, [[1.0, 0.5], [0.5, 0.0]])
+  # idle steps (category 2) are skipped: a, idle, b, idle, [val a], [test b] -> a->b only
+  s3 = _onehot([[0, 2, 1, 2, 0, 1]], 3)
+  train, val, test = _tasks(s3, np.ones((1, 6), bool))
+  np.testing.assert_array_equal(bl.transition_counts(train, 2), [[0, 1, 0], [0, 0, 0], [0, 0, 0]])
+  assert bl.last_history_step(test, 2)[0] == 4 and bl.last_history_step(train, 2)[0] == 2
+  assert bl.transition_counts(train).sum() == 3
 
 
 def test_graphsage_link_scores_by_hand():

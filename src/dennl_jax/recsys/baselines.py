@@ -20,7 +20,9 @@
   mean of its items' embeddings (``config["category_embeddings"]``).
 
 Smoothing strengths (alpha, beta) are chosen on the validation targets by
-mean reciprocal rank (``config["select_by"]``).  Every history method adds
+mean reciprocal rank (``config["select_by"]``).  With idle steps (the
+marketplace's "no action" days, ``config["idle_index"]``), ``last_step`` and
+``markov`` skip them: a practitioner's chain runs over active days.  Every history method adds
 ``1e-9 * popularity`` so that ties fall to the more popular category.
 """
 from __future__ import annotations
@@ -49,9 +51,17 @@ def history_sum(task: NextStepTask) -> np.ndarray:
   return np.einsum("ut,utc->uc", task.history_mask.astype(np.float64), task.strengths)
 
 
-def last_history_step(task: NextStepTask) -> np.ndarray:
-  """(U,) int index of each user's last history step; -1 when the history is empty."""
+def active_history(task: NextStepTask, idle_index=None) -> np.ndarray:
+  """(U, T) history steps that are not pure idle steps (all mass on ``idle_index``)."""
   hist = np.asarray(task.history_mask)
+  if idle_index is None:
+    return hist
+  return hist & (task.strengths[..., idle_index] < 1.0 - TIE_TOLERANCE)
+
+
+def last_history_step(task: NextStepTask, idle_index=None) -> np.ndarray:
+  """(U,) int index of each user's last (active) history step; -1 when there is none."""
+  hist = active_history(task, idle_index)
   t = hist.shape[1]
   last = t - 1 - np.argmax(hist[:, ::-1], axis=1)
   return np.where(hist.any(1), last, -1)
@@ -84,8 +94,8 @@ def predict_popularity(fitted, task):
 
 # --- last step --------------------------------------------------------------
 
-def _last_step_scores(popularity, task):
-  last = last_history_step(task)
+def _last_step_scores(popularity, task, idle_index=None):
+  last = last_history_step(task, idle_index)
   scores = np.zeros(task.strengths.shape[::2])
   has = last >= 0
   scores[has] = task.strengths[np.flatnonzero(has), last[has]]
@@ -94,11 +104,11 @@ def _last_step_scores(popularity, task):
 
 def fit_last_step(key, train_task, val_task, config=None):
   del key, val_task
-  return {"popularity": popularity_vector(train_task)}
+  return {"popularity": popularity_vector(train_task), "idle_index": _config(config, "idle_index", None)}
 
 
 def predict_last_step(fitted, task):
-  return _last_step_scores(fitted["popularity"], task)
+  return _last_step_scores(fitted["popularity"], task, fitted.get("idle_index"))
 
 
 # --- own frequency ----------------------------------------------------------
@@ -130,21 +140,26 @@ def dominant_fraction(strengths) -> np.ndarray:
   return top / top.sum(-1, keepdims=True)
 
 
-def transition_counts(task: NextStepTask) -> np.ndarray:
+def transition_counts(task: NextStepTask, idle_index=None) -> np.ndarray:
   """(C, C) counts of dominant category a -> b over consecutive history steps of training users.
 
   A step whose maximum is tied spreads its unit count equally over the tied
-  categories (the same convention as the metrics).
+  categories (the same convention as the metrics).  With ``idle_index``,
+  pure idle steps are skipped: pairs are consecutive *active* steps.
   """
-  pair = (task.history_mask[:, :-1] & task.history_mask[:, 1:]
-          & np.asarray(task.train_users)[:, None])
+  active = active_history(task, idle_index) & np.asarray(task.train_users)[:, None]
+  t = np.arange(active.shape[1])[None, :]
+  # index of the previous active step of every step (-1: none)
+  prev = np.maximum.accumulate(np.where(active, t, -1), axis=1)
+  prev = np.concatenate([np.full((active.shape[0], 1), -1), prev[:, :-1]], axis=1)
+  users, steps = np.nonzero(active & (prev >= 0))
   frac = dominant_fraction(task.strengths)
-  return np.einsum("ut,uta,utb->ab", pair.astype(np.float64), frac[:, :-1], frac[:, 1:])
+  return np.einsum("na,nb->ab", frac[users, prev[users, steps]], frac[users, steps])
 
 
-def _markov_scores(popularity, counts, beta, task):
+def _markov_scores(popularity, counts, beta, task, idle_index=None):
   trans = (counts + beta * popularity[None, :]) / (counts.sum(1, keepdims=True) + beta)
-  last = last_history_step(task)
+  last = last_history_step(task, idle_index)
   has = last >= 0
   scores = np.broadcast_to(popularity, task.strengths.shape[::2]).copy()
   scores[has] = dominant_fraction(task.strengths[np.flatnonzero(has), last[has]]) @ trans
@@ -154,15 +169,19 @@ def _markov_scores(popularity, counts, beta, task):
 def fit_markov(key, train_task, val_task, config=None):
   del key
   pop = popularity_vector(train_task)
-  counts = transition_counts(train_task)
+  idle = _config(config, "idle_index", None)
+  counts = transition_counts(train_task, idle)
   beta, scores = select_on_validation(
-      _config(config, "grid", DEFAULT_GRID), lambda b: _markov_scores(pop, counts, b, val_task),
+      _config(config, "grid", DEFAULT_GRID),
+      lambda b: _markov_scores(pop, counts, b, val_task, idle),
       val_task, _config(config, "select_by", "mrr"))
-  return {"popularity": pop, "counts": counts, "beta": beta, "validation": scores}
+  return {"popularity": pop, "counts": counts, "beta": beta, "validation": scores,
+          "idle_index": idle}
 
 
 def predict_markov(fitted, task):
-  return _markov_scores(fitted["popularity"], fitted["counts"], fitted["beta"], task)
+  return _markov_scores(fitted["popularity"], fitted["counts"], fitted["beta"], task,
+                        fitted.get("idle_index"))
 
 
 # --- GraphSAGE alone (dot product with category embeddings) -----------------
