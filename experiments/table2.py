@@ -28,8 +28,8 @@ import numpy as np
 from dennl_jax import graphsage
 from dennl_jax.recsys import metrics as rm
 from dennl_jax.recsys import protocol, registry
-from dennl_jax.recsys.baselines import category_embeddings, popularity_vector
-from dennl_jax.recsys.task import evaluated, history_length, make_tasks, training_task
+from dennl_jax.recsys.baselines import active_history, category_embeddings, popularity_vector
+from dennl_jax.recsys.task import evaluated, make_tasks, training_task
 from experiments import common
 from experiments import table2_report as report
 
@@ -184,11 +184,12 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods):
   train_task = training_task(val_task)
   pop = popularity_vector(train_task)
   side = {"popularity": pop, "category_embeddings": emb["category"], "log": common.log}
-  # history length of each evaluated user, aligned with the per-user metric arrays
-  out = {"_graphsage": emb["report"],
-         "_history_length": history_length(main_task)[evaluated(main_task)]}
+  # active history steps of each evaluated user, aligned with the per-user metric arrays
+  active = active_history(main_task, extra.get("idle_index")).sum(1)
+  out = {"_graphsage": emb["report"], "_history_length": active[evaluated(main_task)]}
   cold_users = roles == protocol.COLD
-  cold_tasks = {h: protocol.cold_task(test_task, cold_users, h, emb["cold"][h])
+  cold_tasks = {h: protocol.cold_task(test_task, cold_users, h, emb["cold"][h],
+                                     extra.get("idle_index"))
                 for h in config.cold_history} if cold_users.any() else {}
   for j, name in enumerate(methods):
     predictor = registry.get(name)

@@ -139,7 +139,7 @@ def markdown(results, config) -> str:
   rows = [[m] + [f"{buckets[m][b]['top1']:.1f}" if b in buckets[m] else "—" for b in present]
               for m in methods]
   counts = [str(next((buckets[m][b]["n"] for m in methods if b in buckets[m]), 0)) for b in present]
-  blocks.append(["## Top-1 by history length (steps before the test step)", ""]
+  blocks.append(["## Top-1 by history length (active steps before the test step)", ""]
                 + common.markdown_table(["method"] + [f"h={b}" for b in present],
                                         [["users"] + counts] + rows))
   for h, ctab in results["cold"].items():

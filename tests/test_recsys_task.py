@@ -67,3 +67,16 @@ def test_last_steps_and_history_features():
   feats, fmask = tk.history_features(cold)
   np.testing.assert_allclose(feats[0, :2], seqs.strengths[0, 2:4])
   np.testing.assert_array_equal(fmask, [[1, 1], [1, 0], [1, 1]])
+
+
+def test_last_steps_counts_active_steps_with_idle_days():
+  # categories (a, idle); user 0: a, idle, a, idle, idle, [test a]
+  a, idle = [1, 0], [0, 1]
+  s = np.array([[a, idle, a, idle, idle, a]], np.float32)
+  seqs = SimpleNamespace(strengths=s, mask=np.ones((1, 6), bool), category_names=("a", "idle"))
+  _, test = tk.make_tasks(seqs, _split(SimpleNamespace(lengths=np.array([6]), mask=seqs.mask)),
+                          np.zeros((1, 1)), np.ones(1, bool))
+  np.testing.assert_array_equal(tk.last_steps(test, 1, 1).history_mask[0], [0, 0, 1, 1, 1, 0])
+  np.testing.assert_array_equal(tk.last_steps(test, 2, 1).history_mask[0], [1, 1, 1, 1, 1, 0])
+  assert not tk.last_steps(test, 0, 1).history_mask.any()
+  np.testing.assert_array_equal(tk.last_steps(test, 1).history_mask[0], [0, 0, 0, 0, 1, 0])

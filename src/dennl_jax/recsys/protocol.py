@@ -89,9 +89,10 @@ def only_users(task: NextStepTask, users) -> NextStepTask:
   return task._replace(target_step=np.where(users, task.target_step, -1))
 
 
-def cold_task(test_task: NextStepTask, cold_users, h: int, embeddings) -> NextStepTask:
-  """Cold users' test targets, each shown only the last ``h`` history steps."""
+def cold_task(test_task: NextStepTask, cold_users, h: int, embeddings,
+              idle_index=None) -> NextStepTask:
+  """Cold users' test targets, each shown only the last ``h`` (active) history steps."""
   task = only_users(test_task, cold_users)
-  task = last_steps(task, h)._replace(embeddings=np.asarray(embeddings, np.float32),
+  task = last_steps(task, h, idle_index)._replace(embeddings=np.asarray(embeddings, np.float32),
                                       train_users=np.zeros_like(task.train_users))
   return task

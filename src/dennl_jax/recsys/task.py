@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+TIE_TOLERANCE = 1e-6   # strengths this close to the maximum count as tied
+
 
 class NextStepTask(NamedTuple):
   """One next-step prediction problem over U users (numpy arrays).
@@ -175,9 +177,6 @@ def dominant_target(task: NextStepTask) -> np.ndarray:
   return np.where(evaluated(task), out, -1)
 
 
-TIE_TOLERANCE = 1e-6
-
-
 def dominant_set(task: NextStepTask) -> np.ndarray:
   """(U, C) bool: the categories of maximal strength at the target step (all tied ones).
 
@@ -194,18 +193,24 @@ def interacted_target(task: NextStepTask) -> np.ndarray:
   return (target_strengths(task) > 0) & evaluated(task)[:, None]
 
 
-def last_steps(task: NextStepTask, h: int) -> NextStepTask:
+def last_steps(task: NextStepTask, h: int, idle_index=None) -> NextStepTask:
   """Keep only the last ``h`` history steps of every user (cold-user protocol).
 
-  Users with fewer than ``h`` history steps keep all of them; callers that
-  need exactly ``h`` should filter on :func:`history_length` first.
+  With ``idle_index`` (days without events, all mass on that category), the
+  count is over *active* steps: the history starts at the h-th last active
+  step and keeps the idle steps after it.  Users with fewer than ``h`` such
+  steps keep all of them.
   """
   if h < 0:
     raise ValueError(f"h must be >= 0; got {h}")
   hist = np.asarray(task.history_mask)
-  # rank from the end: 1 for the most recent history step
-  from_end = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
-  return task._replace(history_mask=hist & (from_end <= h))
+  active = hist
+  if idle_index is not None:
+    active = hist & (task.strengths[..., idle_index] < 1.0 - TIE_TOLERANCE)
+  # number of active history steps at or after each step (1 at the most recent one)
+  from_end = np.cumsum(active[:, ::-1], axis=1)[:, ::-1]
+  keep = (from_end < h) | (active & (from_end == h))
+  return task._replace(history_mask=hist & keep)
 
 
 def history_features(task: NextStepTask):
