@@ -1,0 +1,504 @@
+"""The paper's HSMM methods for next-category prediction (Table 2, section 6.2).
+
+Every method fits, per user, an HSMM with K hidden states (the marketplace has
+five phases), Multinomial emissions over the C categories (a step's strength
+vector is the observation, paper A.2) and shifted Poisson durations up to
+``max_duration`` steps, and predicts the next step's category distribution
+``dj.forecast(params, history, history_mask, 1).observation_mean``.
+
+* ``conventional_em``: per-user EM, no sharing; several restarts per user
+  (k-means++ on the user's own strength vectors, and random Dirichlet
+  emission tables); the restart with the highest final log-likelihood wins.
+* ``mlp_mapper``: ``lambda = g(e)`` from the embedding alone (no EM).
+* ``initial_fusion``: ``lambda0 = g(e)`` then plain EM layers on the history.
+* ``dennl``: the DENNL network (EM layers with a residual stage MLP shared
+  by users and stages, latent h, embedding input); exact gradients by
+  default, ``config["gradient"] = "spsa"`` for the paper's estimator.
+
+The networks start from one pooled Multinomial/Poisson HSMM (k-means on the
+training users' strength vectors; see :func:`pooled_start`), train on the
+training steps of the training users with one of three losses, and choose
+loss, learning rate and training length on the validation targets:
+
+* ``likelihood``: paper eq. 9 (:func:`dennl_jax.training.likelihood_loss`);
+* ``heldout``: random held-out steps (:func:`dennl_jax.training.heldout_step_loss`);
+* ``predictive``: the evaluation's own question -- hide each user's last
+  ``predictive_targets`` history steps, fit on the rest, and score the soft
+  cross-entropy of each hidden step's strength vector under the forecast
+  distribution (:func:`predictive_loss`).
+
+Emission tables are mixed with ``prob_floor`` of the uniform distribution
+before any scoring (losses and forecasts): a per-user M-step leaves exact
+zeros for categories the user never touched, and a zero makes the held-out
+likelihood of a new category -inf.  Scores add ``1e-9 * popularity`` so that
+ties fall to the more popular category, as in :mod:`dennl_jax.recsys.baselines`.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import dennl_jax as dj
+from dennl_jax.starts import kmeans
+from dennl_jax import training as Tr
+from dennl_jax.recsys import metrics as rmetrics
+from dennl_jax.recsys.baselines import TIE_BREAK, popularity_vector
+from dennl_jax.recsys.registry import Predictor, register
+from dennl_jax.recsys.task import NextStepTask, evaluated, history_length
+
+DEFAULTS = dict(
+    num_states=5, max_duration=16, duration_rate=2.0, prob_floor=1e-3, start_smoothing=0.05,
+    # conventional EM
+    em_iters=30, kmeans_restarts=2, dirichlet_restarts=2, dirichlet_concentration=1.0,
+    kmeans_iters=10, chunk_size=256,
+    # networks
+    num_stages=3, hidden=64, start_hidden=64, latent_dim=16, gradient="exact", spsa_samples=8,
+    loss="predictive", predictive_targets=1, learning_rate=3e-3, num_steps=150, eval_every=25,
+    batch_size=32, max_points=20000, select_by="mrr", log=None)
+# Each entry overrides DEFAULTS for one training run; the best on validation is kept.
+DEFAULT_GRID = ({"loss": "likelihood"}, {"loss": "heldout"}, {"loss": "predictive"})
+KINDS = ("mlp_mapper", "initial_fusion", "dennl")
+
+
+def _settings(config) -> dict:
+  config = dict(config or {})
+  unknown = set(config) - set(DEFAULTS) - {"grid", "popularity", "category_embeddings"}
+  if unknown:
+    raise ValueError(f"unknown HSMM predictor settings {sorted(unknown)}")
+  return dict(DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS})
+
+
+# --------------------------------------------------------------------------
+# Multinomial-emission / Poisson-duration HSMMs and their starts.
+
+
+def multinomial_hsmm(initial, transition, probs, rate, max_duration: int) -> dj.HSMM:
+  """HSMM with Multinomial emissions ``probs: (K, C)`` and Poisson durations ``rate: (K,)``."""
+  return dj.HSMM(initial, transition, dj.PoissonDuration(rate, max_duration=max_duration),
+                 dj.Multinomial(probs))
+
+
+def _generic_start(probs, rate: float, max_duration: int) -> dj.HSMM:
+  """Uniform initial and off-diagonal transitions, a moderate Poisson rate."""
+  k = probs.shape[0]
+  off = (1.0 - jnp.eye(k, dtype=probs.dtype)) / (k - 1)
+  return multinomial_hsmm(jnp.full((k,), 1.0 / k, probs.dtype), off, probs,
+                          jnp.full((k,), rate, probs.dtype), max_duration)
+
+
+def _smooth(probs, amount: float):
+  """Rows of ``probs`` mixed with ``amount`` of the uniform distribution."""
+  probs = probs / jnp.maximum(jnp.sum(probs, -1, keepdims=True), 1e-30)
+  return (1.0 - amount) * probs + amount / probs.shape[-1]
+
+
+def kmeans_emission(key, strengths, mask, num_states: int, *, num_iters: int = 10,
+                    smoothing: float = 0.05):
+  """(K, C) emission table: k-means++ centres of the valid strength vectors, normalised.
+
+  strengths: (N, C); mask: (N,) bool.  A centre is a mean of strength
+  vectors; mixing it with ``smoothing`` of the uniform distribution keeps
+  every category reachable (EM never revives an exact zero).
+  """
+  centers, _ = kmeans(key, strengths, mask, num_states, num_iters)
+  return _smooth(jnp.maximum(centers, 0.0), smoothing)
+
+
+def user_starts(key, strengths, mask, *, num_states: int, max_duration: int,
+                duration_rate: float = 2.0, kmeans_restarts: int = 2, dirichlet_restarts: int = 2,
+                dirichlet_concentration: float = 1.0, kmeans_iters: int = 10,
+                smoothing: float = 0.05) -> dj.HSMM:
+  """Conventional EM's restarts for one user: an HSMM batch with leading axis R.
+
+  strengths: (T, C); mask: (T,) bool.  The first ``kmeans_restarts`` come
+  from k-means++ on the user's own valid strength vectors (different seeds),
+  the other ``dirichlet_restarts`` draw every emission row from
+  Dirichlet(concentration).  Transitions/initial/durations as in
+  :func:`pooled_start`.
+  """
+  if kmeans_restarts + dirichlet_restarts < 1:
+    raise ValueError("conventional EM needs at least one restart")
+  num_categories = strengths.shape[-1]
+  keys = jax.random.split(key, kmeans_restarts + dirichlet_restarts)
+  tables = [kmeans_emission(k, strengths, mask, num_states, num_iters=kmeans_iters,
+                            smoothing=smoothing) for k in keys[:kmeans_restarts]]
+  alpha = jnp.full((num_categories,), dirichlet_concentration, strengths.dtype)
+  tables += [_smooth(jax.random.dirichlet(k, alpha, (num_states,)), smoothing)
+             for k in keys[kmeans_restarts:]]
+  starts = [_generic_start(t.astype(strengths.dtype), duration_rate, max_duration)
+            for t in tables]
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *starts)
+
+
+def pooled_start(key, strengths, mask, *, num_states: int, max_duration: int,
+                 duration_rate: float = 2.0, smoothing: float = 0.05, max_points: int = 20000,
+                 kmeans_iters: int = 25) -> dj.HSMM:
+  """One shared Multinomial/Poisson HSMM from all training users' steps pooled.
+
+  strengths: (U, T, C); mask: (U, T) bool.  Emissions: k-means++ on (a
+  random subset of at most ``max_points``) pooled valid strength vectors,
+  centres normalised and smoothed; uniform initial distribution and
+  off-diagonal transitions; Poisson rate ``duration_rate`` (mean stay
+  ``1 + rate`` steps).  The family-appropriate counterpart of
+  :func:`dennl_jax.models.pooled_start` (Gaussian means).
+  """
+  points = np.asarray(strengths, np.float32)[np.asarray(mask, bool)]
+  if points.shape[0] == 0:
+    raise ValueError("pooled_start needs at least one valid step")
+  key_sub, key_km = jax.random.split(key)
+  if points.shape[0] > max_points:
+    points = points[np.asarray(jax.random.choice(key_sub, points.shape[0], (max_points,),
+                                                 replace=False))]
+  probs = jax.jit(kmeans_emission, static_argnums=3, static_argnames="num_iters")(
+      key_km, jnp.asarray(points), jnp.ones(points.shape[0], bool), num_states,
+      num_iters=kmeans_iters, smoothing=smoothing)
+  return _generic_start(probs, duration_rate, max_duration)
+
+
+def floor_emission(params: dj.HSMM, floor: float) -> dj.HSMM:
+  """Emission rows mixed with ``floor`` of the uniform distribution (any batch shape)."""
+  return params.replace(emission=params.emission.replace(
+      probs=(1.0 - floor) * params.emission.probs + floor / params.emission.probs.shape[-1]))
+
+
+# --------------------------------------------------------------------------
+# Forecasts and the predictive loss.
+
+
+def next_step_distribution(params, obs, mask):
+  """(U, C) forecast category distribution of the step after each user's last valid step.
+
+  params: batched HSMM (leading U); obs: (U, T, C); mask: (U, T) bool.
+  """
+  one = lambda p, o, m: dj.forecast(p, o, m, 1).observation_mean[0]
+  return jax.vmap(one)(params, obs, mask)
+
+
+def predictive_loss(model, batch: Tr.Batch, key, num_targets: int = 1, floor: float = 1e-6):
+  """Soft cross-entropy of each user's last ``num_targets`` valid steps under their forecasts.
+
+  The model sees the valid steps before the hidden ones (users with at most
+  ``num_targets`` valid steps score nothing); hidden step j (counted from the end) is forecast from every valid
+  step before it.  Mean over hidden steps of ``-sum_c s_c log(p_c + floor)``.
+  """
+  mask = jnp.asarray(batch.mask, bool)
+  from_end = jnp.cumsum(mask[:, ::-1], axis=1)[:, ::-1] * mask      # 1 = last valid step
+
+  def keep_one(m):
+    # EM layers and forecasts need a valid step; a user left with none sees
+    # its whole history instead and scores no target (``has`` below), so no
+    # NaN from an empty sequence can reach the gradient through a `where`.
+    return jnp.where(jnp.any(m, axis=1, keepdims=True), m, mask)
+
+  params = model(batch.embedding, batch.obs, keep_one(mask & (from_end > num_targets)), key)
+  total, count = 0.0, 0.0
+  for j in range(1, num_targets + 1):
+    at = (from_end == j)
+    before = mask & (from_end > j)
+    target = jnp.einsum("ut,utc->uc", at.astype(batch.obs.dtype), batch.obs)
+    probs = next_step_distribution(params, batch.obs, keep_one(before))
+    ce = -jnp.sum(target * jnp.log(probs + floor), axis=-1)
+    has = jnp.any(at, axis=1) & jnp.any(mask & (from_end > num_targets), axis=1)
+    total = total + jnp.sum(jnp.where(has, ce, 0.0))
+    count = count + jnp.sum(has)
+  return total / jnp.maximum(count, 1.0)
+
+
+def _inputs(task: NextStepTask):
+  """(obs (U, T, C) with non-history steps zeroed, history mask (U, T))."""
+  hist = np.asarray(task.history_mask, bool)
+  return np.where(hist[..., None], task.strengths, 0.0).astype(np.float32), hist
+
+
+def _bucket(num_users: int, chunk_size: int) -> int:
+  """Batch size for ``num_users``: the next power of two, at most ``chunk_size``."""
+  return min(chunk_size, 1 << max(num_users - 1, 0).bit_length())
+
+
+def map_users(fn, batched, chunk_size: int):
+  """:func:`dennl_jax.chunked_map` with the batch first padded to a power of two.
+
+  Tasks evaluate varying subsets of users; padding to one of a few sizes
+  bounds the number of compiled shapes.  ``fn(chunk, index)`` as there;
+  numpy in, numpy out (leading axis = the number of users given).
+  """
+  num = jax.tree_util.tree_leaves(batched)[0].shape[0]
+  size = _bucket(num, chunk_size)
+  pad = lambda x: np.concatenate([x, np.repeat(x[:1], size - num, 0)]) if num < size else x
+  out = dj.chunked_map(fn, jax.tree_util.tree_map(lambda x: jnp.asarray(pad(np.asarray(x))),
+                                                  batched), size)
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[:num], out)
+
+
+# --------------------------------------------------------------------------
+# Conventional EM: per-user HSMMs with restarts.
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _em_chunk(chunk, index, settings):
+  """Best-of-restarts EM for a chunk of users: (params, best ll (B,), ll (B, R))."""
+  del index
+  keys, obs, mask = chunk
+  s = dict(settings)
+  starts = jax.vmap(lambda k, o, m: user_starts(
+      k, o, m, num_states=s["num_states"], max_duration=s["max_duration"],
+      duration_rate=s["duration_rate"], kmeans_restarts=s["kmeans_restarts"],
+      dirichlet_restarts=s["dirichlet_restarts"],
+      dirichlet_concentration=s["dirichlet_concentration"], kmeans_iters=s["kmeans_iters"],
+      smoothing=s["start_smoothing"]))(keys, obs, mask)
+  size, restarts = mask.shape[0], s["kmeans_restarts"] + s["dirichlet_restarts"]
+  flat = jax.tree_util.tree_map(lambda x: x.reshape((size * restarts,) + x.shape[2:]), starts)
+  rep = lambda x: jnp.repeat(x, restarts, axis=0)
+  params, trace = dj.fit_em(flat, rep(obs), rep(mask), s["em_iters"])
+  ll = trace[:, -1].reshape(size, restarts)
+  best = jnp.argmax(jnp.where(jnp.isnan(ll), -jnp.inf, ll), axis=1)
+  pick = jnp.arange(size) * restarts + best
+  return (jax.tree_util.tree_map(lambda x: x[pick], params),
+          jnp.take_along_axis(ll, best[:, None], 1)[:, 0], ll)
+
+
+def conventional_em_fit(key, obs, mask, config=None):
+  """Per-user EM with restarts; keeps each user's best restart.
+
+  obs: (U, T, C); mask: (U, T) bool (every user needs >= 1 valid step).
+  Returns ``(params (batched HSMM, leading U), log_likelihood (U,),
+  restart_log_likelihoods (U, R))`` -- log-likelihoods after ``em_iters``
+  iterations (NaN counts as -inf when choosing).
+  """
+  cfg = _settings(config)
+  obs, mask = np.asarray(obs, np.float32), np.asarray(mask, bool)
+  if obs.ndim != 3 or mask.shape != obs.shape[:2]:
+    raise ValueError(f"obs must be (U, T, C) and mask (U, T); got {obs.shape}, {mask.shape}")
+  if not mask.any(1).all():
+    raise ValueError("conventional EM needs at least one valid step for every user")
+  settings = tuple(sorted((k, cfg[k]) for k in (
+      "num_states", "max_duration", "duration_rate", "kmeans_restarts", "dirichlet_restarts",
+      "dirichlet_concentration", "kmeans_iters", "start_smoothing", "em_iters")))
+  keys = np.asarray(jax.random.split(key, obs.shape[0]))
+  params, best, per_restart = map_users(functools.partial(_em_chunk, settings=settings),
+                                        (keys, obs, mask), cfg["chunk_size"])
+  return jax.tree_util.tree_map(jnp.asarray, params), best, per_restart
+
+
+@jax.jit
+def _forecast_chunk(chunk, index):
+  del index
+  params, obs, mask = chunk
+  return next_step_distribution(params, obs, mask)
+
+
+def fit_conventional_em(key, train_task, val_task, config=None):
+  """Nothing is shared: fit only stores the settings (and popularity for empty histories)."""
+  del val_task
+  return {"settings": _settings(config), "key": key, "popularity": popularity_vector(train_task),
+          "report": {}}
+
+
+def predict_conventional_em(fitted, task: NextStepTask):
+  cfg = fitted["settings"]
+  pop = fitted["popularity"]
+  obs, hist = _inputs(task)
+  scores = np.broadcast_to(pop, (obs.shape[0], obs.shape[2])).copy()
+  rows = np.flatnonzero(evaluated(task) & (history_length(task) > 0))
+  start = time.time()
+  if rows.size:
+    params, ll, _ = conventional_em_fit(fitted["key"], obs[rows], hist[rows], cfg)
+    params = floor_emission(params, cfg["prob_floor"])
+    scores[rows] = map_users(_forecast_chunk, (params, obs[rows], hist[rows]),
+                             cfg["chunk_size"])
+  fitted["report"] = {"users_fitted": int(rows.size), "seconds": time.time() - start,
+                      "restarts": cfg["kmeans_restarts"] + cfg["dirichlet_restarts"],
+                      "kmeans_restarts": cfg["kmeans_restarts"], "em_iters": cfg["em_iters"]}
+  return scores + TIE_BREAK * pop
+
+
+# --------------------------------------------------------------------------
+# Networks: MLP Mapper, Initial Fusion, DENNL.
+
+
+class FlooredOutput(nnx.Module):
+  """Wraps a parameter network so that every emission table it returns is floored."""
+
+  def __init__(self, inner: nnx.Module, floor: float):
+    self.inner = inner
+    self.floor = floor
+
+  def __call__(self, embedding, obs, mask, key):
+    return floor_emission(self.inner(embedding, obs, mask, key), self.floor)
+
+  def start_params(self, embedding):
+    """lambda_0 = g(e): what the network says before seeing any step."""
+    return floor_emission(self.inner.start(embedding), self.floor)
+
+
+def build_network(kind: str, codec, start, embed_dim: int, cfg: dict, key) -> nnx.Module:
+  rngs = nnx.Rngs(params=key)
+  hidden, start_hidden = (cfg["hidden"],) * 2, (cfg["start_hidden"],) * 2
+  if kind == "mlp_mapper":
+    inner = dj.EmbeddingMapper(codec, start, embed_dim, hidden=start_hidden, rngs=rngs)
+  elif kind == "initial_fusion":
+    inner = dj.InitialFusion(codec, start, embed_dim, num_stages=cfg["num_stages"],
+                            hidden=start_hidden, gradient=cfg["gradient"],
+                            spsa_samples=cfg["spsa_samples"], rngs=rngs)
+  elif kind == "dennl":
+    inner = dj.DENNL(codec, start, embed_dim, num_stages=cfg["num_stages"], hidden=hidden,
+                    start_hidden=start_hidden, latent_dim=cfg["latent_dim"],
+                    gradient=cfg["gradient"], spsa_samples=cfg["spsa_samples"], rngs=rngs)
+  else:
+    raise ValueError(f"unknown HSMM network {kind!r}; choose from {KINDS}")
+  return FlooredOutput(inner, cfg["prob_floor"])
+
+
+def _loss_fn(cfg):
+  if cfg["loss"] == "likelihood":
+    return Tr.likelihood_loss
+  if cfg["loss"] == "heldout":
+    return Tr.heldout_step_loss
+  if cfg["loss"] == "predictive":
+    return functools.partial(predictive_loss, num_targets=cfg["predictive_targets"])
+  raise ValueError(f"unknown loss {cfg['loss']!r}; choose likelihood, heldout or predictive")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _network_chunk(graphdef, state, key, chunk, index):
+  embedding, obs, mask = chunk
+  params = nnx.merge(graphdef, state)(embedding, obs, mask, jax.random.fold_in(key, index))
+  return next_step_distribution(params, obs, mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _first_step_chunk(graphdef, state, chunk, index):
+  del index
+  params = nnx.merge(graphdef, state).start_params(chunk)
+  return jnp.einsum("uk,ukc->uc", params.initial,
+                    jax.vmap(lambda e: e.observation_mean())(params.emission))
+
+
+def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int = 256):
+  """(U, C) forecasts of a trained network for every user (numpy).
+
+  A user with an empty history gets the first-step distribution of
+  ``lambda_0 = g(e)`` (its initial distribution times the emission means):
+  an EM layer needs at least one valid step.
+  """
+  out = np.zeros((obs.shape[0], obs.shape[2]))
+  empty = ~np.asarray(mask).any(1)
+  rows = np.flatnonzero(~empty)
+  if rows.size:
+    out[rows] = map_users(functools.partial(_network_chunk, graphdef, state, key),
+                          (embedding[rows], obs[rows], mask[rows]), chunk_size)
+  rows = np.flatnonzero(empty)
+  if rows.size:
+    out[rows] = map_users(functools.partial(_first_step_chunk, graphdef, state),
+                          embedding[rows], chunk_size)
+  return out
+
+
+def _standardise(embeddings, mean, scale):
+  return ((np.asarray(embeddings, np.float32) - mean) / scale).astype(np.float32)
+
+
+def _validation_score(run, task, pop, cfg):
+  obs, hist = _inputs(task)
+  scores = network_scores(run["graphdef"], run["state"], run["embed"](task.embeddings), obs, hist,
+                          run["key"], cfg["chunk_size"]) + TIE_BREAK * pop
+  return float(np.mean(rmetrics.per_user_metrics(scores, task)[cfg["select_by"]]))
+
+
+def _train_one(kind, key, cfg, data: Tr.Batch, val_task, codec, start, pop, embed):
+  key_init, key_order, key_steps, key_eval = jax.random.split(key, 4)
+  model = build_network(kind, codec, start, data.embedding.shape[1], cfg, key_init)
+  graphdef, state = nnx.split(model)
+  optimizer = Tr.make_optimizer(cfg["learning_rate"])
+  opt_state = optimizer.init(state)
+  step_fn = Tr.make_train_step(graphdef, _loss_fn(cfg), optimizer)
+  run = {"graphdef": graphdef, "state": state, "key": key_eval, "embed": embed,
+         "initial_state": state}
+  best = (_validation_score(run, val_task, pop, cfg), 0, state)
+  curve, skipped = [(0, float("nan"), best[0])], 0
+  num_users = data.mask.shape[0]
+  batch_size = min(cfg["batch_size"], num_users)
+  per_epoch = num_users // batch_size
+  log = cfg.get("log")
+  start_time = time.time()
+  for i in range(cfg["num_steps"]):
+    epoch, pos = divmod(i, per_epoch)
+    if pos == 0:
+      order = np.asarray(jax.random.permutation(jax.random.fold_in(key_order, epoch), num_users))
+    idx = order[pos * batch_size:(pos + 1) * batch_size]
+    batch = Tr.Batch(*(jnp.asarray(x[idx]) for x in data[:3]))
+    state, opt_state, loss, skip = step_fn(state, opt_state, batch,
+                                           jax.random.fold_in(key_steps, i))
+    skipped += int(skip)
+    if (i + 1) % cfg["eval_every"] == 0 or i + 1 == cfg["num_steps"]:
+      value = _validation_score(dict(run, state=state), val_task, pop, cfg)
+      curve.append((i + 1, float(loss), value))
+      if log:
+        log(f"[{kind}/{cfg['loss']}] step {i + 1}/{cfg['num_steps']} loss {float(loss):.4f} "
+            f"val {cfg['select_by']} {value:.4f} ({time.time() - start_time:.0f}s)")
+      if value > best[0]:
+        best = (value, i + 1, state)
+  return dict(run, state=best[2], final_state=state, value=best[0], steps=best[1], curve=curve,
+              skipped=skipped, seconds=time.time() - start_time)
+
+
+def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask, config=None):
+  """Train ``kind`` for every setting of ``config["grid"]``; keep the best on validation.
+
+  Training data: the ``history_mask`` steps of ``train_users`` with at least
+  one such step.  Embeddings are standardised with the training users'
+  mean and scale (stored, and applied unchanged to every task).
+  """
+  cfg = _settings(config)
+  grid = list((config or {}).get("grid") or DEFAULT_GRID)
+  obs, hist = _inputs(train_task)
+  rows = np.flatnonzero(np.asarray(train_task.train_users) & hist.any(1))
+  if rows.size == 0:
+    raise ValueError(f"{kind}: no training user has a training step")
+  emb = np.asarray(train_task.embeddings, np.float32)
+  mean, scale = emb[rows].mean(0), emb[rows].std(0) + 1e-6
+  embed = functools.partial(_standardise, mean=mean, scale=scale)
+  key_start, key_runs = jax.random.split(key)
+  start = pooled_start(key_start, obs[rows], hist[rows], num_states=cfg["num_states"],
+                       max_duration=cfg["max_duration"], duration_rate=cfg["duration_rate"],
+                       smoothing=cfg["start_smoothing"], max_points=cfg["max_points"])
+  codec = dj.ParamCodec(start)
+  pop = popularity_vector(train_task)
+  data = Tr.Batch(embed(emb[rows]), obs[rows], hist[rows])
+  runs = []
+  for j, override in enumerate(grid):
+    run_cfg = dict(cfg, **override)
+    # Every setting starts from the same initial weights: differences are the setting's.
+    run = _train_one(kind, key_runs, run_cfg, data, val_task, codec, start, pop, embed)
+    runs.append((run["value"], -j, run_cfg, run))
+  _, _, best_cfg, best = max(runs, key=lambda r: r[:2])
+  return {"graphdef": best["graphdef"], "state": best["state"], "key": best["key"],
+          "initial_state": best["initial_state"], "final_state": best["final_state"],
+          "embed": embed, "popularity": pop, "chunk_size": cfg["chunk_size"], "start": start,
+          "selected": {k: v for k, v in best_cfg.items() if k != "log"},
+          "selected_steps": best["steps"], "validation": best["value"],
+          "grid_results": [{"setting": g, "validation": r[0], "steps": r[3]["steps"],
+                            "seconds": r[3]["seconds"], "skipped": r[3]["skipped"],
+                            "curve": r[3]["curve"]} for g, r in zip(grid, runs)]}
+
+
+def predict_network(fitted, task: NextStepTask):
+  obs, hist = _inputs(task)
+  scores = network_scores(fitted["graphdef"], fitted["state"], fitted["embed"](task.embeddings),
+                          obs, hist, fitted["key"], fitted["chunk_size"])
+  return scores + TIE_BREAK * fitted["popularity"]
+
+
+register("conventional_em", Predictor(
+    fit_conventional_em, predict_conventional_em, False, True,
+    "per-user Multinomial/Poisson HSMM, EM with k-means++ and Dirichlet restarts"))
+for _kind, _desc in (("mlp_mapper", "HSMM parameters from the embedding alone (no EM)"),
+                     ("initial_fusion", "HSMM start from the embedding, then EM layers"),
+                     ("dennl", "DENNL: EM layers fused with the embedding at every stage")):
+  register(_kind, Predictor(functools.partial(fit_network, _kind), predict_network, True, False,
+                            _desc))

@@ -1,0 +1,151 @@
+"""HSMM next-step predictors (Conventional EM, MLP Mapper, Initial Fusion, DENNL) on a planted task.
+
+The task: users of two types walk through 2 phases in opposite orders; each
+phase emits mostly its own pair of categories; the embedding is a noisy type
+indicator.  Every predictor must return (U, C) distributions, read only the
+history steps, and the trained DENNL must beat its own start on the
+validation targets.
+"""
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dennl_jax as dj
+
+from dennl_jax.recsys import hsmm_predictors as hp
+from dennl_jax.recsys import registry
+from dennl_jax.recsys import task as tk
+
+K, C, T, D = 2, 4, 7, 3
+SMALL = dict(num_states=K, max_duration=D, duration_rate=1.0, em_iters=8, kmeans_restarts=1,
+             dirichlet_restarts=2, num_stages=2, hidden=8, start_hidden=8, latent_dim=4,
+             num_steps=12, eval_every=12, batch_size=16, learning_rate=2e-2, chunk_size=64)
+NETWORKS = ("mlp_mapper", "initial_fusion", "dennl")
+
+
+def _planted(seed, num_users=32):
+  """Sampled from the HSMM in numpy (a jitted sampler would cost seconds of compilation)."""
+  rng = np.random.default_rng(seed)
+  probs = np.array([[.45, .45, .05, .05], [.05, .05, .45, .45]])
+  kind = rng.integers(0, 2, num_users)
+  strengths = np.zeros((num_users, T, C), np.float32)
+  for u in range(num_users):
+    # Type 1 starts in phase 0, type 0 in phase 1; K = 2, so every jump is forced.
+    state, left = 1 - kind[u], 1 + min(rng.poisson(1.5), D - 1)
+    for t in range(T):
+      if left == 0:
+        state, left = 1 - state, 1 + min(rng.poisson(1.5), D - 1)
+      strengths[u, t] = rng.multinomial(20, probs[state]) / 20.0
+      left -= 1
+  lengths = rng.integers(2, T + 1, num_users)
+  lengths[:2] = 2, 3            # users with empty / one-step validation histories
+  mask = np.arange(T)[None] < lengths[:, None]
+  strengths = np.where(mask[..., None], np.asarray(strengths), 0.0).astype(np.float32)
+  emb = np.stack([kind, 1 - kind], 1) + 0.1 * rng.normal(size=(num_users, 2))
+  val, test = lengths - 2, lengths - 1
+  split = SimpleNamespace(val_step=val, test_step=test,
+                          train_mask=mask & (np.arange(T)[None] < val[:, None]))
+  seqs = SimpleNamespace(strengths=strengths, mask=mask,
+                         category_names=tuple(map(str, range(C))))
+  val_task, test_task = tk.make_tasks(seqs, split, emb.astype(np.float32),
+                                      np.arange(num_users) % 4 != 3)
+  return tk.training_task(val_task), val_task, test_task
+
+
+@pytest.fixture(scope="module")
+def tasks():
+  return _planted(0)
+
+
+@pytest.fixture(scope="module")
+def fitted(tasks):
+  train, val, _ = tasks
+  out = {"conventional_em": registry.get("conventional_em").fit(
+      jax.random.PRNGKey(1), train, val, SMALL)}
+  for name in NETWORKS:
+    # Only DENNL trains (its test needs it); compiling the other networks'
+    # training steps would double the file's time without testing more here.
+    steps = SMALL["num_steps"] if name == "dennl" else 0
+    out[name] = registry.get(name).fit(jax.random.PRNGKey(2), train, val,
+                                       dict(SMALL, num_steps=steps, grid=[{"loss": "predictive"}]))
+  return out
+
+
+def _poisoned(task):
+  """The same task with every non-history step (targets included) replaced by garbage."""
+  garbage = np.random.default_rng(0).uniform(0, 50, task.strengths.shape).astype(np.float32)
+  return task._replace(strengths=np.where(task.history_mask[..., None], task.strengths, garbage))
+
+
+@pytest.mark.parametrize("name", ("conventional_em",) + NETWORKS)
+def test_predictions_are_distributions_from_history_only(name, tasks, fitted):
+  _, val, test = tasks
+  predictor = registry.get(name)
+  for task in (val, test):
+    scores = predictor.predict(fitted[name], task)
+    assert scores.shape == (task.strengths.shape[0], C)
+    rows = tk.evaluated(task)
+    if predictor.needs_history:
+      rows &= tk.history_length(task) > 0
+    assert np.all(np.isfinite(scores[rows]))
+    np.testing.assert_allclose(scores[rows].sum(1), 1.0, atol=1e-4)
+    again = predictor.predict(fitted[name], _poisoned(task))
+    np.testing.assert_allclose(again[tk.evaluated(task)], scores[tk.evaluated(task)], atol=1e-6)
+  # The validation task has users with empty histories; networks score them from g(e).
+  assert (tk.history_length(val)[tk.evaluated(val)] == 0).any()
+
+
+def test_conventional_em_keeps_the_best_restart(tasks):
+  _, val, _ = tasks
+  obs, hist = hp._inputs(val)
+  rows = np.flatnonzero(hist.any(1))
+  params, best, per_restart = hp.conventional_em_fit(jax.random.PRNGKey(3), obs[rows], hist[rows],
+                                                     SMALL)
+  assert per_restart.shape == (rows.size, 3)
+  np.testing.assert_allclose(best, per_restart.max(1), rtol=1e-6)
+  # Restarts do differ somewhere, and the kept parameters really score `best`.
+  assert np.ptp(per_restart, axis=1).max() > 1e-3
+  recomputed = jax.jit(jax.vmap(dj.log_likelihood))(params, jnp.asarray(obs[rows]), jnp.asarray(hist[rows]))
+  np.testing.assert_allclose(recomputed, best, rtol=1e-4, atol=1e-4)
+
+
+def test_pooled_start_is_a_valid_multinomial_poisson_hsmm(tasks):
+  train, _, _ = tasks
+  obs, hist = hp._inputs(train)
+  start = hp.pooled_start(jax.random.PRNGKey(4), obs, hist, num_states=K, max_duration=D)
+  dj.validate(start, obs[0], hist[0] | (np.arange(T) == 0))
+  assert np.all(np.diagonal(np.asarray(start.transition)) == 0)
+  # Smoothed k-means centres: every category reachable, the two phases found.
+  probs = np.asarray(start.emission.probs)
+  assert probs.min() > 0
+  assert sorted(np.argmax(probs, 1) // 2) == [0, 1]
+  codec = dj.ParamCodec(start)
+  back = codec.decode(codec.encode(start))
+  np.testing.assert_allclose(back.emission.probs, probs, atol=1e-5)
+  np.testing.assert_allclose(back.duration.rate, start.duration.rate, rtol=1e-5)
+
+
+def test_dennl_training_improves_validation_predictive_loss(tasks, fitted):
+  _, val, _ = tasks
+  f = fitted["dennl"]
+  obs, hist = hp._inputs(val)
+  emb = f["embed"](val.embeddings)
+  target = tk.target_strengths(val)[tk.evaluated(val)]
+
+  def cross_entropy(state):
+    p = hp.network_scores(f["graphdef"], state, emb, obs, hist, f["key"])[tk.evaluated(val)]
+    return float(np.mean(-np.sum(target * np.log(p + 1e-6), 1)))
+
+  assert f["grid_results"][0]["curve"][0][0] == 0      # the start was a candidate
+  assert cross_entropy(f["final_state"]) < cross_entropy(f["initial_state"]) - 1e-3
+
+
+def test_bad_settings_raise(tasks):
+  train, val, _ = tasks
+  with pytest.raises(ValueError, match="unknown HSMM predictor settings"):
+    registry.get("dennl").fit(jax.random.PRNGKey(0), train, val, {"num_stage": 2})
+  with pytest.raises(ValueError, match="unknown loss"):
+    hp._loss_fn(dict(hp.DEFAULTS, loss="mse"))
