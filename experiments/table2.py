@@ -194,32 +194,45 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods):
   for j, name in enumerate(methods):
     predictor = registry.get(name)
     common.log(f"[table2] seed {seed}: {name} ({j + 1}/{len(methods)})")
-    start = time.time()
-    fitted = predictor.fit(jax.random.fold_in(k_methods, j), train_task, val_task,
-                           method_config(config, name, side, emb["link"],
-                                         extra.get("idle_index")))
-    fit_seconds = time.time() - start
-    start = time.time()
-    scores, fell_back = registry.predict_with_fallback(predictor, fitted, main_task, pop)
-    scores = rank_scores(scores, extra.get("idle_index"))
-    res = {"main": rm.per_user_metrics(scores, main_task), "fit_seconds": fit_seconds,
-           "fell_back": int(fell_back.sum()), "cold": {}, "cold_fell_back": {}}
-    for h, task in cold_tasks.items():
-      s, fb = registry.predict_with_fallback(predictor, fitted, task, pop)
-      res["cold"][h] = rm.per_user_metrics(rank_scores(s, extra.get("idle_index")), task)
-      res["cold_fell_back"][h] = int(fb.sum())
-    res["predict_seconds"] = time.time() - start
-    if predictor.decode is not None and "truth" in extra:
-      res["phase_accuracy"] = phase_accuracy(predictor, fitted, main_task, seqs, extra["truth"])
-    res["selected"] = {k: v for k, v in (fitted.get("selected") or {}).items()
-                       if isinstance(v, (int, float, str))} if isinstance(fitted, dict) else {}
-    for k in ("alpha", "beta", "selected_steps", "validation"):
-      if isinstance(fitted, dict) and k in fitted and np.isscalar(fitted[k]):
-        res["selected"][k] = fitted[k]
-    common.log(f"[table2] seed {seed}: {name} top1 {100 * res['main']['top1'].mean():.1f} "
-               f"top3 {100 * res['main']['top3'].mean():.1f} fit {fit_seconds:.1f}s")
-    out[name] = res
+    try:
+      out[name] = _run_method(predictor, name, j, k_methods, train_task, val_task, main_task,
+                              cold_tasks, pop, side, emb, seqs, extra, config, seed)
+    except Exception as e:          # noqa: BLE001 -- recorded, reported, optionally re-raised
+      if config.fail_fast:
+        raise
+      common.log(f"[table2] seed {seed}: {name} FAILED: {type(e).__name__}: {e}")
+      out.setdefault("_failed", {})[name] = f"{type(e).__name__}: {e}"
   return out
+
+
+def _run_method(predictor, name, j, k_methods, train_task, val_task, main_task, cold_tasks, pop,
+                side, emb, seqs, extra, config, seed):
+  """Fit one method, score the main and cold tasks; returns its per-seed result dict."""
+  start = time.time()
+  fitted = predictor.fit(jax.random.fold_in(k_methods, j), train_task, val_task,
+                         method_config(config, name, side, emb["link"],
+                                       extra.get("idle_index")))
+  fit_seconds = time.time() - start
+  start = time.time()
+  scores, fell_back = registry.predict_with_fallback(predictor, fitted, main_task, pop)
+  scores = rank_scores(scores, extra.get("idle_index"))
+  res = {"main": rm.per_user_metrics(scores, main_task), "fit_seconds": fit_seconds,
+         "fell_back": int(fell_back.sum()), "cold": {}, "cold_fell_back": {}}
+  for h, task in cold_tasks.items():
+    s, fb = registry.predict_with_fallback(predictor, fitted, task, pop)
+    res["cold"][h] = rm.per_user_metrics(rank_scores(s, extra.get("idle_index")), task)
+    res["cold_fell_back"][h] = int(fb.sum())
+  res["predict_seconds"] = time.time() - start
+  if predictor.decode is not None and "truth" in extra:
+    res["phase_accuracy"] = phase_accuracy(predictor, fitted, main_task, seqs, extra["truth"])
+  res["selected"] = {k: v for k, v in (fitted.get("selected") or {}).items()
+                     if isinstance(v, (int, float, str))} if isinstance(fitted, dict) else {}
+  for k in ("alpha", "beta", "selected_steps", "validation"):
+    if isinstance(fitted, dict) and k in fitted and np.isscalar(fitted[k]):
+      res["selected"][k] = fitted[k]
+  common.log(f"[table2] seed {seed}: {name} top1 {100 * res['main']['top1'].mean():.1f} "
+             f"top3 {100 * res['main']['top3'].mean():.1f} fit {fit_seconds:.1f}s")
+  return res
 
 
 def run(config, output_dir):
@@ -241,6 +254,14 @@ def run(config, output_dir):
              f"load {time.time() - start:.1f}s")
   runs = [run_seed(jax.random.fold_in(k_seeds, s), s, log, seqs, split, roles, config, extra,
                    methods) for s in range(config.seeds)]
+  failed = {}
+  for r in runs:
+    failed.update(r.get("_failed", {}))
+  if failed:
+    common.log(f"[table2] methods left out (failed in some seed): {sorted(failed)}")
+  methods = tuple(m for m in methods if m not in failed)
+  if not methods:
+    raise RuntimeError(f"every method failed: {failed}")
   unit, per_step = sequence_unit(config)
   meta = dict(dataset=config.dataset, preset=config.preset, unit=unit,
               events_per_step=per_step if unit == "events" else None,
@@ -255,6 +276,7 @@ def run(config, output_dir):
                              else None),
               sequence_report=dict(getattr(seqs, "report", {}) or {}),
               tie_break="stable sort: lower category index first; methods add 1e-9 * popularity",
+              failed_methods=failed,
               seconds=time.time() - start,
               graphsage=[common.to_jsonable({k: v for k, v in r["_graphsage"].items()})
                          for r in runs])

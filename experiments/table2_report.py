@@ -98,6 +98,9 @@ def markdown(results, config) -> str:
             f"seeds: {meta['seeds']}; categories: {meta['num_categories']}.  Target: "
             f"{meta['target']}.  Intervals: 95% bootstrap over users ({config.bootstrap} "
             f"resamples) of the per-user metric averaged over seeds; * = interval excludes 0."]
+  if meta.get("failed_methods"):
+    blocks.append("Left out (failed): " + "; ".join(f"{m}: {e}" for m, e in
+                                                    meta["failed_methods"].items()))
   rows = [[m] + [_ci(table[m], k) for k in HEADLINE]
           + [f"{table[m]['hit1']:.1f}/{table[m]['hit3']:.1f}/{table[m]['hit5']:.1f}",
              _diff(table[m]["vs_popularity"]["top1"]) if "vs_popularity" in table[m] else "—",
