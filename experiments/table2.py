@@ -28,7 +28,7 @@ import numpy as np
 from dennl_jax import graphsage
 from dennl_jax.recsys import metrics as rm
 from dennl_jax.recsys import protocol, registry
-from dennl_jax.recsys.baselines import active_history, category_embeddings, popularity_vector
+from dennl_jax.recsys.baselines import active_history, category_embeddings, dominant_popularity
 from dennl_jax.recsys.task import evaluated, make_tasks, training_task
 from experiments import common
 from experiments import table2_report as report
@@ -182,7 +182,7 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods):
   val_task = protocol.only_users(val_task, train_users)
   main_task = protocol.only_users(test_task, train_users)
   train_task = training_task(val_task)
-  pop = popularity_vector(train_task)
+  pop = dominant_popularity(train_task)     # what h = 0 users of history methods get
   side = {"popularity": pop, "category_embeddings": emb["category"], "log": common.log}
   # active history steps of each evaluated user, aligned with the per-user metric arrays
   active = active_history(main_task, extra.get("idle_index")).sum(1)

@@ -50,12 +50,23 @@ def test_popularity_and_frequency_known_answers():
   mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], bool)
   train, val, test = _tasks(s * mask[..., None], mask, train_users=np.array([True, True, False]))
   fitted = bl.fit_popularity(None, train, val)
-  np.testing.assert_allclose(fitted["popularity"], [2 / 4, 1 / 4, 1 / 4])   # 4 training steps
-  scores = bl._frequency_scores(fitted["popularity"], 1.0, test)
+  np.testing.assert_allclose(fitted["popularity"], [2 / 4, 1 / 4, 1 / 4], atol=1e-5)
+  np.testing.assert_allclose(bl.popularity_vector(train), [2 / 4, 1 / 4, 1 / 4])  # 4 steps
+  scores = bl._frequency_scores(bl.popularity_vector(train), 1.0, test)
   # user 0 history a, a, b, a  -> (3 + .5, 1 + .25, 0 + .25) / 5
   np.testing.assert_allclose(scores[0], np.array([3.5, 1.25, 0.25]) / 5, atol=1e-8)
   fitted = bl.fit_own_frequency(None, train, val, {"grid": (0.5, 2.0)})
   assert fitted["alpha"] in (0.5, 2.0) and set(fitted["validation"]) == {0.5, 2.0}
+
+
+def test_dominant_popularity_differs_from_mean_strength():
+  # b is never dominant but has the most mass: popularity must rank a, c first
+  s = np.array([[[0.6, 0.4, 0.0], [0.0, 0.4, 0.6], [0.6, 0.4, 0.0], [0.6, 0.4, 0.0]]], np.float32)
+  train, _, _ = _tasks(np.concatenate([s, s]), np.ones((2, 4), bool))
+  dom = bl.dominant_popularity(train)
+  assert np.argmax(bl.popularity_vector(train)) == 1
+  np.testing.assert_allclose(dom, [0.5, 0.0, 0.5], atol=1e-5)
+  assert dom[1] > 0            # never-dominant categories keep a tiny mean-strength order
 
 
 def test_markov_known_transitions():

@@ -1,7 +1,9 @@
 """Count-based practitioner baselines and GraphSAGE alone (numpy, host-side).
 
-* ``popularity``: mean strength vector over the training steps of the
-  training users (the global category popularity).
+* ``popularity``: how often each category is the dominant one over the
+  training steps of the training users (:func:`dominant_popularity`; the
+  mean strength vector, :func:`popularity_vector`, is the prior that
+  ``own_frequency`` shrinks to).
 * ``last_step``: the user's most recent history step, repeated.
 * ``own_frequency``: the user's mean history strength, shrunk towards
   popularity: ``(sum_t s_t + alpha * pop) / (h + alpha)``.
@@ -46,6 +48,21 @@ def popularity_vector(task: NextStepTask) -> np.ndarray:
   return pop / pop.sum()
 
 
+def dominant_popularity(task: NextStepTask) -> np.ndarray:
+  """(C,) how often each category is the dominant one over the training users' history steps.
+
+  Tied maxima share a step's unit (as in the metrics).  For the primary
+  target this is the strongest constant ranking: on MovieLens (blocks of 10
+  ratings) it scores 34.1% top-1 where the mean strength scores 26.3%.
+  """
+  sel = np.asarray(task.history_mask) & np.asarray(task.train_users)[:, None]
+  if not sel.any():
+    raise ValueError("no history steps of training users to estimate popularity from")
+  pop = dominant_fraction(task.strengths[sel]).mean(0)
+  # categories that are never dominant still get a (smaller) mean-strength order
+  return (pop + 1e-6 * popularity_vector(task)) / (1.0 + 1e-6)
+
+
 def history_sum(task: NextStepTask) -> np.ndarray:
   """(U, C) sum of each user's history strength vectors."""
   return np.einsum("ut,utc->uc", task.history_mask.astype(np.float64), task.strengths)
@@ -85,7 +102,7 @@ def _config(config, name, default):
 
 def fit_popularity(key, train_task, val_task, config=None):
   del key, val_task
-  return {"popularity": popularity_vector(train_task)}
+  return {"popularity": dominant_popularity(train_task)}
 
 
 def predict_popularity(fitted, task):
@@ -168,7 +185,7 @@ def _markov_scores(popularity, counts, beta, task, idle_index=None):
 
 def fit_markov(key, train_task, val_task, config=None):
   del key
-  pop = popularity_vector(train_task)
+  pop = dominant_popularity(train_task)     # rows are dominant-category frequencies too
   idle = _config(config, "idle_index", None)
   counts = transition_counts(train_task, idle)
   beta, scores = select_on_validation(
