@@ -1,10 +1,11 @@
 r"""Throughput of one EM step against dynamax's smoother and hmmlearn.
 
-  python -m experiments.bench_em_step --num_users=2000 --num_steps=100 \
-      --num_states=10 --num_symbols=17 --repeats=7 [--output_dir=/tmp/bench]
+  python -m experiments.bench_em_step [--output_dir=/tmp/bench] \
+      [--config=experiments/configs/bench_em_step.py --config.num_users=2000 --config.repeats=7]
 
-Workload: U users, each with its own Categorical HMM (K states, V symbols)
-and one length-T sequence, float32.  Measured, on the same data:
+Workload (experiments/configs/bench_em_step.py): U users, each with its own
+Categorical HMM (K states, V symbols) and one length-T sequence, float32.
+Measured, on the same data:
 
 * ours: ``jit(vmap(dj.em_step))`` -- emission log-likelihoods, forward-
   backward, expected statistics and the M-step (a full EM iteration);
@@ -16,31 +17,20 @@ and one length-T sequence, float32.  Measured, on the same data:
 
 Compile time is excluded (one warm-up call), every timing waits on
 ``block_until_ready``, ours and dynamax are timed in alternation (the machine
-may be shared), and the median of ``--repeats`` is reported.
+may be shared), and the median of ``config.repeats`` is reported.  With
+--output_dir: results.json, results.md and config.json.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-import time
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import dennl_jax as dj
-
-_NUM_USERS = flags.DEFINE_integer("num_users", 2000, "Users (one sequence each).")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 100, "Sequence length T.")
-_NUM_STATES = flags.DEFINE_integer("num_states", 10, "Hidden states K.")
-_NUM_SYMBOLS = flags.DEFINE_integer("num_symbols", 17, "Categorical symbols V.")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repeats; the median is reported.")
-_HMMLEARN_USERS = flags.DEFINE_integer(
-    "hmmlearn_users", 100, "Users timed with hmmlearn (Python loop); scaled to all users.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Write results.json and results.md here.")
+from experiments import common
 
 
 def random_models(key, num_users, num_states, num_symbols):
@@ -53,21 +43,8 @@ def random_models(key, num_users, num_states, num_symbols):
                 dj.Categorical(probs.astype(jnp.float32)))
 
 
-def interleaved_median_seconds(calls, repeats):
-  """Median wall time of each ``(fn, args)``; calls alternate so that load
-  from other processes on a shared machine hits every method alike."""
-  for fn, args in calls:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = [[] for _ in calls]
-  for _ in range(repeats):
-    for (fn, args), out in zip(calls, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      out.append(time.perf_counter() - start)
-  return [(float(np.median(t)), t) for t in times]
-
-
 def time_hmmlearn(params, obs, num_users, repeats):
+  """(median seconds, all seconds) of hmmlearn's score_samples over the first users."""
   from hmmlearn import hmm as hl
   models = []
   for u in range(num_users):
@@ -78,20 +55,19 @@ def time_hmmlearn(params, obs, num_users, repeats):
     model.n_features = model.emissionprob_.shape[1]
     models.append(model)
   sequences = [np.asarray(obs[u])[:, None] for u in range(num_users)]
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+
+  def score_all():
     for model, seq in zip(models, sequences):
       model.score_samples(seq)
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), times
+
+  return common.median_seconds(score_all, repeats=repeats, warmup=False)
 
 
-def main(argv):
-  del argv
-  num_users, num_steps = _NUM_USERS.value, _NUM_STEPS.value
-  num_states, num_symbols = _NUM_STATES.value, _NUM_SYMBOLS.value
-  key_model, key_obs = jax.random.split(jax.random.PRNGKey(_SEED.value))
+def run(config, output_dir: str | None = None) -> dict:
+  """Times the three methods; prints the table, writes it with ``output_dir``."""
+  num_users, num_steps = config.num_users, config.num_steps
+  num_states, num_symbols = config.num_states, config.num_symbols
+  key_model, key_obs = jax.random.split(jax.random.PRNGKey(config.seed))
   params = random_models(key_model, num_users, num_states, num_symbols)
   obs = jax.random.randint(key_obs, (num_users, num_steps), 0, num_symbols, jnp.int32)
   mask = jnp.ones((num_users, num_steps), bool)
@@ -108,10 +84,10 @@ def main(argv):
 
   dynamax = jax.jit(jax.vmap(dynamax_one))
 
-  (ours_s, ours_all), (dyn_s, dyn_all) = interleaved_median_seconds(
-      [(ours, (params, obs, mask)), (dynamax, (params, obs))], _REPEATS.value)
-  hl_users = min(_HMMLEARN_USERS.value, num_users)
-  hl_s, hl_all = time_hmmlearn(params, obs, hl_users, max(1, min(3, _REPEATS.value)))
+  (ours_s, ours_all), (dyn_s, dyn_all) = common.interleaved_median_seconds(
+      [(ours, (params, obs, mask)), (dynamax, (params, obs))], config.repeats)
+  hl_users = min(config.hmmlearn_users, num_users)
+  hl_s, hl_all = time_hmmlearn(params, obs, hl_users, max(1, min(3, config.repeats)))
 
   rows = [
       ("dennl_jax em_step (full EM iteration)", user_steps / ours_s, ours_s),
@@ -122,32 +98,30 @@ def main(argv):
   ratio_dyn = rows[0][1] / rows[1][1]
   ratio_hl = rows[0][1] / rows[2][1]
   header = (f"U={num_users}, T={num_steps}, K={num_states}, Categorical V={num_symbols}, "
-            f"per-user params, float32, jit+vmap; median of {_REPEATS.value}; "
+            f"per-user params, float32, jit+vmap; median of {config.repeats}; "
             f"{os.cpu_count()} CPUs, jax {jax.__version__}, {jax.default_backend()}")
-  lines = [header, "", "| method | user-steps/s | seconds for all users |",
-           "|---|---:|---:|"]
-  lines += [f"| {name} | {rate:,.0f} | {sec:.4f} |" for name, rate, sec in rows]
-  lines += ["", f"ours / dynamax = {ratio_dyn:.2f}x; ours / hmmlearn = {ratio_hl:.1f}x"]
-  text = "\n".join(lines)
-  print(text)
-
-  if _OUTPUT_DIR.value:
-    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-    result = {
-        "num_users": num_users, "num_steps": num_steps, "num_states": num_states,
-        "num_symbols": num_symbols, "repeats": _REPEATS.value, "hmmlearn_users": hl_users,
-        "jax_version": jax.__version__, "backend": jax.default_backend(),
-        "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "ours_user_steps_per_s": rows[0][1], "dynamax_user_steps_per_s": rows[1][1],
-        "hmmlearn_user_steps_per_s": rows[2][1],
-        "ratio_ours_over_dynamax": ratio_dyn, "ratio_ours_over_hmmlearn": ratio_hl,
-        "raw_seconds": {"ours": ours_all, "dynamax": dyn_all, "hmmlearn_subset": hl_all},
-    }
-    with open(os.path.join(_OUTPUT_DIR.value, "results.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    with open(os.path.join(_OUTPUT_DIR.value, "results.md"), "w") as f:
-      f.write(text + "\n")
+  table = common.markdown_table(
+      ["method", "user-steps/s", "seconds for all users"],
+      [(name, f"{rate:,.0f}", f"{sec:.4f}") for name, rate, sec in rows],
+      align=["left", "right", "right"])
+  footer = f"ours / dynamax = {ratio_dyn:.2f}x; ours / hmmlearn = {ratio_hl:.1f}x"
+  print("\n\n".join([header, "\n".join(table), footer]))
+  result = {
+      "num_users": num_users, "num_steps": num_steps, "num_states": num_states,
+      "num_symbols": num_symbols, "repeats": config.repeats, "hmmlearn_users": hl_users,
+      "jax_version": jax.__version__, "backend": jax.default_backend(),
+      "cpu_count": os.cpu_count(), "machine": platform.machine(),
+      "ours_user_steps_per_s": rows[0][1], "dynamax_user_steps_per_s": rows[1][1],
+      "hmmlearn_user_steps_per_s": rows[2][1],
+      "ratio_ours_over_dynamax": ratio_dyn, "ratio_ours_over_hmmlearn": ratio_hl,
+      "raw_seconds": {"ours": ours_all, "dynamax": dyn_all, "hmmlearn_subset": hl_all},
+  }
+  if output_dir:
+    common.save_config(config, output_dir)
+    common.write_json(os.path.join(output_dir, "results.json"), result)
+    common.write_markdown(os.path.join(output_dir, "results.md"), header, table, footer)
+  return result
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.app_main("bench_em_step", run)

@@ -1,0 +1,38 @@
+r"""Config of experiments/bench_hsmm.py: HSMM EM step, structured vs expanded HMM.
+
+Run from the repository root:
+
+  python -m experiments.bench_hsmm --output_dir=/tmp/bench_hsmm
+  python -m experiments.bench_hsmm --config=experiments/configs/bench_hsmm.py \
+      --config.durations="(10, 30, 60, 120)" --config.num_users=300 --output_dir=/tmp/bench_hsmm
+
+Variants: ``full`` (default; the README's figures) and ``tiny`` (the smoke
+test: a handful of users, T = 10, one D, one repeat -- timings mean nothing).
+"""
+from ml_collections import config_dict
+
+_VARIANTS = {
+    "full": dict(num_users=300, expanded_users=40, num_steps=100, num_states=10, num_symbols=17,
+                 durations=(10, 30, 60, 120), repeats=5),
+    "tiny": dict(num_users=4, expanded_users=2, num_steps=10, num_states=2, num_symbols=3,
+                 durations=(3,), repeats=1),
+}
+
+
+def get_config(arg=None):
+  variant = arg or "full"
+  if variant not in _VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  config = config_dict.ConfigDict()
+  config.preset = variant
+  config.seed = 0
+  config.num_users = 0             # users of the structured HSMM
+  config.expanded_users = 0        # users of the dense expanded HMM (memory: (K D)^2 each)
+  config.num_steps = 0             # sequence length T
+  config.num_states = 0            # hidden states K
+  config.num_symbols = 0           # Categorical symbols V
+  config.durations = ()            # maximum durations D, one row each
+  config.max_expanded_states = 1200  # skip the expanded HMM when K * D exceeds this
+  config.repeats = 0               # timed repeats; the median is reported
+  config.update(_VARIANTS[variant])
+  return config

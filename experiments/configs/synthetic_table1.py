@@ -1,0 +1,79 @@
+r"""Config of experiments/synthetic_table1.py: paper Table 1 on synthetic HSMMs.
+
+Run from the repository root:
+
+  python -m experiments.synthetic_table1 --config=experiments/configs/synthetic_table1.py:quick \
+      --output_dir=/tmp/table1_quick
+  python -m experiments.synthetic_table1 --quick --output_dir=/tmp/table1_quick   # the same
+  python -m experiments.synthetic_table1 --output_dir=/work/results/table1_full  # full (default)
+
+Variants (the text after ':'): ``full`` (default; the README's full-scale
+run), ``quick`` (a few minutes on 2 CPU cores), ``tiny`` (the smoke test:
+one short noisy setting, 3 states, 2 optimiser steps).  Override any field,
+e.g. ``--config.seed=1 --config.methods=dennl,initial_fusion
+--config.gradient=spsa --config.synthetic.max_duration=20``; with
+``--quick``, explicitly given overrides win over the quick values.
+"""
+import dataclasses
+
+from ml_collections import config_dict
+
+from dennl_jax.data.synthetic import SyntheticConfig
+
+METHODS = ("conventional_em", "em_mapping", "mlp_mapper", "initial_fusion", "dennl")
+SETTINGS = ("T50", "T100", "T400", "noise20", "noise10")
+
+_VARIANTS = {
+    "full": dict(num_users=1000, num_test_users=200, train_steps=150, batch_size=16,
+                 em_iters=30, num_stages=3, noise_length=400, em_mapping_users=200,
+                 regression_steps=500, hidden=256),
+    "quick": dict(num_users=128, num_test_users=64, train_steps=40, batch_size=16, em_iters=20,
+                  num_stages=2, noise_length=100, em_mapping_users=128, regression_steps=150,
+                  hidden=64),
+    "tiny": dict(num_users=8, num_test_users=4, train_steps=2, batch_size=4, em_iters=2,
+                 num_stages=1, noise_length=10, em_mapping_users=4, regression_steps=2, hidden=8,
+                 settings=("noise20",), log_every=1),
+}
+_MAX_DURATION = {"full": 20, "quick": 16, "tiny": 4}
+# The tiny world: small enough that every method compiles in seconds.
+_TINY_SYNTHETIC = dict(num_states=3, obs_dim=2, num_factors=2, embed_dim=4)
+
+
+def get_config(arg=None):
+  variant = arg or "full"
+  if variant not in _VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  config = config_dict.ConfigDict()
+  config.preset = variant
+  config.seed = 0                      # world, users and training
+  config.methods = METHODS             # names in synthetic_table1.METHODS
+  config.settings = SETTINGS           # T<length> (clean) or noise<percent> (at noise_length)
+  # Backward of the EM layers (DENNL, Initial Fusion): exact | spsa | forward.
+  # Exact in every variant: see BUILD_NOTES.md (Table 1 runs).
+  config.gradient = "exact"
+  config.spsa_samples = 8              # perturbations per EM layer (spsa / forward)
+  config.num_users = 0                 # training users
+  config.num_test_users = 0            # held-out users (scored)
+  config.train_steps = 0               # optimiser steps per trained model
+  config.batch_size = 0                # users per minibatch
+  config.learning_rate = 1e-3          # Adam
+  config.em_iters = 0                  # conventional-EM iterations
+  config.num_stages = 0                # EM stages of DENNL and Initial Fusion
+  config.hidden = 0                    # hidden width of the DENNL stage MLP
+  config.noise_length = 0              # sequence length of the noise settings
+  config.em_mapping_users = 0          # training users fitted by EM for EM Mapping's targets
+  config.regression_steps = 0          # EM Mapping optimiser steps
+  # likelihood = paper eq. 9 (in-sample NLL per step); heldout = NLL of
+  # randomly hidden steps given the rest.
+  config.loss = "likelihood"
+  # Added to every fitted covariance diagonal (all methods).  With 10 states
+  # and short sequences a small floor lets EM collapse states onto single
+  # points, which maximises the likelihood while hurting decoding.
+  config.min_covar = 0.1
+  config.log_every = 25                # progress line every this many steps
+  config.update(_VARIANTS[variant])
+  synthetic = dataclasses.replace(SyntheticConfig(), max_duration=_MAX_DURATION[variant])
+  if variant == "tiny":
+    synthetic = dataclasses.replace(synthetic, **_TINY_SYNTHETIC)
+  config.synthetic = config_dict.ConfigDict(dataclasses.asdict(synthetic))
+  return config
