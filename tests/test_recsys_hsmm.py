@@ -149,3 +149,37 @@ def test_bad_settings_raise(tasks):
     registry.get("dennl").fit(jax.random.PRNGKey(0), train, val, {"num_stage": 2})
   with pytest.raises(ValueError, match="unknown loss"):
     hp._loss_fn(dict(hp.DEFAULTS, loss="mse"))
+
+
+def test_decode_marks_history_steps_only(tasks, fitted):
+  _, _, test = tasks
+  for name in ("conventional_em", "dennl"):
+    paths = registry.get(name).decode(fitted[name], test)
+    assert paths.shape == test.history_mask.shape
+    rows = tk.evaluated(test) & test.history_mask.any(1)
+    np.testing.assert_array_equal(paths[rows] >= 0, test.history_mask[rows])
+    assert paths.max() < K
+
+
+def test_predictive_loss_scores_last_active_steps_against_forecasts():
+  # One fixed HSMM for every user; the loss must equal the cross-entropy of the
+  # last active step (idle category 3 excluded and renormalised away) under
+  # dj.forecast from the steps before it.
+  probs = np.array([[.6, .2, .1, .1], [.1, .1, .2, .6]], np.float32)
+  params = hp.multinomial_hsmm(jnp.array([.5, .5]), jnp.array([[0., 1.], [1., 0.]]),
+                               jnp.asarray(probs), jnp.array([1., 2.]), D)
+  model = lambda e, o, m, k: jax.tree_util.tree_map(
+      lambda x: jnp.broadcast_to(x, (o.shape[0],) + x.shape), params)
+  idle = np.array([0, 0, 0, 1], np.float32)
+  obs = np.array([[[1, 0, 0, 0], [0, .5, .5, 0], idle, idle],       # last active = step 1
+                  [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], idle],  # last active = step 2
+                  [[1, 0, 0, 0], idle, idle, idle]], np.float32)     # nothing before it: no score
+  mask = np.ones((3, 4), bool)
+  batch = dj.Batch(jnp.zeros((3, 1)), jnp.asarray(obs), jnp.asarray(mask))
+  loss = jax.jit(lambda b: hp.predictive_loss(model, b, None, idle_index=3))(batch)
+  expected = []
+  for u, t in ((0, 1), (1, 2)):
+    p = np.asarray(dj.forecast(params, obs[u, :t], mask[u, :t], 1).observation_mean[0])
+    p = p[:3] / p[:3].sum()
+    expected.append(-np.sum(obs[u, t, :3] * np.log(p + 1e-6)))
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)

@@ -36,6 +36,7 @@ ties fall to the more popular category, as in :mod:`dennl_jax.recsys.baselines`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 
 import jax
@@ -67,7 +68,8 @@ KINDS = ("mlp_mapper", "initial_fusion", "dennl")
 
 def _settings(config) -> dict:
   config = dict(config or {})
-  unknown = set(config) - set(DEFAULTS) - {"grid", "popularity", "category_embeddings"}
+  unknown = set(config) - set(DEFAULTS) - {"grid", "popularity", "category_embeddings",
+                                           "idle_index"}
   if unknown:
     raise ValueError(f"unknown HSMM predictor settings {sorted(unknown)}")
   return dict(DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS})
@@ -179,15 +181,33 @@ def next_step_distribution(params, obs, mask):
   return jax.vmap(one)(params, obs, mask)
 
 
-def predictive_loss(model, batch: Tr.Batch, key, num_targets: int = 1, floor: float = 1e-6):
-  """Soft cross-entropy of each user's last ``num_targets`` valid steps under their forecasts.
+def predictive_loss(model, batch: Tr.Batch, key, num_targets: int = 1, floor: float = 1e-6,
+                    idle_index: int | None = None):
+  """Soft cross-entropy of each user's last ``num_targets`` active steps under their forecasts.
 
-  The model sees the valid steps before the hidden ones (users with at most
-  ``num_targets`` valid steps score nothing); hidden step j (counted from the end) is forecast from every valid
-  step before it.  Mean over hidden steps of ``-sum_c s_c log(p_c + floor)``.
+  Active steps are valid steps not on the idle ("no action") category
+  ``idle_index`` (all valid steps when None) -- the evaluation's targets.
+  The model sees the valid steps before the first hidden one; hidden step j
+  is forecast from every valid step before it, and its forecast is
+  renormalised over the active categories.  Users with at most
+  ``num_targets`` active steps, or nothing before them, score nothing.
+  Mean over hidden steps of ``-sum_c s_c log(p_c + floor)``.
   """
   mask = jnp.asarray(batch.mask, bool)
-  from_end = jnp.cumsum(mask[:, ::-1], axis=1)[:, ::-1] * mask      # 1 = last valid step
+  obs = batch.obs
+  active = mask if idle_index is None else mask & (obs[..., idle_index] < 0.5)
+  weights = jnp.ones(obs.shape[-1], obs.dtype)
+  if idle_index is not None:
+    weights = weights.at[idle_index].set(0.0)
+  from_end = jnp.cumsum(active[:, ::-1], axis=1)[:, ::-1] * active   # 1 = last active step
+  position = jnp.arange(mask.shape[1])[None, :]
+  # index of hidden step j (counted from the end): (U, J), T where a user has none
+  at = [jnp.min(jnp.where(from_end == j, position, mask.shape[1]), axis=1)
+        for j in range(1, num_targets + 1)]
+  # A user with fewer than num_targets active steps hides nothing (and sees all).
+  enough = at[-1] < mask.shape[1]
+  visible = mask & (position < at[-1][:, None])
+  has_visible = jnp.any(visible, axis=1) & enough
 
   def keep_one(m):
     # EM layers and forecasts need a valid step; a user left with none sees
@@ -195,18 +215,36 @@ def predictive_loss(model, batch: Tr.Batch, key, num_targets: int = 1, floor: fl
     # NaN from an empty sequence can reach the gradient through a `where`.
     return jnp.where(jnp.any(m, axis=1, keepdims=True), m, mask)
 
-  params = model(batch.embedding, batch.obs, keep_one(mask & (from_end > num_targets)), key)
+  params = model(batch.embedding, obs, keep_one(visible), key)
   total, count = 0.0, 0.0
-  for j in range(1, num_targets + 1):
-    at = (from_end == j)
-    before = mask & (from_end > j)
-    target = jnp.einsum("ut,utc->uc", at.astype(batch.obs.dtype), batch.obs)
-    probs = next_step_distribution(params, batch.obs, keep_one(before))
+  for t_j in at:
+    hidden = position == t_j[:, None]
+    target = jnp.einsum("ut,utc->uc", hidden.astype(obs.dtype), obs) * weights
+    probs = next_step_distribution(params, obs, keep_one(mask & (position < t_j[:, None])))
+    probs = probs * weights / jnp.sum(probs * weights, axis=-1, keepdims=True)
     ce = -jnp.sum(target * jnp.log(probs + floor), axis=-1)
-    has = jnp.any(at, axis=1) & jnp.any(mask & (from_end > num_targets), axis=1)
+    has = jnp.any(hidden, axis=1) & has_visible
     total = total + jnp.sum(jnp.where(has, ce, 0.0))
     count = count + jnp.sum(has)
   return total / jnp.maximum(count, 1.0)
+
+
+def idle_index(task: NextStepTask, config=None):
+  """Index of the idle ("no action") category: ``config["idle_index"]``, else by name."""
+  if config and config.get("idle_index") is not None:
+    return int(config["idle_index"])
+  from dennl_jax.data.marketplace import IDLE_CATEGORY
+  names = list(task.category_names)
+  return names.index(IDLE_CATEGORY) if IDLE_CATEGORY in names else None
+
+
+def _rank_active(scores, idle):
+  """Scores with the idle category ranked last (targets are active steps)."""
+  if idle is None:
+    return scores
+  scores = np.array(scores, np.float64)
+  scores[:, idle] = scores.min() - 1.0
+  return scores
 
 
 def _inputs(task: NextStepTask):
@@ -296,25 +334,57 @@ def fit_conventional_em(key, train_task, val_task, config=None):
   """Nothing is shared: fit only stores the settings (and popularity for empty histories)."""
   del val_task
   return {"settings": _settings(config), "key": key, "popularity": popularity_vector(train_task),
-          "report": {}}
+          "report": {}, "selected": {"restarts": _settings(config)["kmeans_restarts"]
+                                     + _settings(config)["dirichlet_restarts"]}}
+
+
+def _conventional_params(fitted, task: NextStepTask):
+  """(rows, batched params) of per-user EM on the task's histories, cached per task.
+
+  ``predict`` and ``decode`` on the same task share one EM run (the cache
+  key is a digest of the history the fit sees).
+  """
+  cfg = fitted["settings"]
+  obs, hist = _inputs(task)
+  digest = hashlib.sha1(obs.tobytes() + hist.tobytes()).hexdigest()
+  if fitted.get("cache", (None,))[0] != digest:
+    rows = np.flatnonzero(evaluated(task) & hist.any(1))
+    start = time.time()
+    params = None
+    if rows.size:
+      params, _, _ = conventional_em_fit(fitted["key"], obs[rows], hist[rows], cfg)
+    fitted["cache"] = (digest, rows, params)
+    fitted["report"] = {"users_fitted": int(rows.size), "seconds": time.time() - start,
+                        "restarts": cfg["kmeans_restarts"] + cfg["dirichlet_restarts"],
+                        "kmeans_restarts": cfg["kmeans_restarts"], "em_iters": cfg["em_iters"]}
+  return obs, hist, fitted["cache"][1], fitted["cache"][2]
 
 
 def predict_conventional_em(fitted, task: NextStepTask):
   cfg = fitted["settings"]
   pop = fitted["popularity"]
-  obs, hist = _inputs(task)
+  obs, hist, rows, params = _conventional_params(fitted, task)
   scores = np.broadcast_to(pop, (obs.shape[0], obs.shape[2])).copy()
-  rows = np.flatnonzero(evaluated(task) & (history_length(task) > 0))
-  start = time.time()
   if rows.size:
-    params, ll, _ = conventional_em_fit(fitted["key"], obs[rows], hist[rows], cfg)
     params = floor_emission(params, cfg["prob_floor"])
     scores[rows] = map_users(_forecast_chunk, (params, obs[rows], hist[rows]),
                              cfg["chunk_size"])
-  fitted["report"] = {"users_fitted": int(rows.size), "seconds": time.time() - start,
-                      "restarts": cfg["kmeans_restarts"] + cfg["dirichlet_restarts"],
-                      "kmeans_restarts": cfg["kmeans_restarts"], "em_iters": cfg["em_iters"]}
   return scores + TIE_BREAK * pop
+
+
+def _decoded(params, obs, hist, rows, chunk_size):
+  """(U, T) Viterbi states of ``rows`` on their history steps, -1 elsewhere."""
+  out = np.full(hist.shape, -1, np.int64)
+  if rows.size:
+    paths = np.asarray(dj.decode_states(params, jnp.asarray(obs[rows]), jnp.asarray(hist[rows]),
+                                        chunk_size))
+    out[rows] = np.where(hist[rows], paths, -1)
+  return out
+
+
+def decode_conventional_em(fitted, task: NextStepTask):
+  obs, hist, rows, params = _conventional_params(fitted, task)
+  return _decoded(params, obs, hist, rows, fitted["settings"]["chunk_size"])
 
 
 # --------------------------------------------------------------------------
@@ -360,7 +430,8 @@ def _loss_fn(cfg):
   if cfg["loss"] == "heldout":
     return Tr.heldout_step_loss
   if cfg["loss"] == "predictive":
-    return functools.partial(predictive_loss, num_targets=cfg["predictive_targets"])
+    return functools.partial(predictive_loss, num_targets=cfg["predictive_targets"],
+                             idle_index=cfg.get("idle"))
   raise ValueError(f"unknown loss {cfg['loss']!r}; choose likelihood, heldout or predictive")
 
 
@@ -369,6 +440,12 @@ def _network_chunk(graphdef, state, key, chunk, index):
   embedding, obs, mask = chunk
   params = nnx.merge(graphdef, state)(embedding, obs, mask, jax.random.fold_in(key, index))
   return next_step_distribution(params, obs, mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _params_chunk(graphdef, state, key, chunk, index):
+  embedding, obs, mask = chunk
+  return nnx.merge(graphdef, state)(embedding, obs, mask, jax.random.fold_in(key, index))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -407,6 +484,7 @@ def _validation_score(run, task, pop, cfg):
   obs, hist = _inputs(task)
   scores = network_scores(run["graphdef"], run["state"], run["embed"](task.embeddings), obs, hist,
                           run["key"], cfg["chunk_size"]) + TIE_BREAK * pop
+  scores = _rank_active(scores, cfg.get("idle"))
   return float(np.mean(rmetrics.per_user_metrics(scores, task)[cfg["select_by"]]))
 
 
@@ -454,7 +532,7 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
   one such step.  Embeddings are standardised with the training users'
   mean and scale (stored, and applied unchanged to every task).
   """
-  cfg = _settings(config)
+  cfg = dict(_settings(config), idle=idle_index(train_task, config))
   grid = list((config or {}).get("grid") or DEFAULT_GRID)
   obs, hist = _inputs(train_task)
   rows = np.flatnonzero(np.asarray(train_task.train_users) & hist.any(1))
@@ -480,7 +558,7 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
   return {"graphdef": best["graphdef"], "state": best["state"], "key": best["key"],
           "initial_state": best["initial_state"], "final_state": best["final_state"],
           "embed": embed, "popularity": pop, "chunk_size": cfg["chunk_size"], "start": start,
-          "selected": {k: v for k, v in best_cfg.items() if k != "log"},
+          "selected": {k: v for k, v in best_cfg.items() if k not in ("log", "idle")},
           "selected_steps": best["steps"], "validation": best["value"],
           "grid_results": [{"setting": g, "validation": r[0], "steps": r[3]["steps"],
                             "seconds": r[3]["seconds"], "skipped": r[3]["skipped"],
@@ -494,11 +572,25 @@ def predict_network(fitted, task: NextStepTask):
   return scores + TIE_BREAK * fitted["popularity"]
 
 
+def decode_network(fitted, task: NextStepTask):
+  """(U, T) Viterbi states of every evaluated user's history under its network parameters."""
+  obs, hist = _inputs(task)
+  rows = np.flatnonzero(evaluated(task) & hist.any(1))
+  params = None
+  if rows.size:
+    emb = fitted["embed"](task.embeddings)
+    params = map_users(functools.partial(_params_chunk, fitted["graphdef"], fitted["state"],
+                                         fitted["key"]),
+                       (emb[rows], obs[rows], hist[rows]), fitted["chunk_size"])
+  return _decoded(params, obs, hist, rows, fitted["chunk_size"])
+
+
 register("conventional_em", Predictor(
     fit_conventional_em, predict_conventional_em, False, True,
-    "per-user Multinomial/Poisson HSMM, EM with k-means++ and Dirichlet restarts"))
+    "per-user Multinomial/Poisson HSMM, EM with k-means++ and Dirichlet restarts",
+    decode_conventional_em))
 for _kind, _desc in (("mlp_mapper", "HSMM parameters from the embedding alone (no EM)"),
                      ("initial_fusion", "HSMM start from the embedding, then EM layers"),
                      ("dennl", "DENNL: EM layers fused with the embedding at every stage")):
   register(_kind, Predictor(functools.partial(fit_network, _kind), predict_network, True, False,
-                            _desc))
+                            _desc, decode_network))
