@@ -74,7 +74,9 @@ def aggregate(runs, methods, key, config, meta):
     for name in methods:
       cold[h][name]["fell_back"] = runs[0][name]["cold_fell_back"][h]
   table["_meta"] = meta
-  return {"table": table, "buckets": buckets, "cold": cold}
+  per_user = dict(avg)
+  per_user["_history_length"] = {"active_steps": hist.astype(np.float64)}
+  return {"table": table, "buckets": buckets, "cold": cold, "per_user": per_user}
 
 
 def _ci(row, m):
@@ -161,6 +163,10 @@ def write(results, text, output_dir):
   common.write_json(os.path.join(output_dir, "table2_buckets.json"), results["buckets"])
   common.write_json(os.path.join(output_dir, "table2_cold.json"), results["cold"])
   common.write_markdown(os.path.join(output_dir, "table2.md"), text)
+  # per-user metrics (averaged over seeds) for paired analyses across runs
+  np.savez_compressed(os.path.join(output_dir, "table2_per_user.npz"),
+                      **{f"{m}/{k}": v for m, per in results["per_user"].items()
+                         for k, v in per.items()})
   plot(results, output_dir)
 
 

@@ -45,7 +45,7 @@ def test_tiny_marketplace_end_to_end(tmp_path, monkeypatch):
 
   # files and their layout
   for name in ("table2.json", "table2.md", "table2_buckets.json", "table2_cold.json",
-               "table2_bars.png", "table2_history.png", "config.json"):
+               "table2_bars.png", "table2_history.png", "table2_per_user.npz", "config.json"):
     assert os.path.exists(tmp_path / name), name
   table = json.loads((tmp_path / "table2.json").read_text())
   meta = table["_meta"]
