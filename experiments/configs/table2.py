@@ -68,6 +68,10 @@ def get_config(arg=None):
   # Per-method settings (plain dicts passed to each predictor's fit).
   seq = dict(num_steps=v["seq_steps"], eval_every=max(v["seq_steps"] // 6, 5), max_len=50)
   hsmm = dict(num_steps=v["hsmm_steps"], eval_every=max(v["hsmm_steps"] // 6, 2))
+  if variant != "full":
+    # one training run per network (the default "predictive" loss) instead of
+    # the predictors' grid of three losses: quick must take minutes
+    hsmm["grid"] = [{}]
   c.method_config = config_dict.ConfigDict(dict(
       gru=dict(seq), sasrec=dict(seq), graphsage_linear=dict(seq),
       conventional_em=dict(kmeans_restarts=v["em_restarts"], dirichlet_restarts=v["em_restarts"]),
