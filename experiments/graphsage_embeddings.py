@@ -27,14 +27,13 @@ from dennl_jax.data import events
 
 
 def load(dataset: str, data_dir: str, users: int, days: int, seed: int):
-  """(EventLog, user features or None)."""
+  """(EventLog, marketplace truth or None)."""
   if dataset == "movielens":
     from dennl_jax.data.movielens import load_movielens
     return load_movielens(data_dir), None
   from dennl_jax.data import marketplace
   config = marketplace.MarketplaceConfig(num_users=users, num_days=days)
-  log, truth = marketplace.simulate_marketplace(jax.random.key(seed), config)
-  return log, truth.user_features
+  return marketplace.simulate_marketplace(jax.random.key(seed), config)
 
 
 def main(argv=None):
@@ -60,10 +59,16 @@ def main(argv=None):
 
   times = {}
   start = time.time()
-  log, user_features = load(args.dataset, args.data_dir, args.users, args.days, args.seed)
+  log, truth = load(args.dataset, args.data_dir, args.users, args.days, args.seed)
   times["load"] = time.time() - start
   mark = time.time()
-  seqs = events.to_sequences(log, unit=args.unit, events_per_step=args.events_per_step)
+  idle, user_features = None, None
+  if truth is not None:   # marketplace: idle days are the "no action" sub-category (A.2)
+    from dennl_jax.data.marketplace import IDLE_CATEGORY as idle
+  seqs = events.to_sequences(log, unit=args.unit, events_per_step=args.events_per_step,
+                             idle_category=idle)
+  if truth is not None:   # truth rows follow truth.user_ids, graph rows seqs.user_ids
+    user_features = truth.user_features[np.searchsorted(truth.user_ids, seqs.user_ids)]
   split = events.time_split(seqs)
   mask = events.training_events(log, seqs, split)
   graph = graphsage.graph_from_events(log, seqs, mask, user_features)
