@@ -1,24 +1,21 @@
-"""SPSA / forward-gradient custom VJPs and the EM layer.
+"""SPSA / forward-gradient custom VJPs, alone and on the EM map.
 
 Oracles: exact reverse-mode VJPs, central finite differences in float64, and
 the statistics of the estimators (unbiasedness as a z-test over many keys,
 error ~ 1/sqrt(N), finite-difference bias ~ c^2 as Theorem 1 states).
 """
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
 
 import dennl_jax as dj  # noqa: E402
-# The package re-exports the function `spsa`, which shadows the module
-# attribute; import the module itself for its private helpers.
-sp = importlib.import_module("dennl_jax.spsa")
+from dennl_jax import estimators as sp  # noqa: E402
+from dennl_jax.layer import _em_of_unconstrained  # noqa: E402
 
 K, V, T = 3, 4, 25
 
@@ -42,7 +39,7 @@ def _problem(seed=0):
   _, obs = jax.jit(dj.sample, static_argnums=2)(k_data, params, T)
   mask = jnp.ones(T, bool).at[7].set(False).at[-3:].set(False)
   theta = params.to_unconstrained()
-  out = jax.jit(sp._em_of_unconstrained)(theta, params, obs, mask)
+  out = jax.jit(_em_of_unconstrained)(theta, obs, mask)
   leaves, treedef = jax.tree_util.tree_flatten(out)
   cot_keys = jax.random.split(k_cot, len(leaves))
   cotangent = jax.tree_util.tree_unflatten(
@@ -56,7 +53,7 @@ REFERENCE_STEP = 1e-3
 
 def _theta_vjp(layer, key, *args):
   params, obs, mask, theta, cotangent = _problem()
-  _, vjp = jax.vjp(lambda th: layer(th, key, params, obs, mask, *args), theta)
+  _, vjp = jax.vjp(lambda th: layer(th, obs, mask, *args, key), theta)
   return _tree_vec(vjp(cotangent)[0])
 
 
@@ -65,12 +62,12 @@ def _per_sample_vjps(mode):
   """(NUM_KEYS, M) single-direction estimates of v^T J (theta space), the exact VJP, keys."""
   params, obs, mask, theta, cotangent = _problem()
   if mode == "spsa":
-    layer = sp.spsa(sp._em_of_unconstrained, num_samples=1, step=REFERENCE_STEP)
+    layer = sp.spsa(_em_of_unconstrained, num_samples=1, step=REFERENCE_STEP)
   else:
-    layer = sp.forward_gradient(sp._em_of_unconstrained, num_samples=1)
+    layer = sp.forward_gradient(_em_of_unconstrained, num_samples=1)
   keys = jax.random.split(jax.random.PRNGKey(1), NUM_KEYS)
   estimates = jax.jit(jax.vmap(functools.partial(_theta_vjp, layer)))(keys)
-  _, vjp = jax.vjp(lambda th: sp._em_of_unconstrained(th, params, obs, mask), theta)
+  _, vjp = jax.vjp(lambda th: _em_of_unconstrained(th, obs, mask), theta)
   return np.asarray(estimates), np.asarray(_tree_vec(vjp(cotangent)[0])), keys
 
 
@@ -83,8 +80,8 @@ def test_spsa_of_scalar_input_is_central_difference():
   fn = lambda x, a: {"y": jnp.sin(x * a), "z": x ** 3}
   g = sp.spsa(fn, num_samples=3, step=1e-4)
   x, a = jnp.asarray(0.7), jnp.asarray(1.3)
-  loss = lambda x: jnp.sum(g(x, jax.random.PRNGKey(0), a)["y"] * 2.0 + g(
-      x, jax.random.PRNGKey(1), a)["z"])
+  loss = lambda x: jnp.sum(g(x, a, jax.random.PRNGKey(0))["y"] * 2.0 + g(
+      x, a, jax.random.PRNGKey(1))["z"])
   exact = jax.grad(lambda x: 2.0 * jnp.sin(x * a) + x ** 3)(x)
   h = 1e-4
   fd = (2 * jnp.sin((x + h) * a) + (x + h) ** 3 - 2 * jnp.sin((x - h) * a) - (x - h) ** 3) / (2 * h)
@@ -103,11 +100,11 @@ def test_wrapper_value_key_aux_and_transformations(make, key):
   w = jnp.ones((3, 4))
   idx = jnp.array([0, 2])  # integer aux gets no cotangent
   # Typed and raw uint32 keys both work and get no gradient.
-  np.testing.assert_allclose(g(x, key, idx, w)["out"], fn(x, idx, w)["out"])
-  grad = jax.jit(jax.grad(lambda x, w: g(x, key, idx, w)["out"].sum(), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(g(x, idx, w, key)["out"], fn(x, idx, w)["out"])
+  grad = jax.jit(jax.grad(lambda x, w: g(x, idx, w, key)["out"].sum(), argnums=(0, 1)))(x, w)
   assert np.all(np.isfinite(_tree_vec(grad[0])))
   np.testing.assert_array_equal(grad[1], 0.0)  # aux treated as a constant
-  loss = lambda x, key: g(x, key, idx, w)["out"].sum()
+  loss = lambda x, key: g(x, idx, w, key)["out"].sum()
   keys = jax.random.split(key, 5)
   batched = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(x, keys)
   single = jax.grad(loss)(x, keys[2])
@@ -117,7 +114,7 @@ def test_wrapper_value_key_aux_and_transformations(make, key):
 
   def scanned(x):
     def body(carry, key):
-      return carry + g(x, key, idx, w)["out"].sum(), None
+      return carry + g(x, idx, w, key)["out"].sum(), None
     return jax.lax.scan(body, 0.0, keys)[0]
   scan_grad = jax.jit(jax.grad(scanned))(x)
   np.testing.assert_allclose(scan_grad["a"], batched["a"].sum(0), rtol=1e-10)
@@ -132,12 +129,12 @@ def test_invalid_settings_raise():
     sp.forward_gradient(jnp.sin, perturbation="gaussian")
   params, obs, mask, _, _ = _problem()
   with pytest.raises(ValueError, match="gradient"):
-    sp.em_layer(params, obs, mask, jax.random.PRNGKey(0), gradient="adjoint")
+    dj.em_layer(params, obs, mask, jax.random.PRNGKey(0), gradient="adjoint")
   with pytest.raises(ValueError, match="key"):
-    sp.em_layer(params, obs, mask, None, gradient="spsa")
+    dj.em_layer(params, obs, mask, None, gradient="spsa")
   bad = params.replace(initial=params.initial.at[0].set(-0.1))
   with pytest.raises(ValueError, match="negative"):
-    sp.em_layer(bad, obs, mask, jax.random.PRNGKey(0))
+    dj.em_layer(bad, obs, mask, jax.random.PRNGKey(0))
 
 
 # ------------------------------------------------------- statistics on the EM map
@@ -172,14 +169,14 @@ def test_finite_difference_bias_shrinks_like_step_squared():
   keys = keys[:512]
   params, obs, mask, theta, _ = _problem()
 
-  def rescaled(y, theta, c, params, obs, mask):
+  def rescaled(y, theta, c, obs, mask):
     moved = jax.tree_util.tree_map(lambda a, b: a + (c / REFERENCE_STEP) * (b - a), theta, y)
-    return sp._em_of_unconstrained(moved, params, obs, mask)
+    return _em_of_unconstrained(moved, obs, mask)
 
   layer = sp.spsa(rescaled, num_samples=1, step=REFERENCE_STEP)
 
   def estimate(key, c):
-    return _theta_vjp(lambda th, k, p, o, m: layer(th, k, theta, c, p, o, m), key) * (
+    return _theta_vjp(lambda th, o, m, k: layer(th, theta, c, o, m, k), key) * (
         REFERENCE_STEP / c)
 
   steps = jnp.array([0.2, 0.1, 0.05, 0.025, 1e-5])
@@ -192,160 +189,3 @@ def test_finite_difference_bias_shrinks_like_step_squared():
   # ...and equals the exact directional derivative along those directions.
   d = jax.vmap(lambda k: _tree_vec(sp.perturbation_directions(k, theta, 1)))(keys)
   np.testing.assert_allclose(forward[:512], (d @ exact)[:, None] * d, rtol=1e-10, atol=1e-12)
-
-
-# ------------------------------------------------------------- the EM layer
-
-
-def _network_params(w, emission):
-  """softplus + L1 normalisation, as the paper's DNN output head."""
-  norm = lambda x: jax.nn.softplus(x) / jnp.sum(jax.nn.softplus(x), -1, keepdims=True)
-  return dj.HMM(norm(w["initial"]), norm(w["transition"]), emission(w))
-
-
-def _categorical_head(w):
-  return dj.Categorical(jax.nn.softplus(w["emission"]) / jnp.sum(
-      jax.nn.softplus(w["emission"]), -1, keepdims=True))
-
-
-def _gaussian_head(w):
-  return dj.Gaussian(w["emission"], jnp.eye(2) * (0.5 + jax.nn.softplus(w["scale"]))[:, None, None])
-
-
-def _weights(key, emission_shape, extra=()):
-  ks = jax.random.split(key, 4)
-  w = {"initial": jax.random.normal(ks[0], (K,)), "transition": jax.random.normal(ks[1], (K, K)),
-       "emission": jax.random.normal(ks[2], emission_shape)}
-  if "scale" in extra:
-    w["scale"] = jax.random.normal(ks[3], (K,))
-  return w
-
-
-def test_forward_value_equals_em_step():
-  params, obs, mask, _, _ = _problem()
-  expected = dj.em_step(params, obs, mask)
-  for mode in sp.GRADIENT_MODES:
-    out = jax.jit(functools.partial(sp.em_layer, gradient=mode))(
-        params, obs, mask, jax.random.PRNGKey(0))
-    np.testing.assert_allclose(_tree_vec(out), _tree_vec(expected), atol=1e-12)
-
-
-@pytest.mark.parametrize("family", ["categorical", "gaussian"])
-def test_exact_mode_matches_finite_differences(family):
-  key = jax.random.PRNGKey(2)
-  if family == "categorical":
-    params, obs, mask, _, _ = _problem()
-    head, w = _categorical_head, _weights(key, (K, V))
-  else:
-    true = dj.HMM(jnp.ones(K) / K, jnp.full((K, K), 0.1) + 0.7 * jnp.eye(K),
-                  dj.Gaussian(jnp.arange(K * 2.0).reshape(K, 2), jnp.stack([jnp.eye(2)] * K)))
-    _, obs = jax.jit(dj.sample, static_argnums=2)(key, true, T)
-    mask = jnp.ones(T, bool).at[3].set(False)
-    head, w = _gaussian_head, _weights(key, (K, 2), extra=("scale",))
-
-  def loss(w):
-    out = sp.em_layer(_network_params(w, head), obs, mask, gradient="exact")
-    return out.log_likelihood(obs, mask)
-
-  loss = jax.jit(loss)
-  grad = jax.jit(jax.grad(loss))(w)
-  flat, unravel = ravel_pytree(w)
-  direction = jax.random.normal(jax.random.PRNGKey(9), flat.shape)
-  h = 1e-5
-  fd = (loss(unravel(flat + h * direction)) - loss(unravel(flat - h * direction))) / (2 * h)
-  np.testing.assert_allclose(jnp.dot(ravel_pytree(grad)[0], direction), fd,
-                             rtol=1e-6, atol=1e-9)
-  # The parameterisation claim: through the L1-normalised head, the exact
-  # layer's gradient equals plain autodiff of em_step (no reparameterisation).
-  plain = jax.jit(jax.grad(lambda w: dj.em_step(_network_params(w, head), obs, mask).log_likelihood(
-      obs, mask)))(w)
-  np.testing.assert_allclose(ravel_pytree(grad)[0],
-                             ravel_pytree(plain)[0], rtol=1e-9, atol=1e-11)
-
-
-def test_perturbations_leave_tiny_probabilities_valid():
-  # A probability of 1e-9 with step 0.5: a linear-domain perturbation would go
-  # negative; in log space the perturbed model stays a distribution.
-  params, obs, mask, _, _ = _problem()
-  tiny = params.replace(transition=params.transition.at[0].set(
-      jnp.array([1e-9, 0.5, 0.5 - 1e-9])))
-  loss = lambda p, key: sp.em_layer(p, obs, mask, key, gradient="spsa", step=0.5,
-                                    num_samples=32).log_likelihood(obs, mask)
-  grad = jax.jit(jax.grad(loss))(tiny, jax.random.PRNGKey(0))
-  assert np.all(np.isfinite(_tree_vec(grad)))
-
-
-@pytest.mark.parametrize("mode", sp.GRADIENT_MODES)
-def test_stacked_layers_grad_under_jit_vmap_and_scan(mode):
-  params, _, _, _, _ = _problem()
-  num_users, num_layers = 3, 3
-  keys = jax.random.split(jax.random.PRNGKey(4), num_users)
-  obs = jax.jit(jax.vmap(lambda k: dj.sample(k, params, T)[1]))(keys)
-  mask = jnp.ones((num_users, T), bool).at[1, -5:].set(False)
-  shared = {"mix": jnp.asarray(0.3), "bias": jnp.zeros(V)}
-
-  def user_loss(shared, key, obs, mask):
-    start = params.replace(emission=dj.Categorical(jax.nn.softmax(
-        jnp.log(params.emission.probs) + shared["bias"], -1)))
-
-    def layer(p, key):
-      out = sp.em_layer(p, obs, mask, key, gradient=mode, num_samples=8)
-      # A parameter-sharing "DNN" between EM layers: a convex mix with the start.
-      a = jax.nn.sigmoid(shared["mix"])
-      mixed = jax.tree_util.tree_map(lambda x, y: a * x + (1 - a) * y, out, start)
-      return mixed, None
-
-    final, _ = jax.lax.scan(layer, start, jax.random.split(key, num_layers))
-    return -final.log_likelihood(obs, mask)
-
-  def total(shared, keys):
-    return jnp.sum(jax.vmap(user_loss, in_axes=(None, 0, 0, 0))(shared, keys, obs, mask))
-
-  grad = jax.jit(jax.grad(total))(shared, keys)
-  assert np.all(np.isfinite(_tree_vec(grad)))
-  if mode == "exact":
-    flat, unravel = ravel_pytree(shared)
-    h, e = 1e-5, jnp.ones_like(flat)
-    total = jax.jit(total)
-    fd = (total(unravel(flat + h * e), keys) - total(unravel(flat - h * e), keys)) / (2 * h)
-    np.testing.assert_allclose(jnp.sum(_tree_vec(grad)), fd, rtol=1e-6)
-
-
-def test_other_emission_families_give_finite_gradients():
-  key = jax.random.PRNGKey(6)
-  base = _random_hmm(key)
-  families = {
-      "poisson": dj.Poisson(jnp.array([0.5, 2.0, 6.0])),
-      "diag_gaussian": dj.DiagGaussian(jnp.arange(6.0).reshape(K, 2), jnp.ones((K, 2))),
-  }
-  for name, emission in families.items():
-    p = base.replace(emission=emission)
-    _, obs = jax.jit(dj.sample, static_argnums=2)(key, p, T)
-    mask = jnp.ones(T, bool)
-    grad = jax.jit(jax.grad(lambda p: sp.em_layer(p, obs, mask, key, num_samples=4)
-                            .log_likelihood(obs, mask)))(p)
-    assert np.all(np.isfinite(_tree_vec(grad))), name
-
-
-def test_hsmm_layer_value_and_finite_gradients():
-  hsmm = pytest.importorskip("dennl_jax.hsmm")
-  key = jax.random.PRNGKey(8)
-  off = 1.0 - jnp.eye(K)
-  model = hsmm.HSMM(jnp.ones(K) / K, off / (K - 1), hsmm.PoissonDuration(jnp.array([1.0, 2.0, 3.0]), 6),
-                    dj.Categorical(jax.random.dirichlet(key, jnp.ones(V), (K,))))
-  _, obs = jax.jit(model.sample, static_argnums=1)(key, T)
-  mask = jnp.ones(T, bool).at[-4:].set(False)
-
-  @jax.jit
-  def run(model, key):
-    loss = lambda m, mode: sp.em_layer(m, obs, mask, key, gradient=mode,
-                                       num_samples=4).log_likelihood(obs, mask)
-    out = sp.em_layer(model, obs, mask, key)
-    return out, jax.grad(loss)(model, "spsa"), jax.grad(loss)(model, "exact")
-
-  out, grad_spsa, grad_exact = run(model, key)
-  np.testing.assert_allclose(_tree_vec(out), _tree_vec(jax.jit(dj.em_step)(model, obs, mask)),
-                             atol=1e-10)
-  assert np.all(np.isfinite(_tree_vec(grad_spsa)))
-  assert np.all(np.isfinite(_tree_vec(grad_exact)))
-  np.testing.assert_array_equal(jnp.diagonal(grad_exact.transition), 0.0)

@@ -11,8 +11,9 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 
 import dennl_jax as dj
-from dennl_jax.hsmm import (HSMM, CategoricalDuration, PoissonDuration, expand_to_hmm,
-                            expanded_em_update, expanded_posterior)
+from dennl_jax.durations import CategoricalDuration, PoissonDuration
+from dennl_jax.hsmm import HSMM
+from dennl_jax.oracles import expand_to_hmm, expanded_em_update, expanded_posterior
 
 jax.config.update("jax_enable_x64", True)
 

@@ -6,9 +6,11 @@ import pytest
 from flax import nnx
 
 import dennl_jax as dj
-from dennl_jax import models as M
 from dennl_jax import training as Tr
-from dennl_jax.hsmm import HSMM, PoissonDuration
+from dennl_jax.codec import ParamCodec
+from dennl_jax.durations import PoissonDuration
+from dennl_jax.hsmm import HSMM
+from dennl_jax.networks import DENNL, EmbeddingMapper
 
 K, O, D, T, E, U = 3, 2, 5, 16, 4, 8
 
@@ -53,8 +55,8 @@ def _run(model, data, steps=25, loss_fn=Tr.likelihood_loss, lr=3e-2):
 
 def test_dennl_and_mlp_mapper_losses_decrease():
   start, data = _problem()
-  codec = M.ParamCodec(start)
-  dennl = M.DENNL(codec, start, E, num_stages=2, hidden=(16,), start_hidden=(8,), latent_dim=4,
+  codec = ParamCodec(start)
+  dennl = DENNL(codec, start, E, num_stages=2, hidden=(16,), start_hidden=(8,), latent_dim=4,
                   gradient="exact", rngs=nnx.Rngs(0))
   before = float(Tr.likelihood_loss(dennl, data, jax.random.PRNGKey(3)))
   trained, history = _run(dennl, data)
@@ -66,7 +68,7 @@ def test_dennl_and_mlp_mapper_losses_decrease():
   # The module passed in is not modified.
   assert float(Tr.likelihood_loss(dennl, data, jax.random.PRNGKey(3))) == before
 
-  mapper = M.EmbeddingMapper(codec, start, E, hidden=(8,), rngs=nnx.Rngs(0))
+  mapper = EmbeddingMapper(codec, start, E, hidden=(8,), rngs=nnx.Rngs(0))
   m_before = float(Tr.likelihood_loss(mapper, data, None))
   m_trained, _ = _run(mapper, data)
   assert float(Tr.likelihood_loss(m_trained, data, None)) < m_before - 0.1
@@ -76,8 +78,8 @@ def test_dennl_and_mlp_mapper_losses_decrease():
                    "(noisy VJP estimate; see report).", strict=False)
 def test_dennl_spsa_mode_trains():
   start, data = _problem()
-  codec = M.ParamCodec(start)
-  dennl = M.DENNL(codec, start, E, num_stages=1, hidden=(16,), start_hidden=(8,), latent_dim=4,
+  codec = ParamCodec(start)
+  dennl = DENNL(codec, start, E, num_stages=1, hidden=(16,), start_hidden=(8,), latent_dim=4,
                   gradient="spsa", spsa_samples=4, rngs=nnx.Rngs(0))
   before = float(Tr.likelihood_loss(dennl, data, jax.random.PRNGKey(3)))
   trained, history = _run(dennl, data, steps=20)
@@ -87,9 +89,9 @@ def test_dennl_spsa_mode_trains():
 
 def test_regression_loss_decreases_for_em_mapping():
   start, data = _problem()
-  codec = M.ParamCodec(start)
+  codec = ParamCodec(start)
   target = jnp.broadcast_to(codec.encode(start) + 0.5, (U, codec.size))
-  mapper = M.EmbeddingMapper(codec, start, E, hidden=(8,), rngs=nnx.Rngs(0))
+  mapper = EmbeddingMapper(codec, start, E, hidden=(8,), rngs=nnx.Rngs(0))
   data = data._replace(target=target)
   before = float(Tr.regression_loss(mapper, data, None))
   trained, _ = _run(mapper, data, steps=30, loss_fn=Tr.regression_loss)
@@ -107,7 +109,7 @@ def test_loss_is_mean_nll_per_valid_step():
 
 def test_train_step_skips_non_finite_updates():
   start, data = _problem()
-  mapper = M.EmbeddingMapper(M.ParamCodec(start), start, E, hidden=(8,), rngs=nnx.Rngs(0))
+  mapper = EmbeddingMapper(ParamCodec(start), start, E, hidden=(8,), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(mapper)
   opt = Tr.make_optimizer()
   step = Tr.make_train_step(graphdef, lambda m, b, k: jnp.nan * Tr.likelihood_loss(m, b, k), opt)
@@ -119,7 +121,7 @@ def test_train_step_skips_non_finite_updates():
 
 def test_heldout_step_loss_scores_hidden_steps_only():
   start, data = _problem()
-  mapper = M.EmbeddingMapper(M.ParamCodec(start), start, E, hidden=(8,), rngs=nnx.Rngs(0))
+  mapper = EmbeddingMapper(ParamCodec(start), start, E, hidden=(8,), rngs=nnx.Rngs(0))
   key = jax.random.PRNGKey(7)
   got = float(Tr.heldout_step_loss(mapper, data, key, holdout=0.25))
   held = data.mask & (jax.random.uniform(jax.random.fold_in(key, 1), data.mask.shape) < 0.25)

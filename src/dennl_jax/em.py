@@ -1,9 +1,11 @@
-"""The EM layer as a plain function, and conventional per-user EM.
+"""One EM iteration as a plain function, and conventional per-user EM.
 
 ``em_step`` is one Baum-Welch iteration (paper eq. 5-7, extended to every
 emission family and to HSMMs): a pure JAX function of the parameters with no
-Python control flow on values, so it can be wrapped as a network layer,
-vmapped over users and differentiated.
+Python control flow on values, so it can be wrapped as a network layer
+(:func:`dennl_jax.em_layer`), vmapped over users and differentiated.  Each
+model implements it as the method ``params.em_step(obs, mask) -> (new_params,
+log_likelihood_before)``.
 """
 from __future__ import annotations
 
@@ -17,23 +19,38 @@ from dennl_jax import inference
 
 
 def em_step(params, obs, mask):
-  """One EM iteration on one sequence: returns the updated parameters.
+  """One EM iteration on one sequence.
 
-  params: ``HMM`` or ``HSMM``; obs: (T, ...); mask: (T,) bool.
+  Args:
+    params: ``HMM`` or ``HSMM`` for one sequence (no user axis), K states.
+    obs: (T, ...) observations (the emission family's shape; anything on
+      masked steps).
+    mask: (T,) bool, True on valid steps (at least one).
+
+  Returns:
+    The updated parameters, same pytree type and shapes as ``params``.
+
+  Example::
+
+    new = dj.em_step(hmm, obs, mask)
+    batched = jax.vmap(dj.em_step)(hmms, obs_batch, mask_batch)   # (U, ...) leaves
   """
   inference._validate_if_concrete(params, obs, mask)
-  return params.em_update(obs, jnp.asarray(mask, bool))[0]
+  return params.em_step(obs, jnp.asarray(mask, bool))[0]
 
 
 def em_step_with_log_likelihood(params, obs, mask):
-  """``(em_step(params, ...), log_likelihood(params, ...))`` in one pass."""
+  """``(em_step(params, obs, mask), log_likelihood(params, obs, mask))`` in one pass.
+
+  The log-likelihood () is the one *before* the update (a by-product of the E-step).
+  """
   inference._validate_if_concrete(params, obs, mask)
-  return params.em_update(obs, jnp.asarray(mask, bool))
+  return params.em_step(obs, jnp.asarray(mask, bool))
 
 
 @partial(jax.jit, static_argnames="num_iters")
 def _fit_em_batch(params, obs, mask, num_iters):
-  batched_step = jax.vmap(lambda p, o, m: p.em_update(o, m))
+  batched_step = jax.vmap(lambda p, o, m: p.em_step(o, m))
 
   def body(p, _):
     new, ll = batched_step(p, obs, mask)
@@ -47,11 +64,22 @@ def _fit_em_batch(params, obs, mask, num_iters):
 def fit_em(params, obs, mask, num_iters: int):
   """Conventional EM for a batch of users, each with its own model.
 
-  params: model pytree with a leading user axis U; obs: (U, T, ...);
-  mask: (U, T) bool.  Returns ``(fitted_params, log_likelihoods)`` where
-  ``log_likelihoods: (U, num_iters + 1)`` holds each user's log-likelihood
-  under the initial parameters and after every iteration (non-decreasing up
-  to float rounding).  Jitted and vmapped over users.
+  Args:
+    params: model pytree with a leading user axis U (one start per user).
+    obs: (U, T, ...) observations.
+    mask: (U, T) bool.
+    num_iters: number of EM iterations (a non-negative Python int).
+
+  Returns:
+    ``(fitted_params, log_likelihoods)``: the fitted models (leading axis U)
+    and ``log_likelihoods: (U, num_iters + 1)``, each user's log-likelihood
+    under the initial parameters and after every iteration (non-decreasing
+    up to float rounding).  Jitted and vmapped over users.
+
+  Example::
+
+    starts = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (U,) + x.shape), hmm)
+    fitted, trace = dj.fit_em(starts, obs, mask, num_iters=20)
   """
   mask = jnp.asarray(mask, bool)
   chex.assert_rank(mask, 2)

@@ -1,7 +1,7 @@
-"""Stochastic Jacobians: SPSA (paper section 4) as a ``jax.custom_vjp``, and the EM layer.
+"""Stochastic Jacobians: SPSA (paper section 4) and forward gradients as ``jax.custom_vjp``.
 
 Two generic wrappers turn ``fn(x, *aux) -> y`` (pytrees of float arrays) into
-``g(x, key, *aux)`` whose forward value is ``fn(x, *aux)`` and whose backward
+``wrapped(x, *aux, key)`` whose forward value is ``fn(x, *aux)`` and whose backward
 pass returns a *random, unbiased-up-to-O(c^2)* estimate of the vector-Jacobian
 product ``v^T J`` (``J = dy/dx``) instead of the exact one:
 
@@ -38,19 +38,16 @@ cotangent).  Under ``jax.vmap`` pass one key per batch element (``split``) so
 every user draws independent perturbations; a broadcast key gives every user
 the same directions, which correlates their errors in a batch-summed gradient.
 
-:func:`em_layer` applies these to one EM iteration (``em_step``).
+:func:`dennl_jax.layer.em_layer` applies these to one EM iteration (``em_step``).
+The key comes last, as for every function whose randomness is incidental to
+a deterministic value (see the package docstring).
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from dennl_jax import inference
-
 PERTURBATIONS = ("rademacher", "segment")
-GRADIENT_MODES = ("spsa", "forward", "exact")
 
 
 def _check_settings(num_samples, step, perturbation):
@@ -112,19 +109,20 @@ def _weighted_mean(weights, directions, transform):
 
 
 def _wrap(fn, estimate_vjp):
-  """custom_vjp of fn(x, *aux) with signature g(x, key, *aux)."""
+  """custom_vjp of fn(x, *aux) with signature wrapped(x, *aux, key)."""
 
   @jax.custom_vjp
-  def wrapped(x, key, *aux):
-    return fn(x, *aux)
+  def wrapped(x, *aux_and_key):
+    return fn(x, *aux_and_key[:-1])
 
-  def forward(x, key, *aux):
+  def forward(x, *aux_and_key):
+    aux, key = aux_and_key[:-1], aux_and_key[-1]
     return fn(x, *aux), (x, key, aux)
 
   def backward(residuals, cotangent):
     x, key, aux = residuals
     estimate = estimate_vjp(x, key, aux, cotangent)
-    return (estimate, None) + (None,) * len(aux)
+    return (estimate,) + (None,) * len(aux) + (None,)
 
   wrapped.defvjp(forward, backward)
   return wrapped
@@ -134,11 +132,24 @@ def spsa(fn, *, num_samples: int = 16, step: float = 1e-3,
          perturbation: str = "rademacher"):
   """Wrap ``fn(x, *aux)`` so its VJP is the SPSA estimate (paper eq. 14).
 
-  Returns ``g(x, key, *aux)`` with ``g(x, key, *aux) == fn(x, *aux)``; the
-  backward pass draws ``num_samples`` perturbations from ``key``, evaluates
-  ``fn`` at ``x +- step * Delta`` (2 * num_samples evaluations in one vmapped
-  call) and returns ``mean_s <v, fn(x+c D_s) - fn(x-c D_s)> / (2c) / D_s``.
-  ``key`` and ``aux`` get no gradient.  Composes with jit, vmap, scan, grad.
+  Args:
+    fn: ``fn(x, *aux) -> y``; ``x`` and ``y`` pytrees of float arrays.
+    num_samples: S, the number of simultaneous perturbations averaged.
+    step: c, the finite-difference step (``x +- c * Delta``).
+    perturbation: ``"rademacher"`` or ``"segment"`` (see module docstring).
+
+  Returns:
+    ``wrapped(x, *aux, key)`` with ``wrapped(x, *aux, key) == fn(x, *aux)``;
+    the backward pass draws ``num_samples`` perturbations from ``key``,
+    evaluates ``fn`` at ``x +- step * Delta`` (2 * num_samples evaluations in
+    one vmapped call) and returns
+    ``mean_s <v, fn(x+c D_s) - fn(x-c D_s)> / (2c) / D_s``.  ``key`` and
+    ``aux`` get no gradient.  Composes with jit, vmap, scan, grad.
+
+  Example::
+
+    g = dj.spsa(lambda x, a: jnp.sin(x * a), num_samples=8)
+    grad = jax.grad(lambda x: g(x, a, key).sum())(x)   # an SPSA estimate
   """
   _check_settings(num_samples, step, perturbation)
 
@@ -176,71 +187,3 @@ def forward_gradient(fn, *, num_samples: int = 16, perturbation: str = "rademach
     return _weighted_mean(slopes, directions, lambda d: d)
 
   return _wrap(fn, estimate_vjp)
-
-
-# --------------------------------------------------------------------------
-# The EM layer.
-
-
-def _em_of_unconstrained(theta, template, obs, mask):
-  """em_step(template.from_unconstrained(theta)): the map every mode differentiates.
-
-  Perturbing ``theta`` (log-probabilities, log-rates, log-Cholesky
-  covariances, free means) keeps every perturbed model a valid distribution.
-  """
-  return template.from_unconstrained(theta).em_update(obs, mask)[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _layer_function(gradient, num_samples, step, perturbation):
-  if gradient == "spsa":
-    return spsa(_em_of_unconstrained, num_samples=num_samples, step=step,
-                perturbation=perturbation)
-  if gradient == "forward":
-    return forward_gradient(_em_of_unconstrained, num_samples=num_samples,
-                            perturbation=perturbation)
-  checkpointed = jax.checkpoint(_em_of_unconstrained)
-  return lambda theta, key, *aux: checkpointed(theta, *aux)
-
-
-def em_layer(params, obs, mask, key=None, *, gradient: str = "spsa", num_samples: int = 16,
-             step: float = 1e-3, perturbation: str = "rademacher"):
-  """One EM iteration as a differentiable network layer (paper section 3-4).
-
-  params: ``HMM`` or ``HSMM`` for one sequence; obs: (T, ...); mask: (T,) bool;
-  key: PRNG key (typed or raw uint32) for the gradient estimate, unused (may
-  be None) when ``gradient="exact"``.  Returns the updated parameters, equal
-  to ``em_step(params, obs, mask)`` (up to float rounding of the round trip
-  through the unconstrained space).
-
-  gradient:
-    ``"spsa"``    -- SPSA estimate of the VJP (paper), ``2 * num_samples``
-                    batched em_step evaluations, perturbation ``+- step * Delta``.
-    ``"forward"`` -- same random directions, exact directional derivatives
-                    (jax.linearize); no finite-difference error, unbiased.
-    ``"exact"``   -- reverse-mode autodiff through the scans; the layer is
-                    wrapped in ``jax.checkpoint`` so only its inputs are kept
-                    between forward and backward (memory O(T K) per user while
-                    one layer's backward runs, whatever the depth of the stack).
-
-  All modes differentiate the same function, ``em_step`` composed with the
-  round trip ``from_unconstrained(to_unconstrained(params))`` (which
-  renormalises probabilities), and perturbations act on the unconstrained
-  parameters, so a perturbed model is always a valid distribution.  Gradients
-  reach ``params`` by the chain rule through ``to_unconstrained``; a
-  probability that is exactly 0 has log = -inf there and gives NaN gradients,
-  so feed strictly positive probabilities (softplus + L1 normalisation does).
-  obs and mask get no gradient.  Batch users with ``jax.vmap`` and one key per
-  user.
-  """
-  if gradient not in GRADIENT_MODES:
-    raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
-  _check_settings(num_samples, step, perturbation)
-  if key is None and gradient != "exact":
-    raise ValueError(f"gradient={gradient!r} needs a PRNG key; got key=None")
-  mask = jnp.asarray(mask, bool)
-  inference._validate_if_concrete(params, obs, mask)
-  theta = params.to_unconstrained()
-  template = jax.lax.stop_gradient(params)
-  layer = _layer_function(gradient, num_samples, float(step), perturbation)
-  return layer(theta, key, template, obs, mask)

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dennl_jax import _checks
-from dennl_jax.emissions import MIN_STATE_MASS, floored_log
+from dennl_jax._chain import ChainModel, masked_log_likelihoods
+from dennl_jax._numerics import append_blank_steps, scaled_likelihoods, step_structure
+from dennl_jax.families import EmissionFamily, Simplex, param
 
 
 class HMMPosterior(NamedTuple):
@@ -45,50 +46,6 @@ class HMMPosterior(NamedTuple):
   smoothed_probs: jax.Array
   transition_counts: jax.Array
   initial_probs: jax.Array
-
-
-def step_structure(mask):
-  """Which steps apply the transition matrix, and which step comes first.
-
-  mask: (T,) bool -> (moves: (T,) bool, is_first: (T,) bool).  ``moves[t]``
-  is true when step t is valid and some earlier step was valid.
-  """
-  mask = jnp.asarray(mask, bool)
-  seen_before = (jnp.cumsum(mask) - mask) > 0
-  return mask & seen_before, mask & ~seen_before
-
-
-def masked_log_likelihoods(emission, obs, mask):
-  """(T, K) emission log-likelihoods with 0 on masked steps.
-
-  Masked observations are replaced by zeros first so a garbage value there
-  cannot produce NaN (which would poison gradients through ``where``).
-  """
-  mask = jnp.asarray(mask, bool)
-  obs = jnp.asarray(obs)
-  fill_mask = mask.reshape(mask.shape + (1,) * (obs.ndim - 1))
-  safe_obs = jnp.where(fill_mask, obs, jnp.zeros_like(obs))
-  return jnp.where(mask[:, None], emission.log_likelihoods(safe_obs), 0.0)
-
-
-def append_blank_steps(log_likes, mask, num_steps: int):
-  """Append ``num_steps`` valid steps that carry no evidence (log b = 0).
-
-  log_likes: (T, K), mask: (T,) bool -> ((T + H, K), (T + H,)).  Masked steps
-  are removed from the sequence, so the first appended step directly follows
-  the last valid one; a filter run over the result reports, on the appended
-  steps, the predictive p(z_{t*+h} | valid observations).  Forecasting this
-  way reuses each model's own filter instead of a second copy of its dynamics.
-  """
-  blank = jnp.zeros((num_steps, log_likes.shape[-1]), log_likes.dtype)
-  return (jnp.concatenate([log_likes, blank]),
-          jnp.concatenate([jnp.asarray(mask, bool), jnp.ones(num_steps, bool)]))
-
-
-def _scaled_likelihoods(log_likes):
-  shift = jnp.max(log_likes, axis=-1)
-  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-  return jnp.exp(log_likes - shift[:, None]), shift
 
 
 def _forward(initial, transition, likes, shift, moves, mask):
@@ -131,7 +88,7 @@ def hmm_filter(initial, transition, log_likes, mask):
   Returns (log_likelihood: (), filtered_probs: (T, K)).
   """
   moves, _ = step_structure(mask)
-  likes, shift = _scaled_likelihoods(log_likes)
+  likes, shift = scaled_likelihoods(log_likes)
   filtered, _, ll = _forward(initial, transition, likes, shift, moves, mask)
   return ll, filtered
 
@@ -140,7 +97,7 @@ def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   """Forward-backward on one masked sequence; see :class:`HMMPosterior`."""
   mask = jnp.asarray(mask, bool)
   moves, is_first = step_structure(mask)
-  likes, shift = _scaled_likelihoods(log_likes)
+  likes, shift = scaled_likelihoods(log_likes)
   filtered, norms, ll = _forward(initial, transition, likes, shift, moves, mask)
   betas = _backward(transition, likes, norms, moves)
   smoothed = filtered * betas
@@ -180,74 +137,42 @@ def hmm_viterbi(initial, transition, log_likes, mask):
   return jnp.concatenate([first[None], path]).astype(jnp.int32)
 
 
-def normalize_counts(counts, fallback):
-  """Row-normalise expected counts; rows with (almost) no mass keep ``fallback``.
-
-  The threshold is ``MIN_STATE_MASS`` (see emissions.py for why it is not 0).
-  """
-  mass = counts.sum(-1, keepdims=True)
-  has_mass = mass > MIN_STATE_MASS
-  return jnp.where(has_mass, counts / jnp.where(has_mass, mass, 1.0), fallback)
-
-
 @struct.dataclass
-class HMM:
+class HMM(ChainModel):
   """Hidden Markov model parameters (a pytree).
 
   initial: (K,) initial state distribution.
   transition: (K, K) row-stochastic, ``transition[i, j] = p(z_t=j | z_{t-1}=i)``.
-  emission: an emission family (see :mod:`dennl_jax.emissions`).
+  emission: an :class:`~dennl_jax.families.EmissionFamily` with K states.
   A batch of per-user models is the same pytree with a leading user axis.
+  The EM step, M-step, checks and bijections come from
+  :class:`~dennl_jax._chain.ChainModel`.
   """
-  initial: jax.Array
-  transition: jax.Array
-  emission: object
+  initial: jax.Array = param(Simplex())
+  transition: jax.Array = param(Simplex())
+  emission: EmissionFamily
 
-  @property
-  def num_states(self) -> int:
-    return self.initial.shape[-1]
+  def _log_likelihoods(self, obs, mask):
+    return masked_log_likelihoods(self.emission, obs, mask)
 
   def posterior(self, obs, mask) -> HMMPosterior:
-    log_likes = masked_log_likelihoods(self.emission, obs, mask)
-    return hmm_smoother(self.initial, self.transition, log_likes, mask)
+    return hmm_smoother(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)
 
   def log_likelihood(self, obs, mask):
-    log_likes = masked_log_likelihoods(self.emission, obs, mask)
-    return hmm_filter(self.initial, self.transition, log_likes, mask)[0]
+    return hmm_filter(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)[0]
 
   def filtered_posteriors(self, obs, mask):
-    log_likes = masked_log_likelihoods(self.emission, obs, mask)
-    return hmm_filter(self.initial, self.transition, log_likes, mask)[1]
+    return hmm_filter(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)[1]
 
   def most_likely_states(self, obs, mask):
-    log_likes = masked_log_likelihoods(self.emission, obs, mask)
-    return hmm_viterbi(self.initial, self.transition, log_likes, mask)
+    return hmm_viterbi(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)
 
   def forecast_states(self, obs, mask, num_steps: int):
     """(num_steps, K) p(z_{t*+h} | valid obs), h = 1 ... num_steps, t* the last valid step."""
-    log_likes, mask = append_blank_steps(
-        masked_log_likelihoods(self.emission, obs, mask), mask, num_steps)
+    log_likes, mask = append_blank_steps(self._log_likelihoods(obs, mask), mask, num_steps)
     return hmm_filter(self.initial, self.transition, log_likes, mask)[1][-num_steps:]
 
-  def em_update(self, obs, mask):
-    """One Baum-Welch iteration; returns (new params, log-likelihood before)."""
-    mask = jnp.asarray(mask, bool)
-    post = self.posterior(obs, mask)
-    weights = jnp.where(mask[:, None], post.smoothed_probs, 0.0)
-    obs = jnp.where(mask.reshape(mask.shape + (1,) * (jnp.ndim(obs) - 1)), obs,
-                    jnp.zeros_like(obs))
-    stats = self.emission.expected_statistics(obs, weights)
-    new = HMM(
-        initial=post.initial_probs / jnp.sum(post.initial_probs),
-        transition=normalize_counts(post.transition_counts, self.transition),
-        emission=self.emission.m_step(stats),
-    )
-    return new, post.log_likelihood
-
-  def sample(self, key, num_steps: int):
-    """(states: (T,) int32, obs: (T, ...)) drawn from the model."""
-    # numpy leaves cannot be indexed by the traced states below.
-    self = jax.tree_util.tree_map(jnp.asarray, self)
+  def _sample_states(self, key, num_steps: int):
     key_init, key_trans, key_obs = jax.random.split(key, 3)
     first = jax.random.categorical(key_init, jnp.log(self.initial))
     log_trans = jnp.log(self.transition)
@@ -257,25 +182,4 @@ class HMM:
       return nxt, nxt
 
     _, rest = jax.lax.scan(step, first, jax.random.split(key_trans, num_steps - 1))
-    states = jnp.concatenate([first[None], rest]).astype(jnp.int32)
-    obs = jax.vmap(self.emission.sample)(jax.random.split(key_obs, num_steps), states)
-    return states, obs
-
-  def check_parameters(self):
-    num_states = self.initial.shape[-1]
-    _checks.check_shape("HMM.initial", self.initial, (num_states,))
-    _checks.check_shape("HMM.transition", self.transition, (num_states, num_states))
-    if self.emission.num_states != num_states:
-      raise ValueError(
-          f"emission has {self.emission.num_states} states but HMM.initial has {num_states}")
-    _checks.check_distribution("HMM.initial", self.initial)
-    _checks.check_distribution("HMM.transition", self.transition, axis=-1)
-    self.emission.check_parameters()
-
-  def to_unconstrained(self):
-    return HMM(floored_log(self.initial), floored_log(self.transition),
-               self.emission.to_unconstrained())
-
-  def from_unconstrained(self, theta: "HMM"):
-    return HMM(jax.nn.softmax(theta.initial), jax.nn.softmax(theta.transition, -1),
-               type(self.emission).from_unconstrained(theta.emission))
+    return jnp.concatenate([first[None], rest]).astype(jnp.int32), key_obs

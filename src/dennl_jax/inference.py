@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dennl_jax import _checks
+from dennl_jax.batching import chunked_map
 
 
 def validate(params, obs, mask) -> None:
@@ -96,16 +97,63 @@ def expected_transition_counts(params, obs, mask):
 
 
 def viterbi(params, obs, mask):
-  """Most likely state path, (T,) int32 (masked steps repeat the carried state)."""
+  """Most likely state path of one sequence.
+
+  Args:
+    params: ``HMM`` or ``HSMM`` (no user axis); obs: (T, ...); mask: (T,) bool.
+
+  Returns:
+    (T,) int32 state path; masked steps repeat the carried state.  For an
+    HSMM this is the exact most likely path (= segmentation) of the
+    right-censored model.
+
+  Example::
+
+    path = dj.viterbi(hmm, obs, mask)
+    paths = jax.jit(jax.vmap(dj.viterbi))(hmms, obs_batch, mask_batch)   # (U, T)
+  """
   _validate_if_concrete(params, obs, mask)
   return params.most_likely_states(obs, _as_mask(mask))
 
 
 def sample(key, params, num_steps: int):
-  """Draw ``(states: (T,) int32, obs: (T, ...))`` from one model."""
+  """Draw one sequence from one model.
+
+  Args:
+    key: PRNG key (first: drawing is the function's purpose).
+    params: ``HMM`` or ``HSMM`` (no user axis).
+    num_steps: T, a static Python int.
+
+  Returns:
+    ``(states: (T,) int32, obs: (T, ...))``.  An HSMM's path is the process
+    cut off after T steps (right-censored last segment).
+
+  Example::
+
+    states, obs = dj.sample(jax.random.key(0), hmm, 100)
+    keys = jax.random.split(key, num_users)
+    states, obs = jax.vmap(lambda k: dj.sample(k, hmm, 100))(keys)   # (U, T), (U, T, ...)
+  """
   if _checks.is_concrete(params):
     params.check_parameters()
   return params.sample(key, num_steps)
+
+
+@jax.jit
+def _batched_viterbi(chunk, index):
+  del index
+  params, obs, mask = chunk
+  return jax.vmap(lambda p, o, m: p.most_likely_states(o, m))(params, obs, mask)
+
+
+def decode_states(params, obs, mask, chunk_size: int = 256):
+  """Viterbi paths of a batch of users: (U, T) int32.
+
+  params: batched model (leading U); obs: (U, T, ...); mask: (U, T) bool.
+  Users go through in chunks of ``chunk_size`` (the last one padded), so
+  every call with the same T reuses one compiled function.
+  """
+  return chunked_map(_batched_viterbi, (params, obs, mask), chunk_size)
 
 
 def stationary_distribution(transition):

@@ -16,6 +16,7 @@ default).  Losses:
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from dennl_jax.batching import chunked_map
 
 
 class Batch(NamedTuple):
@@ -180,13 +183,17 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
 
 
 def predict(model: nnx.Module, data: Batch, key, *, chunk_size: int = 256):
-  """The model's batched parameters for all users, computed in chunks (jitted)."""
+  """The model's batched parameters for all users (leading axis U).
+
+  Users go through in chunks of ``chunk_size`` (the last one padded, so one
+  compilation serves every chunk); chunk j is called with key
+  ``fold_in(key, j)``.
+  """
   graphdef, state = nnx.split(model)
-  fn = jax.jit(lambda s, e, o, m, k: nnx.merge(graphdef, s)(e, o, m, k))
-  num_users = data.mask.shape[0]
-  outs = []
-  for j, lo in enumerate(range(0, num_users, chunk_size)):
-    sl = slice(lo, min(lo + chunk_size, num_users))
-    outs.append(fn(state, data.embedding[sl], data.obs[sl], data.mask[sl],
-                   jax.random.fold_in(key, j)))
-  return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *outs)
+
+  @jax.jit
+  def fn(state, chunk, index):
+    embedding, obs, mask = chunk
+    return nnx.merge(graphdef, state)(embedding, obs, mask, jax.random.fold_in(key, index))
+
+  return chunked_map(partial(fn, state), (data.embedding, data.obs, data.mask), chunk_size)

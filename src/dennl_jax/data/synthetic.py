@@ -285,8 +285,9 @@ def inject_noise(key, obs, fraction: float, mask=None):
 
 def to_model(params: UserParams, max_duration: int, min_covar: float = 1e-3):
   """The batched ``dennl_jax.HSMM`` of these true parameters."""
+  from dennl_jax.durations import PoissonDuration
   from dennl_jax.emissions import Gaussian
-  from dennl_jax.hsmm import HSMM, PoissonDuration
+  from dennl_jax.hsmm import HSMM
   return HSMM(params.initial, params.transition,
               PoissonDuration(params.rate, max_duration=max_duration),
               Gaussian(params.mean, params.cov, min_covar=min_covar))

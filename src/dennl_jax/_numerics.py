@@ -1,0 +1,121 @@
+"""Numerics shared by the emission families, the duration families and both models.
+
+Every kernel here exists once; HMM and HSMM code calls it rather than
+repeating it (no twin code).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+# States whose expected occupancy is below this many time steps are treated
+# as empty and keep their parameters.  Testing `mass > 0` is not enough for
+# gradients: the backward pass of counts / mass has a 1 / mass**2 term that
+# overflows for masses like 1e-30 (common with many states on short
+# sequences), and inf * 0 = NaN then poisons every gradient of the layer.
+MIN_STATE_MASS = 1e-6
+
+
+def floored_log(x):
+  """log with a floor at the smallest normal number, so the result is finite.
+
+  Used for unconstrained coordinates: a probability that is exactly 0 (e.g.
+  an EM output for a symbol the user never emitted) must not give -inf,
+  whose gradient is NaN.
+  """
+  return jnp.log(jnp.maximum(x, jnp.finfo(jnp.asarray(x).dtype).tiny))
+
+
+def keep_where_empty(mass, new, old):
+  """Per-state fallback: states with (almost) no posterior mass keep old values.
+
+  mass: (K,); new, old: (K, ...).
+  """
+  has_mass = mass > MIN_STATE_MASS
+  shape = has_mass.shape + (1,) * (new.ndim - has_mass.ndim)
+  return jnp.where(has_mass.reshape(shape), new, old)
+
+
+def safe_div(num, den):
+  """num / den, with den at or below MIN_STATE_MASS replaced by 1.
+
+  The caller discards those entries with :func:`keep_where_empty`; replacing
+  the denominator (not just the result) keeps the gradient finite there.
+  num: (K, ...); den: (K,).
+  """
+  den_ok = den > MIN_STATE_MASS
+  shape = den.shape + (1,) * (num.ndim - den.ndim)
+  den_safe = jnp.where(den_ok, den, 1.0).reshape(shape)
+  return num / den_safe
+
+
+def normalize_counts(counts, fallback):
+  """Row-normalise expected counts ``(K, N)``; rows with (almost) no mass keep ``fallback``.
+
+  The threshold is ``MIN_STATE_MASS`` (see above for why it is not 0).
+  """
+  mass = counts.sum(-1, keepdims=True)
+  has_mass = mass > MIN_STATE_MASS
+  return jnp.where(has_mass, counts / jnp.where(has_mass, mass, 1.0), fallback)
+
+
+def scaled_likelihoods(log_likes):
+  """``(exp(log_likes - m_t), m_t)`` with ``m_t`` the per-step max: (T, K), (T,).
+
+  A step where every state has likelihood 0 keeps shift 0, so no NaN appears.
+  """
+  shift = jnp.max(log_likes, axis=-1)
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  return jnp.exp(log_likes - shift[:, None]), shift
+
+
+def fill_masked(obs, mask):
+  """``obs: (T, ...)`` with masked steps replaced by zeros.
+
+  A garbage value on a padded step (NaN, out of range) must not reach a
+  likelihood or a statistic: even multiplied by a zero weight or discarded
+  by ``where`` it would poison gradients.  Zero is a valid observation of
+  every family in this package.
+  """
+  mask = jnp.asarray(mask, bool)
+  obs = jnp.asarray(obs)
+  return jnp.where(mask.reshape(mask.shape + (1,) * (obs.ndim - 1)), obs, jnp.zeros_like(obs))
+
+
+def step_structure(mask):
+  """Which steps apply the transition, and which step comes first.
+
+  mask: (T,) bool -> (moves: (T,) bool, is_first: (T,) bool).  ``moves[t]``
+  is true when step t is valid and some earlier step was valid: a masked
+  step is removed from the sequence (identity transition), which is what
+  makes padding anywhere equal the compressed sequence.
+  """
+  mask = jnp.asarray(mask, bool)
+  seen_before = (jnp.cumsum(mask) - mask) > 0
+  return mask & seen_before, mask & ~seen_before
+
+
+def append_blank_steps(log_likes, mask, num_steps: int):
+  """Append ``num_steps`` valid steps that carry no evidence (log b = 0).
+
+  log_likes: (T, K), mask: (T,) bool -> ((T + H, K), (T + H,)).  Masked steps
+  are removed from the sequence, so the first appended step directly follows
+  the last valid one; a filter run over the result reports, on the appended
+  steps, the predictive p(z_{t*+h} | valid observations).  Forecasting this
+  way reuses each model's own filter instead of a second copy of its dynamics.
+  """
+  blank = jnp.zeros((num_steps, log_likes.shape[-1]), log_likes.dtype)
+  return (jnp.concatenate([log_likes, blank]),
+          jnp.concatenate([jnp.asarray(mask, bool), jnp.ones(num_steps, bool)]))
+
+
+def fill_leading(per_step, mask):
+  """Steps before the first valid one report the first valid step's value.
+
+  A masked step carries the state of the sequence; before the first valid
+  step that is the state *at* the first valid step, so its smoothed
+  posterior is copied back (the raw alpha * beta there is not normalised).
+  """
+  before_first = jnp.cumsum(mask) == 0
+  first_value = per_step[jnp.argmax(mask)]
+  shape = before_first.shape + (1,) * (per_step.ndim - 1)
+  return jnp.where(before_first.reshape(shape), first_value[None], per_step)

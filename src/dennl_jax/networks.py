@@ -1,0 +1,186 @@
+"""DENNL and the network baselines as Flax NNX modules (paper section 3, 6, Figs. 1-2).
+
+Every network maps a batch of users -- embeddings ``e: (B, E)``,
+observations ``obs: (B, T, O)`` and masks ``mask: (B, T)`` -- and a PRNG key
+(last: its randomness only drives the SPSA estimates) to a batch of HMM/HSMM
+parameters (the model pytree with a leading user axis):
+
+* :class:`DENNL` -- ``lambda0 = g(e)``, then ``num_stages`` times: an EM layer
+  on the user's own sequence, followed by one MLP shared across stages and
+  users that maps (lambda after EM, latent ``h_k``, ``e``) to (a correction of
+  lambda, ``h_{k+1}``).  The correction is *residual*: it is added to the EM
+  output in pre-activation space (:mod:`dennl_jax.codec`), and its output
+  layer starts at zero, so an untrained DENNL is plain EM from ``lambda0``.
+* :class:`InitialFusion` -- ``lambda0 = g(e)``, then plain EM layers.
+* :class:`EmbeddingMapper` -- ``lambda = g(e)`` only.  Trained on the
+  likelihood it is the "MLP Mapper" baseline; trained by squared error on
+  per-user EM fits it is "EM Mapping" (Table 1's "Direct Mapping").
+
+``lambda0 = g(e)`` comes from the embedding through an MLP whose output bias
+is initialised at a shared start (e.g. :func:`dennl_jax.starts.pooled_start`)
+and whose output weights start at zero.  Two reasons: a common starting point
+aligns state labels across users (state ``k`` means "the same" for everyone,
+which the shared stage MLP needs), and the embedding can then move each
+user's start toward its own parameters.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dennl_jax.codec import ParamCodec
+from dennl_jax.layer import check_gradient_mode, em_layer
+
+# Pre-activations fed to an MLP are clipped to this range (a probability of
+# 1e-6 is about -13.8); the residual path itself is never clipped.
+INPUT_CLIP = 10.0
+
+
+def _em_layers(params, obs, mask, key, settings):
+  """:func:`~dennl_jax.em_layer` for every user of a batch.
+
+  params: batched model (leading axis B); obs: (B, T, ...); mask: (B, T);
+  key: one PRNG key, split into one key per user (independent SPSA draws);
+  settings: (gradient, num_samples, step).
+  """
+  gradient, num_samples, step = settings
+  keys = jax.random.split(key, mask.shape[0])
+  layer = partial(em_layer, gradient=gradient, num_samples=num_samples, step=step)
+  return jax.vmap(layer)(params, obs, mask, keys)
+
+
+class MLP(nnx.Module):
+  """Dense layers with a nonlinearity between them (none after the last)."""
+
+  def __init__(self, sizes: Sequence[int], *, rngs: nnx.Rngs, activation=jax.nn.gelu):
+    if len(sizes) < 2:
+      raise ValueError(f"an MLP needs at least input and output sizes, got {sizes}")
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.activation = activation
+
+  def __call__(self, x):
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < len(self.layers) - 1:
+        x = self.activation(x)
+    return x
+
+
+def _zero_output(linear: nnx.Linear, bias=None):
+  linear.kernel[...] = jnp.zeros_like(linear.kernel[...])
+  linear.bias[...] = (jnp.zeros_like(linear.bias[...]) if bias is None
+                      else jnp.asarray(bias, linear.bias[...].dtype))
+
+
+class StartNetwork(nnx.Module):
+  """``e -> lambda0``: MLP to a pre-activation vector, starting at ``start``."""
+
+  def __init__(self, codec: ParamCodec, start, embed_dim: int, hidden: Sequence[int], *,
+               rngs: nnx.Rngs):
+    self.codec = codec
+    self.net = MLP([embed_dim, *hidden, codec.size], rngs=rngs)
+    _zero_output(self.net.layers[-1], codec.encode(start))
+
+  def preactivation(self, embedding):
+    """(B, E) -> (B, P)."""
+    return self.net(embedding)
+
+  def __call__(self, embedding):
+    return self.codec.decode_batch(self.preactivation(embedding))
+
+
+class EmbeddingMapper(nnx.Module):
+  """``lambda = g(e)``: the MLP Mapper / EM Mapping baselines (no EM)."""
+
+  def __init__(self, codec: ParamCodec, start, embed_dim: int, *,
+               hidden: Sequence[int] = (128, 128), rngs: nnx.Rngs):
+    self.start = StartNetwork(codec, start, embed_dim, hidden, rngs=rngs)
+
+  def __call__(self, embedding, obs=None, mask=None, key=None):
+    del obs, mask, key
+    return self.start(embedding)
+
+
+class InitialFusion(nnx.Module):
+  """``lambda0 = g(e)`` then ``num_stages`` plain EM layers (Fig. 2 right)."""
+
+  def __init__(self, codec: ParamCodec, start, embed_dim: int, *, num_stages: int = 3,
+               hidden: Sequence[int] = (128, 128), gradient: str = "spsa",
+               spsa_samples: int = 16, spsa_step: float = 1e-3, rngs: nnx.Rngs):
+    check_gradient_mode(gradient)
+    self.start = StartNetwork(codec, start, embed_dim, hidden, rngs=rngs)
+    self.num_stages = num_stages
+    self.layer_settings = (gradient, spsa_samples, spsa_step)
+
+  def __call__(self, embedding, obs, mask, key):
+    def stage(params, key_k):
+      return _em_layers(params, obs, mask, key_k, self.layer_settings), None
+
+    # A scan over stages compiles the EM layer once, not num_stages times.
+    params, _ = jax.lax.scan(stage, self.start(embedding),
+                             jax.random.split(key, self.num_stages))
+    return params
+
+
+class DENNL(nnx.Module):
+  """Differentiable EM as a network layer (paper Fig. 1).
+
+  lambda0 = g(e) and h_0 = tanh(W e); then for k = 0..num_stages-1:
+    lambda' = EM(lambda_k; obs)                          (em_layer per user)
+    (delta, h_{k+1}) = MLP(z(lambda'), h_k, e)           (shared across k and users)
+    lambda_{k+1} = decode(z(lambda') + delta)
+  where z is the codec's pre-activation vector.  Returns lambda_K.
+  """
+
+  def __init__(self, codec: ParamCodec, start, embed_dim: int, *, num_stages: int = 3,
+               hidden: Sequence[int] = (256, 256), start_hidden: Sequence[int] = (128, 128),
+               latent_dim: int = 32, correction_scale: float = 0.1, gradient: str = "spsa",
+               spsa_samples: int = 16, spsa_step: float = 1e-3, rngs: nnx.Rngs):
+    check_gradient_mode(gradient)
+    self.codec = codec
+    self.start = StartNetwork(codec, start, embed_dim, start_hidden, rngs=rngs)
+    self.context = nnx.Linear(embed_dim, latent_dim, rngs=rngs)
+    num_features = codec.size + latent_dim + embed_dim
+    # Pre-activations, latents and embeddings have different scales; a
+    # LayerNorm keeps the trunk's activations O(1) so one optimiser step
+    # cannot move the parameters far.
+    self.input_norm = nnx.LayerNorm(num_features, rngs=rngs)
+    self.trunk = MLP([num_features, *hidden], rngs=rngs)
+    self.correction = nnx.Linear(hidden[-1], codec.size, rngs=rngs)
+    _zero_output(self.correction)
+    self.next_latent = nnx.Linear(hidden[-1], latent_dim, rngs=rngs)
+    self.num_stages = num_stages
+    self.correction_scale = correction_scale
+    self.layer_settings = (gradient, spsa_samples, spsa_step)
+
+  def _scan(self, embedding, obs, mask, key):
+    def stage(carry, key_k):
+      params, latent = carry
+      after_em = _em_layers(params, obs, mask, key_k, self.layer_settings)
+      pre = self.codec.encode_batch(after_em)
+      features = jnp.concatenate(
+          [jnp.clip(pre, -INPUT_CLIP, INPUT_CLIP), latent, embedding], axis=-1)
+      hidden = jax.nn.gelu(self.trunk(self.input_norm(features)))
+      params = self.codec.decode_batch(pre + self.correction_scale * self.correction(hidden))
+      latent = jnp.tanh(self.next_latent(hidden))
+      return (params, latent), params
+
+    start = self.start(embedding)
+    carry = (start, jnp.tanh(self.context(embedding)))
+    # A scan over stages compiles the stage once, not num_stages times; the
+    # stage MLP's weights are shared across stages by construction.
+    (final, _), history = jax.lax.scan(stage, carry, jax.random.split(key, self.num_stages))
+    return start, final, history
+
+  def stages(self, embedding, obs, mask, key):
+    """Batched parameters after every stage: the model pytree with leading
+    axes (num_stages + 1, B); index 0 is lambda_0, index -1 the output."""
+    start, _, history = self._scan(embedding, obs, mask, key)
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b], 0), start, history)
+
+  def __call__(self, embedding, obs, mask, key):
+    return self._scan(embedding, obs, mask, key)[1]

@@ -1,0 +1,155 @@
+"""Starting points for EM and for the networks: k-means++ per user and pooled.
+
+* :func:`user_start` -- Conventional EM's start for one user from that
+  user's data only (k-means++ then Lloyd).
+* :func:`pooled_start` -- one shared start from all training users' pooled
+  observations (the networks' output bias; aligns state labels across users).
+* :func:`align_to_reference` -- permute per-user fits onto a reference's
+  state labels.
+
+Randomness is the purpose of a start, so the key comes first.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dennl_jax.durations import PoissonDuration
+from dennl_jax.emissions import Gaussian
+from dennl_jax.hsmm import HSMM
+
+
+def kmeans(key, points, mask, num_clusters: int, num_iters: int = 10):
+  """k-means++ seeding then Lloyd iterations on the valid points of one set.
+
+  points: (N, O); mask: (N,) bool.  Returns ``(centers: (C, O), labels: (N,))``.
+  An empty cluster keeps its center.
+  """
+  num_points = points.shape[0]
+  keys = jax.random.split(key, num_clusters)
+  valid = jnp.asarray(mask, bool)
+  first = jax.random.categorical(keys[0], jnp.where(valid, 0.0, -jnp.inf))
+  centers = jnp.zeros((num_clusters, points.shape[1]), points.dtype).at[0].set(points[first])
+
+  def seed(c, centers):
+    d2 = jnp.sum((points[:, None, :] - centers[None, :, :]) ** 2, -1)
+    d2 = jnp.where(jnp.arange(num_clusters)[None, :] < c, d2, jnp.inf).min(1)
+    logits = jnp.where(valid & (d2 > 0), jnp.log(jnp.maximum(d2, 1e-30)), -jnp.inf)
+    # All valid points coincide with centers: fall back to any valid point.
+    logits = jnp.where(jnp.any(jnp.isfinite(logits)), logits, jnp.where(valid, 0.0, -jnp.inf))
+    pick = jax.random.categorical(keys[c], logits)
+    return centers.at[c].set(points[pick])
+
+  centers = jax.lax.fori_loop(1, num_clusters, seed, centers)
+
+  def lloyd(_, centers):
+    d2 = jnp.sum((points[:, None, :] - centers[None, :, :]) ** 2, -1)
+    onehot = jax.nn.one_hot(jnp.argmin(d2, 1), num_clusters) * valid[:, None]
+    count = onehot.sum(0)
+    new = (onehot.T @ points) / jnp.maximum(count, 1.0)[:, None]
+    return jnp.where(count[:, None] > 0, new, centers)
+
+  centers = jax.lax.fori_loop(0, num_iters, lloyd, centers)
+  labels = jnp.argmin(jnp.sum((points[:, None, :] - centers[None, :, :]) ** 2, -1), 1)
+  del num_points
+  return centers, labels
+
+
+def _within_cluster_covariance(points, mask, centers, labels, min_covar):
+  """Pooled within-cluster covariance (O, O) of the valid points."""
+  diff = (points - centers[labels]) * mask[:, None]
+  count = jnp.maximum(jnp.sum(mask), 2.0)
+  cov = diff.T @ diff / (count - 1.0)
+  return cov + min_covar * jnp.eye(points.shape[1], dtype=points.dtype)
+
+
+def make_hsmm(initial, transition, rate, mean, cov, max_duration: int, min_covar: float):
+  """An HSMM with Poisson durations and full-covariance Gaussian emissions."""
+  return HSMM(initial, transition, PoissonDuration(rate, max_duration=max_duration),
+              Gaussian(mean, cov, min_covar=min_covar))
+
+
+def _uniform_off_diagonal(num_states, dtype=jnp.float32):
+  off = 1.0 - jnp.eye(num_states, dtype=dtype)
+  return off / (num_states - 1)
+
+
+def user_start(key, obs, mask, *, num_states: int, max_duration: int, min_covar: float,
+               duration_rate: float = 4.0, kmeans_iters: int = 10):
+  """Conventional EM's start for one user, from that user's data only.
+
+  Means: k-means++ then Lloyd on the user's observations.  Covariances: the
+  pooled within-cluster covariance of those clusters (the same for every
+  state: a per-cluster one is singular with a handful of points).
+  Transitions and the initial distribution: uniform.  Durations: Poisson
+  with a fixed moderate rate (mean duration 1 + rate).
+  """
+  mask = jnp.asarray(mask, bool)
+  centers, labels = kmeans(key, obs, mask, num_states, kmeans_iters)
+  cov = _within_cluster_covariance(obs, mask, centers, labels, min_covar)
+  dtype = obs.dtype
+  return make_hsmm(jnp.full((num_states,), 1.0 / num_states, dtype),
+                   _uniform_off_diagonal(num_states, dtype),
+                   jnp.full((num_states,), duration_rate, dtype), centers,
+                   jnp.broadcast_to(cov, (num_states,) + cov.shape), max_duration, min_covar)
+
+
+def pooled_start(key, obs, mask, *, num_states: int, max_duration: int, min_covar: float = 1e-3,
+                 duration_rate: float = 4.0, max_points: int = 20000, kmeans_iters: int = 25):
+  """One shared start from all training users' observations pooled together.
+
+  k-means++ on (a random subset of) the pooled valid observations; each
+  state's covariance is its own cluster's covariance (plenty of points when
+  pooled); uniform transitions and initial distribution; Poisson rate
+  ``duration_rate``.  Returns a single-user HSMM.
+  """
+  obs = np.asarray(obs)
+  mask = np.asarray(mask, bool)
+  points = obs[mask]
+  key_sub, key_km = jax.random.split(key)
+  if points.shape[0] > max_points:
+    pick = np.asarray(jax.random.choice(key_sub, points.shape[0], (max_points,), replace=False))
+    points = points[pick]
+  points = jnp.asarray(points)
+  valid = jnp.ones(points.shape[0], bool)
+  centers, labels = jax.jit(kmeans, static_argnums=(3, 4))(key_km, points, valid, num_states,
+                                                           kmeans_iters)
+  onehot = jax.nn.one_hot(labels, num_states)
+  count = jnp.maximum(onehot.sum(0), 2.0)
+  diff = points[:, None, :] - centers[None, :, :]
+  cov = jnp.einsum("nk,nki,nkj->kij", onehot, diff, diff) / (count - 1.0)[:, None, None]
+  cov = cov + min_covar * jnp.eye(points.shape[1])
+  dtype = points.dtype
+  return make_hsmm(jnp.full((num_states,), 1.0 / num_states, dtype),
+                   _uniform_off_diagonal(num_states, dtype),
+                   jnp.full((num_states,), duration_rate, dtype), centers, cov.astype(dtype),
+                   max_duration, min_covar)
+
+
+def align_to_reference(params, reference_mean):
+  """Permute each user's states so its means best match ``reference_mean``.
+
+  params: batched model with Gaussian-type emissions (leading U);
+  reference_mean: (K, O).  Solves one
+  assignment problem per user (Hungarian, squared distances) and applies the
+  permutation to every state-indexed parameter.  Used to give EM Mapping
+  consistent regression targets (per-user EM labels are arbitrary).
+  """
+  from scipy.optimize import linear_sum_assignment
+  means = np.asarray(params.emission.mean)
+  ref = np.asarray(reference_mean)
+  perms = []
+  for m in means:
+    cost = ((ref[:, None, :] - m[None, :, :]) ** 2).sum(-1)
+    _, cols = linear_sum_assignment(cost)
+    perms.append(cols)
+  perms = jnp.asarray(np.stack(perms))
+
+  def permute(p, perm):
+    families = {name: jax.tree_util.tree_map(lambda x: x[perm], family)
+                for name, family in p.families()}
+    return p.replace(initial=p.initial[perm], transition=p.transition[perm][:, perm],
+                     **families)
+
+  return jax.vmap(permute)(params, perms)
