@@ -44,7 +44,6 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from scipy.stats import rankdata
 
@@ -327,6 +326,9 @@ def train_graphsage(key, graph: BipartiteGraph, config=None, *,
       log(f"[graphsage] step {i:5d}/{config.num_steps}  loss {losses[-1]:.4f}  "
           f"elapsed {time.time() - start:6.1f}s")
   train_seconds = time.time() - start
+  if skipped:
+    log(f"[graphsage] WARNING: {skipped} of {config.num_steps} updates skipped "
+        "(non-finite loss or gradient)")
   model = nnx.merge(graphdef, state)
 
   report = dict(num_users=graph.num_users, num_items=graph.num_items, num_edges=num_edges,
