@@ -13,7 +13,7 @@ from scipy import stats
 from scipy.special import logsumexp
 
 import dennl_jax as dj
-from dennl_jax.hsmm import expand_to_hmm
+from dennl_jax.oracles import expand_to_hmm
 
 jax.config.update("jax_enable_x64", True)
 
@@ -194,16 +194,16 @@ def test_hsmm_forecast_knows_elapsed_time():
 
 def test_hsmm_matches_expanded_hmm():
   rng = np.random.default_rng(5)
-  duration, family = "poisson", "multinomial"
-  num_states, max_duration, num_future = 3, 4, 6
-  model = random_hsmm(rng, num_states, max_duration, duration, family)
-  obs, mask, _ = pad_sequence(random_obs(family, rng, 9), rng, 13, family)
-  dense = expand_to_hmm(model)
-  got = _forecast(model, obs, mask, num_steps=num_future)
-  want = _forecast(dense, obs, mask, num_steps=num_future)
+  max_duration = 3
+  model = random_hsmm(rng, STATES, max_duration, "poisson", "categorical")
+  seq, mask = _padded(rng, random_obs("categorical", rng, 5))
+  got, got_ll = _forecast_and_log_likelihood(model, seq, mask, num_steps=HORIZON)
+  want, want_ll = _forecast_and_log_likelihood(expand_to_hmm(model), seq, mask,
+                                               num_steps=HORIZON)
+  np.testing.assert_allclose(got_ll, want_ll, rtol=1e-10)
   np.testing.assert_allclose(
-      got.state_probs,
-      want.state_probs.reshape(num_future, num_states, max_duration).sum(-1), atol=1e-10)
+      got.state_probs, want.state_probs.reshape(HORIZON, STATES, max_duration).sum(-1),
+      atol=1e-10)
   np.testing.assert_allclose(got.observation_mean, want.observation_mean, atol=1e-10)
 
 
@@ -229,33 +229,49 @@ def test_observation_mean_every_family(family):
 
 def test_jit_vmap_over_padded_batch_matches_single_sequences():
   rng = np.random.default_rng(3)
-  family, length = "gaussian", 10
   models, seqs, masks = [], [], []
-  for num_valid in (1, 4, 8):
-    models.append(random_hsmm(rng, 3, 4, "poisson", family))
-    padded, mask, _ = pad_sequence(random_obs(family, rng, num_valid), rng, length, family)
-    seqs.append(padded)
+  for num_valid in (1, 4, 5):
+    models.append(random_hsmm(rng, STATES, 3, "poisson", "categorical"))
+    seq, mask = _padded(rng, random_obs("categorical", rng, num_valid))
+    seqs.append(seq)
     masks.append(mask)
   batch = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *models)
-  batched = jax.jit(jax.vmap(functools.partial(dj.forecast, num_steps=3)))(
+  batched = jax.jit(jax.vmap(functools.partial(dj.forecast, num_steps=HORIZON)))(
       batch, np.stack(seqs), np.stack(masks))
   for u in range(3):
-    single = _forecast(models[u], seqs[u], masks[u], num_steps=3)
+    single, _ = _forecast_and_log_likelihood(models[u], seqs[u], masks[u], num_steps=HORIZON)
     for name in dj.Forecast._fields:
       np.testing.assert_allclose(getattr(batched, name)[u], getattr(single, name), atol=1e-12)
 
 
-def test_float32_long_sequence_is_stable():
+@jax.jit
+def _forecast_loss_and_grad(model, obs, mask, target):
+  """Cross-entropy of ``target`` under the one-step forecast, and its gradient."""
+
+  def loss(model):
+    got = dj.forecast(model, obs, mask, 5)
+    return -jnp.sum(target * jnp.log(got.observation_mean[0])), got
+
+  return jax.value_and_grad(loss, has_aux=True)(model)
+
+
+def test_float32_long_sequence_is_stable_and_differentiable():
   rng = np.random.default_rng(8)
-  model = random_hsmm(rng, 3, 6, "poisson", "categorical")
-  obs = random_obs("categorical", rng, 400)
+  model = random_hsmm(rng, 3, 6, "poisson", "multinomial")
+  obs = random_obs("multinomial", rng, 400)
+  obs = obs / obs.sum(-1, keepdims=True)          # strength vectors, as in the application
   mask = np.ones(400, bool)
   model32 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), model)
-  got = _forecast(model32, obs, mask, num_steps=5)
+  (_, got), grads = _forecast_loss_and_grad(model32, obs.astype(np.float32), mask, obs[-1])
   want = _forecast(model, obs, mask, num_steps=5)
-  assert got.state_probs.dtype == jnp.float32
+  assert got.state_probs.dtype == got.observation_mean.dtype == jnp.float32
   np.testing.assert_allclose(got.state_probs.sum(-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(got.state_probs, want.state_probs, atol=1e-4)
+  np.testing.assert_allclose(got.observation_mean, want.observation_mean, atol=1e-4)
+  # Networks are trained through forecasts (Table 2): every gradient is finite.
+  for leaf in jax.tree_util.tree_leaves(grads):
+    assert np.all(np.isfinite(leaf))
+  assert np.any(np.asarray(grads.duration.rate) != 0)
 
 
 # ---------------------------------------------------------------- bad input
