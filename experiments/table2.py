@@ -158,6 +158,46 @@ def phase_accuracy(predictor, fitted, task, seqs, truth) -> float:
                                     int(max(true.max(), decoded.max()) + 1), mask)
 
 
+def true_hsmm_predictor(truth, seqs):
+  """Oracle row for the marketplace: each user's *generating* HSMM forecasts the next day.
+
+  Emission of phase k: ``active_k * sub-category mix_k`` over the 16
+  sub-categories and ``1 - active_k`` on "no action" (the purchase weighting
+  of the strengths is ignored); the generator's own initial distribution,
+  transitions and Poisson durations.  It bounds what any HSMM estimator can
+  reach on these data (up to the sequences starting at the first active day
+  rather than day 0); users with no history get popularity.
+  """
+  from dennl_jax.data.marketplace import CATEGORY_NAMES
+  from dennl_jax.recsys import hsmm_predictors as hp
+  rows = np.searchsorted(truth.user_ids, np.asarray(seqs.user_ids))
+  active = np.asarray(truth.active_probs)[rows]
+  probs = np.concatenate([active[..., None] * np.asarray(truth.subcategory_probs)[rows],
+                          1.0 - active[..., None]], axis=-1)
+  order = [list(CATEGORY_NAMES).index(n) for n in seqs.category_names]
+  probs = np.clip(probs[..., order], 1e-6, None)
+  probs = probs / probs.sum(-1, keepdims=True)
+  params = hp.multinomial_hsmm(np.asarray(truth.initial)[rows], np.asarray(truth.transition)[rows],
+                               probs, np.asarray(truth.duration_rate)[rows],
+                               int(truth.max_duration))
+  forecast = jax.jit(lambda chunk, index: hp.next_step_distribution(*chunk))
+
+  def fit(key, train_task, val_task, config):
+    return {"popularity": dominant_popularity(train_task)}
+
+  def predict(fitted, task):
+    hist = np.asarray(task.history_mask)
+    users = np.flatnonzero(evaluated(task) & hist.any(1))
+    scores = np.broadcast_to(fitted["popularity"], task.strengths.shape[::2]).copy()
+    if users.size:
+      obs = np.where(hist[users, :, None], task.strengths[users], 0.0).astype(np.float32)
+      chunk = (jax.tree_util.tree_map(lambda x: np.asarray(x)[users], params), obs, hist[users])
+      scores[users] = hp.map_users(forecast, chunk, 256)
+    return scores + 1e-9 * fitted["popularity"]
+
+  return registry.Predictor(fit, predict, False, True, "the user's generating HSMM (oracle)")
+
+
 # ------------------------------------------------------------------ run
 
 
@@ -254,6 +294,9 @@ def run(config, output_dir):
                                 cold_fraction=config.cold_fraction,
                                 cold_min_steps=max(config.min_steps, max(config.cold_history) + 1))
   counts = protocol.role_counts(roles)
+  if "truth" in extra and config.true_hsmm:
+    registry.register("true_hsmm", true_hsmm_predictor(extra["truth"], seqs))
+    methods = methods + ("true_hsmm",)
   common.log(f"[table2] {config.dataset}: {len(lengths)} users, roles {counts}, "
              f"load {time.time() - start:.1f}s")
   runs = [run_seed(jax.random.fold_in(k_seeds, s), s, log, seqs, split, roles, config, extra,
@@ -271,7 +314,9 @@ def run(config, output_dir):
               events_per_step=per_step if unit == "events" else None,
               target="dominant category of the test step (primary); any category with strength > 0 "
                      "(hit@k, the paper's definition)",
-              split="per user: last valid step = test, second-last = validation, rest = training",
+              split=("per user: last valid step = test, "
+                     + ("last active day before it" if "idle_index" in extra else "second-last")
+                     + " = validation, earlier steps = training"),
               seeds=list(range(config.seeds)), num_users=int(len(lengths)),
               num_users_evaluated=int(counts["train"]), users_per_role=counts,
               num_categories=len(seqs.category_names), category_names=list(seqs.category_names),

@@ -51,7 +51,7 @@ def test_tiny_marketplace_end_to_end(tmp_path, monkeypatch):
   meta = table["_meta"]
   assert meta["num_users_evaluated"] == meta["users_per_role"]["train"] > 0
   assert meta["seeds"] == [0] and meta["unit"] == "day"
-  for m in ("popularity", "markov", "graphsage"):
+  for m in ("popularity", "markov", "graphsage", "true_hsmm"):
     assert set(("top1", "top3", "top5", "ndcg5", "mrr")) <= set(table[m])
     assert 0 <= table[m]["top1"] <= table[m]["top3"] <= table[m]["top5"] <= 100
   assert "GraphSage" in (tmp_path / "table2.md").read_text()

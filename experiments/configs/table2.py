@@ -57,6 +57,7 @@ def get_config(arg=None):
   c.marketplace_users = v["marketplace_users"]
   c.marketplace_days = v["marketplace_days"]
   # Cold-user protocol: held-out users shown only h steps before the test step.
+  c.true_hsmm = True               # marketplace: add the generating HSMM's forecast (oracle row)
   c.cold_fraction = 0.2
   c.cold_history = (0, 1, 2)
   c.cold_embedding = "all_before_test"   # or "shown": embedding from the shown steps' items only
