@@ -63,8 +63,9 @@ def tasks():
 @pytest.fixture(scope="module")
 def fitted(tasks):
   train, val, _ = tasks
+  # A typed key here, raw keys below: predictors take either.
   out = {"conventional_em": registry.get("conventional_em").fit(
-      jax.random.PRNGKey(1), train, val, SMALL)}
+      jax.random.key(1), train, val, SMALL)}
   for name in NETWORKS:
     # Only DENNL trains (its test needs it); compiling the other networks'
     # training steps would double the file's time without testing more here.

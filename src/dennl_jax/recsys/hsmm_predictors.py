@@ -317,7 +317,9 @@ def conventional_em_fit(key, obs, mask, config=None):
   settings = tuple(sorted((k, cfg[k]) for k in (
       "num_states", "max_duration", "duration_rate", "kmeans_restarts", "dirichlet_restarts",
       "dirichlet_concentration", "kmeans_iters", "start_smoothing", "em_iters")))
-  keys = np.asarray(jax.random.split(key, obs.shape[0]))
+  keys = jax.random.split(key, obs.shape[0])
+  if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    keys = jax.random.key_data(keys)      # typed keys cannot be padded as numpy arrays
   params, best, per_restart = map_users(functools.partial(_em_chunk, settings=settings),
                                         (keys, obs, mask), cfg["chunk_size"])
   return jax.tree_util.tree_map(jnp.asarray, params), best, per_restart
@@ -499,6 +501,8 @@ def _train_one(kind, key, cfg, data: Tr.Batch, val_task, codec, start, pop, embe
          "initial_state": state}
   best = (_validation_score(run, val_task, pop, cfg), 0, state)
   curve, skipped = [(0, float("nan"), best[0])], 0
+  if cfg.get("log"):
+    cfg["log"](f"[{kind}/{cfg['loss']}] step 0 (start) val {cfg['select_by']} {best[0]:.4f}")
   num_users = data.mask.shape[0]
   batch_size = min(cfg["batch_size"], num_users)
   per_epoch = num_users // batch_size
