@@ -15,6 +15,7 @@ import pytest
 
 import dennl_jax as dj
 
+from dennl_jax.recsys import hsmm_family as hf
 from dennl_jax.recsys import hsmm_predictors as hp
 from dennl_jax.recsys import registry
 from dennl_jax.recsys import task as tk
@@ -101,7 +102,7 @@ def test_predictions_are_distributions_from_history_only(name, tasks, fitted):
 
 def test_conventional_em_keeps_the_best_restart(tasks):
   _, val, _ = tasks
-  obs, hist = hp._inputs(val)
+  obs, hist = hf.history_inputs(val)
   rows = np.flatnonzero(hist.any(1))
   params, best, per_restart = hp.conventional_em_fit(jax.random.PRNGKey(3), obs[rows], hist[rows],
                                                      SMALL)
@@ -115,8 +116,8 @@ def test_conventional_em_keeps_the_best_restart(tasks):
 
 def test_pooled_start_is_a_valid_multinomial_poisson_hsmm(tasks):
   train, _, _ = tasks
-  obs, hist = hp._inputs(train)
-  start = hp.pooled_start(jax.random.PRNGKey(4), obs, hist, num_states=K, max_duration=D)
+  obs, hist = hf.history_inputs(train)
+  start = hf.pooled_start(jax.random.PRNGKey(4), obs, hist, num_states=K, max_duration=D)
   dj.validate(start, obs[0], hist[0] | (np.arange(T) == 0))
   assert np.all(np.diagonal(np.asarray(start.transition)) == 0)
   # Smoothed k-means centres: every category reachable, the two phases found.
@@ -132,7 +133,7 @@ def test_pooled_start_is_a_valid_multinomial_poisson_hsmm(tasks):
 def test_dennl_training_improves_validation_predictive_loss(tasks, fitted):
   _, val, _ = tasks
   f = fitted["dennl"]
-  obs, hist = hp._inputs(val)
+  obs, hist = hf.history_inputs(val)
   emb = f["embed"](val.embeddings)
   target = tk.target_strengths(val)[tk.evaluated(val)]
 
@@ -167,7 +168,7 @@ def test_predictive_loss_scores_last_active_steps_against_forecasts():
   # last active step (idle category 3 excluded and renormalised away) under
   # dj.forecast from the steps before it.
   probs = np.array([[.6, .2, .1, .1], [.1, .1, .2, .6]], np.float32)
-  params = hp.multinomial_hsmm(jnp.array([.5, .5]), jnp.array([[0., 1.], [1., 0.]]),
+  params = hf.multinomial_hsmm(jnp.array([.5, .5]), jnp.array([[0., 1.], [1., 0.]]),
                                jnp.asarray(probs), jnp.array([1., 2.]), D)
   model = lambda e, o, m, k: jax.tree_util.tree_map(
       lambda x: jnp.broadcast_to(x, (o.shape[0],) + x.shape), params)
@@ -177,7 +178,7 @@ def test_predictive_loss_scores_last_active_steps_against_forecasts():
                   [[1, 0, 0, 0], idle, idle, idle]], np.float32)     # nothing before it: no score
   mask = np.ones((3, 4), bool)
   batch = dj.Batch(jnp.zeros((3, 1)), jnp.asarray(obs), jnp.asarray(mask))
-  loss = jax.jit(lambda b: hp.predictive_loss(model, b, None, idle_index=3))(batch)
+  loss = jax.jit(lambda b: hf.predictive_loss(model, b, None, idle_index=3))(batch)
   expected = []
   for u, t in ((0, 1), (1, 2)):
     p = np.asarray(dj.forecast(params, obs[u, :t], mask[u, :t], 1).observation_mean[0])
