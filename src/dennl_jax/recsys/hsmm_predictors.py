@@ -49,9 +49,11 @@ import dennl_jax as dj
 from dennl_jax import training as Tr
 from dennl_jax.recsys import metrics as rmetrics
 from dennl_jax.recsys.baselines import TIE_BREAK, popularity_vector
+# multinomial_hsmm is re-exported: experiments/table2.py builds its oracle row with it.
 from dennl_jax.recsys.hsmm_family import (floor_emission, history_inputs, idle_index, map_users,
-                                          next_step_distribution, pooled_start, predictive_loss,
-                                          rank_active, user_starts)
+                                          multinomial_hsmm, next_step_distribution,
+                                          pooled_start, predictive_loss, rank_active,
+                                          user_starts)
 from dennl_jax.recsys.registry import Predictor, register
 from dennl_jax.recsys.task import NextStepTask, evaluated
 
