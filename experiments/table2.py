@@ -19,7 +19,6 @@ table2.json, table2.md, table2_buckets.json, table2_cold.json, plots, config.jso
 """
 from __future__ import annotations
 
-import os
 import time
 import zlib
 
