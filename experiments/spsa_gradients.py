@@ -125,7 +125,7 @@ def table_cosine(key, config, step):
   sample_counts = [int(s) for s in config.num_samples]
   draws = max(sample_counts) * config.repeats
   rows = []
-  for mode in ("spsa", "forward"):
+  for mode in config.modes:
     # An estimate with num_samples=S is the mean of S independent one-draw
     # estimates, so one compiled one-draw gradient serves every S: draw
     # max(S) * repeats one-draw estimates per user, average disjoint blocks.
@@ -167,7 +167,7 @@ def table_theorem1(key, config):
   num = config.num_draws
   results = {"num_states": num_states, "num_symbols": num_symbols, "num_steps": num_steps,
              "num_draws": num}
-  for dtype in (jnp.float64, jnp.float32):
+  for dtype in (jnp.dtype(d) for d in config.dtypes):
     p = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
     theta, unravel = ravel_pytree(p.to_unconstrained())
     # The map every gradient mode differentiates: EM of the model at unconstrained theta.
@@ -202,10 +202,10 @@ def table_theorem1(key, config):
       mc_rows.append({"num_samples": n, "rms_frobenius_error": float(err),
                       "relative": float(err / jnp.linalg.norm(jac)),
                       "error_times_sqrt_n": float(err * np.sqrt(n))})
-    results[jnp.dtype(dtype).name] = {"jacobian_frobenius": float(jnp.linalg.norm(jac)),
+    results[dtype.name] = {"jacobian_frobenius": float(jnp.linalg.norm(jac)),
                                       "dimension": int(theta.shape[0]),
                                       "bias_vs_step": bias_rows, "error_vs_num_samples": mc_rows}
-    common.log(f"{jnp.dtype(dtype).name} {bias_rows}")
+    common.log(f"{dtype.name} {bias_rows}")
   return results
 
 
@@ -327,9 +327,11 @@ def _markdown(results):
       f"{b['num_draws']} Rademacher draws, common random numbers)",
       common.markdown_table(
           ["c", "bias float64", "bias float32", "per-sample FD error float64"],
-          [(f"{r64['step']:.0e}", f"{r64['bias_frobenius']:.3e}", f"{r32['bias_frobenius']:.3e}",
-            f"{r64['per_sample_fd_error']:.3e}")
-           for r64, r32 in zip(b["float64"]["bias_vs_step"], b["float32"]["bias_vs_step"])]),
+          [(f"{r64['step']:.0e}", f"{r64['bias_frobenius']:.3e}",
+            _num(r32 and r32["bias_frobenius"], ".3e"), f"{r64['per_sample_fd_error']:.3e}")
+           for r64, r32 in zip(b["float64"]["bias_vs_step"],
+                               b.get("float32", {}).get("bias_vs_step") or
+                               [None] * len(b["float64"]["bias_vs_step"]))]),
       f"||J||_F = {b['float64']['jacobian_frobenius']:.3f}. Monte-Carlo error of the "
       "averaged SPSA Jacobian (float64, c=1e-3):",
       common.markdown_table(
