@@ -68,9 +68,11 @@ def fitted(tasks):
   out = {"conventional_em": registry.get("conventional_em").fit(
       jax.random.key(1), train, val, SMALL)}
   for name in NETWORKS:
-    # Only DENNL trains (its test needs it); compiling the other networks'
+    # Only DENNL trains in earnest (its test needs it); compiling the others'
     # training steps would double the file's time without testing more here.
-    steps = SMALL["num_steps"] if name == "dennl" else 0
+    # Initial Fusion takes two steps: its EM-layer outputs hold exact zero
+    # probabilities, which once made every gradient NaN (all updates skipped).
+    steps = {"dennl": SMALL["num_steps"], "initial_fusion": 2}.get(name, 0)
     out[name] = registry.get(name).fit(jax.random.PRNGKey(2), train, val,
                                        dict(SMALL, num_steps=steps, grid=[{"loss": "predictive"}]))
   return out
@@ -185,3 +187,9 @@ def test_predictive_loss_scores_last_active_steps_against_forecasts():
     p = p[:3] / p[:3].sum()
     expected.append(-np.sum(obs[u, t, :3] * np.log(p + 1e-6)))
   np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ("initial_fusion", "dennl"))
+def test_em_layer_networks_train_without_skipped_updates(name, fitted):
+  # A skipped update means a non-finite loss or gradient: the network did not train.
+  assert fitted[name]["grid_results"][0]["skipped"] == 0

@@ -104,8 +104,8 @@ class Multinomial(EmissionFamily):
 
   def log_likelihoods(self, obs):
     # xlogy-style: a zero strength contributes 0 even where probs is 0.
-    logp = jnp.log(self.probs)
-    safe = jnp.where(self.probs > 0, logp, 0.0)
+    # log(1), not log(0), where probs is 0: d log(p) = inf there, and inf * 0 = NaN.
+    safe = jnp.where(self.probs > 0, jnp.log(jnp.where(self.probs > 0, self.probs, 1.0)), 0.0)
     return obs @ safe.T + jnp.where(
         (obs > 0) @ (self.probs <= 0).T.astype(obs.dtype) > 0, -jnp.inf, 0.0)
 
