@@ -24,6 +24,9 @@ from flax import nnx
 
 from experiments import common
 
+# Binaries run in float32; keep x64 switched on by other modules out.
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARIES = ("synthetic_table1", "bench_em_step", "bench_hsmm", "spsa_gradients", "demo_em",
             "demo_hsmm")

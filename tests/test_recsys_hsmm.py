@@ -20,6 +20,9 @@ from dennl_jax.recsys import hsmm_predictors as hp
 from dennl_jax.recsys import registry
 from dennl_jax.recsys import task as tk
 
+# Binaries run in float32; keep x64 switched on by other modules out.
+pytestmark = pytest.mark.usefixtures("float32_default")
+
 K, C, T, D = 2, 4, 7, 3
 SMALL = dict(num_states=K, max_duration=D, duration_rate=1.0, em_iters=8, kmeans_restarts=1,
              dirichlet_restarts=2, num_stages=2, hidden=8, start_hidden=8, latent_dim=4,

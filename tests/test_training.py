@@ -15,18 +15,8 @@ from dennl_jax.networks import DENNL, EmbeddingMapper
 K, O, D, T, E, U = 3, 2, 5, 16, 4, 8
 
 
-@pytest.fixture(autouse=True)
-def _float32():
-  """Train in float32, as the experiments do.
-
-  Other test modules switch on ``jax_enable_x64`` at import, which leaks into
-  every module collected in the same process.  In float64 a state's
-  posterior mass can reach ~1e-297 before it flushes to zero, and the
-  backward pass of the E-step then overflows (a known float64 limitation,
-  see BUILD_NOTES.md); the training loop would skip those steps.
-  """
-  with jax.enable_x64(False):
-    yield
+# Train in float32, as the experiments do (see conftest.float32_default).
+pytestmark = pytest.mark.usefixtures("float32_default")
 
 
 def _problem():

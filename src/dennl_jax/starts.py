@@ -45,7 +45,7 @@ def kmeans(key, points, mask, num_clusters: int, num_iters: int = 10):
 
   def lloyd(_, centers):
     d2 = jnp.sum((points[:, None, :] - centers[None, :, :]) ** 2, -1)
-    onehot = jax.nn.one_hot(jnp.argmin(d2, 1), num_clusters) * valid[:, None]
+    onehot = jax.nn.one_hot(jnp.argmin(d2, 1), num_clusters, dtype=points.dtype) * valid[:, None]
     count = onehot.sum(0)
     new = (onehot.T @ points) / jnp.maximum(count, 1.0)[:, None]
     return jnp.where(count[:, None] > 0, new, centers)
