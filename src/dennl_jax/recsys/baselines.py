@@ -272,7 +272,8 @@ def predict_graphsage_link(fitted, task):
 
 
 register("popularity", Predictor(fit_popularity, predict_popularity, False, False,
-                                 "mean strength over training users' training steps"))
+                                 "how often each category is dominant over training users' "
+                                 "training steps"))
 register("last_step", Predictor(fit_last_step, predict_last_step, False, True,
                                 "repeat the last history step"))
 register("own_frequency", Predictor(fit_own_frequency, predict_own_frequency, False, True,
