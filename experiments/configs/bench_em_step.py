@@ -12,6 +12,8 @@ Override any field, e.g. ``--config.num_users=500 --config.repeats=3``.
 """
 from ml_collections import config_dict
 
+from experiments.configs import select_variant
+
 _VARIANTS = {
     "full": dict(num_users=2000, num_steps=100, repeats=7, hmmlearn_users=100),
     "tiny": dict(num_users=4, num_steps=10, repeats=1, hmmlearn_users=2),
@@ -19,9 +21,7 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-  variant = arg or "full"
-  if variant not in _VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  variant = select_variant(_VARIANTS, arg)
   config = config_dict.ConfigDict()
   config.preset = variant
   config.seed = 0

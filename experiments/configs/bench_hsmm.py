@@ -11,6 +11,8 @@ test: a handful of users, T = 10, one D, one repeat -- timings mean nothing).
 """
 from ml_collections import config_dict
 
+from experiments.configs import select_variant
+
 _VARIANTS = {
     "full": dict(num_users=300, expanded_users=40, num_steps=100, num_states=10, num_symbols=17,
                  durations=(10, 30, 60, 120), repeats=5),
@@ -20,9 +22,7 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-  variant = arg or "full"
-  if variant not in _VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  variant = select_variant(_VARIANTS, arg)
   config = config_dict.ConfigDict()
   config.preset = variant
   config.seed = 0

@@ -10,6 +10,8 @@ Variants: ``full`` (default) and ``tiny`` (the smoke test).
 """
 from ml_collections import config_dict
 
+from experiments.configs import select_variant
+
 _VARIANTS = {
     "full": dict(num_users=200, num_steps=100, num_states=4, num_iters=50),
     "tiny": dict(num_users=4, num_steps=10, num_states=2, num_iters=2),
@@ -17,9 +19,7 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-  variant = arg or "full"
-  if variant not in _VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  variant = select_variant(_VARIANTS, arg)
   config = config_dict.ConfigDict()
   config.preset = variant
   config.seed = 0

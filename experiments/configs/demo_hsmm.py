@@ -11,6 +11,8 @@ states is ``len(true_rates)``.
 """
 from ml_collections import config_dict
 
+from experiments.configs import select_variant
+
 _VARIANTS = {
     "full": dict(num_users=200, num_steps=150, max_duration=40, num_iters=30,
                  true_rates=(2.0, 5.0, 9.0, 14.0)),   # mean durations 3, 6, 10, 15 steps
@@ -19,9 +21,7 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-  variant = arg or "full"
-  if variant not in _VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  variant = select_variant(_VARIANTS, arg)
   config = config_dict.ConfigDict()
   config.preset = variant
   config.seed = 0

@@ -13,6 +13,8 @@ Tuple fields take Python literals: ``--config.num_samples="(1, 16)"``,
 """
 from ml_collections import config_dict
 
+from experiments.configs import select_variant
+
 _VARIANTS = {
     "full": dict(
         cosine=dict(num_users=64, num_steps=100, num_states=5, num_symbols=10,
@@ -40,9 +42,7 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-  variant = arg or "full"
-  if variant not in _VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  variant = select_variant(_VARIANTS, arg)
   config = config_dict.ConfigDict(_VARIANTS[variant])
   config.preset = variant
   config.seed = 0

@@ -18,6 +18,8 @@ import dataclasses
 
 from ml_collections import config_dict
 
+from experiments.configs import select_variant
+
 from dennl_jax.data.synthetic import SyntheticConfig
 
 METHODS = ("conventional_em", "em_mapping", "mlp_mapper", "initial_fusion", "dennl")
@@ -42,9 +44,7 @@ _TINY_SYNTHETIC = dict(num_states=3, obs_dim=2, num_factors=2, embed_dim=4)
 
 
 def get_config(arg=None):
-  variant = arg or "full"
-  if variant not in _VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  variant = select_variant(_VARIANTS, arg)
   config = config_dict.ConfigDict()
   config.preset = variant
   config.seed = 0                      # world, users and training

@@ -16,6 +16,8 @@ field, e.g. ``--config.methods=popularity,markov,gru --config.seeds=3``.
 """
 from ml_collections import config_dict
 
+from experiments.configs import select_variant
+
 ALL_METHODS = ("popularity", "own_frequency", "last_step", "markov", "graphsage",
                "graphsage_linear", "gru", "sasrec", "conventional_em", "mlp_mapper",
                "initial_fusion", "dennl")
@@ -32,9 +34,7 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-  variant = arg or "full"
-  if variant not in _VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(_VARIANTS)}")
+  variant = select_variant(_VARIANTS, arg)
   v = dict(_VARIANTS[variant])
   c = config_dict.ConfigDict()
   c.preset = variant
