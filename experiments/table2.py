@@ -19,6 +19,10 @@ table2.json, table2.md, table2_buckets.json, table2_cold.json, plots, config.jso
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
 import time
 import zlib
 
@@ -197,6 +201,61 @@ def true_hsmm_predictor(truth, seqs):
   return registry.Predictor(fit, predict, False, True, "the user's generating HSMM (oracle)")
 
 
+# ---------------------------------------------------------- result cache
+
+# Config fields that change nothing a finished method computed: reruns with a
+# different selection of methods/seeds or a different report reuse the cache.
+_REPORT_ONLY = ("preset", "methods", "seeds", "bootstrap", "reference", "fail_fast",
+                "method_config", "resume", "cached_only")
+_EMBEDDINGS = "_embeddings"
+
+
+class ResultCache:
+  """Per-seed GraphSAGE embeddings and per-(seed, method) results on disk.
+
+  A killed run keeps every finished method: ``<output_dir>/cache/<data
+  fingerprint>/seed<s>/`` holds ``_embeddings.pkl`` (GraphSAGE) and ``<method>-<method
+  fingerprint>.pkl``, written atomically as each finishes, and a rerun with
+  the same data/protocol settings and the same method settings loads them
+  instead of recomputing (results are deterministic given the keys).  The
+  data fingerprint covers every config field except :data:`_REPORT_ONLY`;
+  the method fingerprint covers ``method_config[name]``.  ``directory=None``
+  caches nothing.
+  """
+
+  def __init__(self, directory, config):
+    self.directory = None
+    if directory:
+      data = {k: v for k, v in config.to_dict().items() if k not in _REPORT_ONLY}
+      self.directory = os.path.join(directory, "cache", _digest(data))
+      self._method_config = config.method_config.to_dict()
+
+  def _path(self, seed, name):
+    if name != _EMBEDDINGS:
+      name = f"{name}-{_digest(self._method_config.get(name, {}))}"
+    return os.path.join(self.directory, f"seed{seed}", f"{name}.pkl")
+
+  def load(self, seed, name):
+    if self.directory is None or not os.path.exists(self._path(seed, name)):
+      return None
+    with open(self._path(seed, name), "rb") as f:
+      return pickle.load(f)
+
+  def save(self, seed, name, value):
+    if self.directory is None:
+      return
+    path = self._path(seed, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+      pickle.dump(jax.tree_util.tree_map(
+          lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, value), f)
+    os.replace(path + ".tmp", path)     # a kill mid-write never leaves a truncated result
+
+
+def _digest(obj) -> str:
+  return hashlib.sha1(json.dumps(common.to_jsonable(obj), sort_keys=True).encode()).hexdigest()[:12]
+
+
 # ------------------------------------------------------------------ run
 
 
@@ -212,11 +271,24 @@ def method_config(config, name, side, link, idle_index=None):
   return dict(cfg, **side, **(link if name == "graphsage" else {}))
 
 
-def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods):
-  """{method: {"main": per-user dict, "cold": {h: per-user dict}, "fit_seconds", ...}}."""
+def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, cache=None):
+  """{method: {"main": per-user dict, "cold": {h: per-user dict}, "fit_seconds", ...}}.
+
+  ``cache`` (:class:`ResultCache`) supplies finished results and stores new ones.
+  """
+  cache = cache or ResultCache(None, config)
   k_graph, k_methods = jax.random.split(seed_key)
-  common.log(f"[table2] seed {seed}: GraphSAGE on training events")
-  emb = embeddings_for_seed(k_graph, log, seqs, split, roles, config, extra.get("user_features"))
+  emb = cache.load(seed, _EMBEDDINGS)
+  if emb is None:
+    if config.cached_only:
+      raise common.ConfigError(f"cached_only: seed {seed} has no cached GraphSAGE embeddings "
+                               f"under {cache.directory}; lower --config.seeds")
+    common.log(f"[table2] seed {seed}: GraphSAGE on training events")
+    emb = embeddings_for_seed(k_graph, log, seqs, split, roles, config,
+                              extra.get("user_features"))
+    cache.save(seed, _EMBEDDINGS, emb)
+  else:
+    common.log(f"[table2] seed {seed}: GraphSAGE embeddings from the cache")
   train_users = roles == protocol.TRAIN
   val_task, test_task = make_tasks(seqs, split, emb["val"], train_users, test_embeddings=emb["test"])
   val_task = protocol.only_users(val_task, train_users)
@@ -233,10 +305,20 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods):
                 for h in config.cold_history} if cold_users.any() else {}
   for j, name in enumerate(methods):
     predictor = registry.get(name)
+    cached = cache.load(seed, name)
+    if cached is not None:
+      common.log(f"[table2] seed {seed}: {name} from the cache "
+                 f"(top1 {100 * cached['main']['top1'].mean():.1f})")
+      out[name] = cached
+      continue
+    if config.cached_only:
+      out.setdefault("_failed", {})[name] = f"not run: no cached result for seed {seed}"
+      continue
     common.log(f"[table2] seed {seed}: {name} ({j + 1}/{len(methods)})")
     try:
       out[name] = _run_method(predictor, name, k_methods, train_task, val_task, main_task,
                               cold_tasks, pop, side, emb, seqs, extra, config, seed)
+      cache.save(seed, name, out[name])
     except Exception as e:          # noqa: BLE001 -- recorded, reported, optionally re-raised
       if config.fail_fast:
         raise
@@ -298,8 +380,9 @@ def run(config, output_dir):
     methods = methods + ("true_hsmm",)
   common.log(f"[table2] {config.dataset}: {len(lengths)} users, roles {counts}, "
              f"load {time.time() - start:.1f}s")
+  cache = ResultCache(output_dir if config.resume else None, config)
   runs = [run_seed(jax.random.fold_in(k_seeds, s), s, log, seqs, split, roles, config, extra,
-                   methods) for s in range(config.seeds)]
+                   methods, cache) for s in range(config.seeds)]
   failed = {}
   for r in runs:
     failed.update(r.get("_failed", {}))

@@ -73,6 +73,22 @@ def test_tiny_marketplace_end_to_end(tmp_path, monkeypatch):
     assert np.all(val_task.train_users[val >= 0])
   assert results["table"]["popularity"]["n"] == meta["num_users_evaluated"]
 
+  # resume: a rerun into the same directory trains nothing (GraphSAGE and every
+  # method come from the per-seed cache) and reproduces the table
+  def no_training(*args, **kwargs):
+    raise AssertionError("a cached result was recomputed")
+  monkeypatch.setattr(table2, "embeddings_for_seed", no_training)
+  monkeypatch.setattr(table2, "_run_method", no_training)
+  again = table2.run(_tiny(), str(tmp_path))
+  for m in ("popularity", "markov", "graphsage", "true_hsmm"):
+    assert again["table"][m]["top1"] == results["table"][m]["top1"]
+    assert again["table"][m]["interval"] == results["table"][m]["interval"]
+  # cached_only reports what is on disk and leaves out what is not
+  config = _tiny(methods=("popularity", "last_step"))
+  config.cached_only = True
+  partial = table2.run(config, str(tmp_path))
+  assert "last_step" in partial["table"]["_meta"]["failed_methods"]
+
 
 def test_phase_accuracy_scores_relabelled_truth_as_perfect():
   import jax
