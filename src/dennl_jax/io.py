@@ -358,5 +358,6 @@ def load_state(path, model) -> None:
   from flax import nnx
   state = nnx.state(model)
   pure = load_params(path, like=nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, pure)
+  # Device arrays, like the module's own variables (dtypes were checked equal above).
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jax.numpy.asarray, pure))
   nnx.update(model, state)
