@@ -65,16 +65,17 @@ class ChainModel(Parameterised):
   def m_step(self, post, obs, mask):
     """New parameters from posterior summaries ``post`` of ``(obs, mask)``.
 
-    Initial: the smoothed marginal at the first valid step.  Transition: the
-    expected transition counts, row-normalised (rows without mass keep
-    theirs).  Emission: the family's M-step of statistics weighted by the
-    smoothed marginals (zero on masked steps).
+    Initial: the smoothed marginal at the first valid step (kept when there
+    is none).  Transition: the expected transition counts, row-normalised
+    (rows without mass keep theirs).  Emission: the family's M-step of
+    statistics weighted by the smoothed marginals (zero on masked steps).
     """
     mask = jnp.asarray(mask, bool)
     weights = jnp.where(mask[:, None], post.smoothed_probs, 0.0)
     stats = self.emission.expected_statistics(fill_masked(obs, mask), weights)
     return self.replace(
-        initial=post.initial_probs / jnp.sum(post.initial_probs),
+        # A sequence with no valid step (a padding user, see sharding.py) keeps its initial.
+        initial=normalize_counts(post.initial_probs, self.initial),
         transition=normalize_counts(post.transition_counts, self.transition),
         emission=self.emission.m_step(stats),
         **self._extra_m_step(post))

@@ -15,10 +15,10 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from dennl_jax import inference
+from dennl_jax import inference, parallel
 
 
-def em_step(params, obs, mask):
+def em_step(params, obs, mask, *, time_parallel: bool = False):
   """One EM iteration on one sequence.
 
   Args:
@@ -26,6 +26,9 @@ def em_step(params, obs, mask):
     obs: (T, ...) observations (the emission family's shape; anything on
       masked steps).
     mask: (T,) bool, True on valid steps (at least one).
+    time_parallel: HMMs only: smooth with associative scans over time
+      (:mod:`dennl_jax.parallel`; same result, O(log T) depth) instead of
+      the sequential scan.  For long sequences on wide devices.
 
   Returns:
     The updated parameters, same pytree type and shapes as ``params``.
@@ -36,6 +39,8 @@ def em_step(params, obs, mask):
     batched = jax.vmap(dj.em_step)(hmms, obs_batch, mask_batch)   # (U, ...) leaves
   """
   inference._validate_if_concrete(params, obs, mask)
+  if time_parallel:
+    return parallel.em_step(params, obs, mask)[0]
   return params.em_step(obs, jnp.asarray(mask, bool))[0]
 
 
