@@ -174,10 +174,15 @@ def _gaussian_from_hmmlearn(model, min_covar):
   if kind == "tied":
     # covars_ expands the shared matrix to (K, D, D).
     return Gaussian(means, _float64(model.covars_), min_covar=min_covar)
-  if kind in ("diag", "spherical"):
-    # The diagonal of covars_ is the per-feature variance for both types.
-    var = np.diagonal(_float64(model.covars_), axis1=1, axis2=2).copy()
-    return DiagGaussian(means, var, min_covar=min_covar)
+  if kind == "diag":
+    return DiagGaussian(means, np.diagonal(_float64(model.covars_), axis1=1, axis2=2).copy(),
+                        min_covar=min_covar)
+  if kind == "spherical":
+    # Not covars_: hmmlearn 0.3 stores spherical _covars_ as (K,) after its
+    # initialisation but (K, D) after an M-step, and covars_ expands the
+    # latter to K * D matrices.  Both forms broadcast to the (K, D) variances.
+    var = np.reshape(_float64(model._covars_), (means.shape[0], -1))
+    return DiagGaussian(means, np.broadcast_to(var, means.shape).copy(), min_covar=min_covar)
   raise ValueError(f"unsupported GaussianHMM covariance_type {kind!r}")
 
 
