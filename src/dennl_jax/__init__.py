@@ -29,6 +29,10 @@ Conventions.
   declaring each array's constraint once with :func:`param` (see
   :mod:`dennl_jax.families`); both bijections follow from it.
 
+Parameters in and out: :func:`save_params` / :func:`load_params` (the rest of
+``io``: ``read_metadata``, ``save_state``/``load_state`` for NNX modules) and
+the hmmlearn/dynamax converters in ``interop`` (``dj.interop.to_hmmlearn``, ...).
+
 Submodules not flattened here: ``oracles`` (test oracles), ``batching``,
 ``starts``, ``codec``, ``networks``, ``baselines``, ``estimators``,
 ``layer``, ``data``, ``graphsage``, ``recsys``.
@@ -55,6 +59,8 @@ from dennl_jax.metrics import confusion_matrix, labelling_accuracy, per_user_acc
 from dennl_jax.training import (Batch, heldout_step_loss, likelihood_loss, make_optimizer,
                                 make_train_step, predict, regression_loss, train)
 from dennl_jax import data
+from dennl_jax import interop, io
+from dennl_jax.io import load_params, save_params
 
 __all__ = [
     # families and their contracts
@@ -78,6 +84,8 @@ __all__ = [
     "make_train_step", "likelihood_loss", "heldout_step_loss", "regression_loss",
     # metrics and data
     "labelling_accuracy", "per_user_accuracy", "confusion_matrix", "data",
+    # parameters in and out (converters: dj.interop.to_hmmlearn, ...)
+    "save_params", "load_params", "io", "interop",
 ]
 
 __version__ = "0.1.0"
