@@ -82,33 +82,12 @@ def test_brute_force_oracle_can_fail():
 # ---------------------------------------------------------------------------
 
 def to_hmmlearn(hmm, family):
-  from hmmlearn import hmm as hl
-  common = dict(n_components=hmm.num_states, init_params="", n_iter=1, tol=0.0,
-                implementation="log")
-  emission = hmm.emission
-  if family == "categorical":
-    model = hl.CategoricalHMM(n_features=emission.num_symbols, params="ste", **common)
-    model.emissionprob_ = np.asarray(emission.probs)
-  elif family == "multinomial":
-    model = hl.MultinomialHMM(n_trials=NUM_TRIALS, params="ste", **common)
-    model.emissionprob_ = np.asarray(emission.probs)
-    model.n_features = emission.probs.shape[1]
-  elif family == "poisson":
-    model = hl.PoissonHMM(params="stl", **common)
-    model.lambdas_ = np.asarray(emission.rate)[:, None]
-    model.n_features = 1
-  else:
-    full = family == "gaussian"
-    # Priors switched off: hmmlearn's M-step is then the plain ML update.
-    model = hl.GaussianHMM(covariance_type="full" if full else "diag", params="stmc",
-                           means_prior=0.0, means_weight=0.0, covars_prior=0.0,
-                           covars_weight=1.0, **common)
-    model.means_ = np.asarray(emission.mean)
-    model.covars_ = np.asarray(emission.cov if full else emission.var)
-    model.n_features = emission.mean.shape[1]
-  model.startprob_ = np.asarray(hmm.initial)
-  model.transmat_ = np.asarray(hmm.transition)
-  return model
+  """hmmlearn's model of ``hmm``, set up for one plain EM iteration (``model.fit``)."""
+  # Priors switched off: hmmlearn's M-step is then the plain ML update.
+  priors_off = (dict(means_prior=0.0, means_weight=0.0, covars_prior=0.0, covars_weight=1.0)
+                if family in ("gaussian", "diag_gaussian") else {})
+  return dj.interop.to_hmmlearn(hmm, n_trials=NUM_TRIALS if family == "multinomial" else None,
+                                n_iter=1, tol=0.0, implementation="log", **priors_off)
 
 
 def hmmlearn_obs(family, obs):
