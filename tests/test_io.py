@@ -8,6 +8,9 @@ problem; saving is atomic and never touches its inputs.
 """
 import json
 import os
+import subprocess
+import sys
+import time
 import zipfile
 
 import jax
@@ -141,6 +144,39 @@ def test_interrupted_save_leaves_the_previous_file(tmp_path, monkeypatch):
   monkeypatch.undo()
   assert_identical(io.load_params(path), old)
   assert sorted(os.listdir(tmp_path)) == ["m.npz"]   # no temporary file left behind
+
+
+_SAVE_FOREVER = """
+import sys
+import numpy as np
+from dennl_jax import io
+path, trees = sys.argv[1], [{"x": np.full(4_000_000, float(i))} for i in range(2)]
+for i in range(10_000):
+  io.save_params(path, trees[i % 2])
+  print(i, flush=True)
+"""
+
+
+def test_sigkilled_save_never_leaves_a_partial_file(tmp_path):
+  """SIGKILL while a save is writing (its temporary file exists): the file stays whole."""
+  path = tmp_path / "big.npz"
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS="cpu")
+  child = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(path)],
+                           stdout=subprocess.PIPE, env=env)
+  try:
+    child.stdout.readline()                       # one save has completed
+    deadline = time.monotonic() + 60.0
+    while not any(name.endswith(".tmp") for name in os.listdir(tmp_path)):
+      assert time.monotonic() < deadline, "the child never started a second save"
+      time.sleep(0.001)
+  finally:
+    child.kill()                                  # inside the write window of a later save
+    child.wait()
+  leftovers = [name for name in os.listdir(tmp_path) if name != "big.npz"]
+  assert leftovers and all(n.startswith(".big.npz.") and n.endswith(".tmp") for n in leftovers)
+  loaded = io.load_params(path)["x"]
+  assert loaded.shape == (4_000_000,) and loaded[0] in (0.0, 1.0)
+  np.testing.assert_array_equal(loaded, np.full(4_000_000, loaded[0]))
 
 
 def test_unsavable_input_writes_nothing(tmp_path):
