@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from scipy.stats import rankdata
 
-from dennl_jax import training
+from dennl_jax import loop, training
 from dennl_jax.graph import (BipartiteGraph, DeviceGraph, graph_from_events, sampled_mean,
                              segment_mean, to_device, validate_graph)
 
@@ -277,7 +277,8 @@ def _evaluate(model, train_graph: BipartiteGraph, held_user, held_item, known_ke
 
 
 def train_graphsage(key, graph: BipartiteGraph, config=None, *,
-                    log: Callable[[str], None] = print):
+                    log: Callable[[str], None] = print, workdir: Optional[str] = None,
+                    progress: bool = False):
   """Train on ``graph`` and embed its users.
 
   key: jax.random key (same key, graph and config -> same embeddings);
@@ -289,6 +290,9 @@ def train_graphsage(key, graph: BipartiteGraph, config=None, *,
   the same pair against degree-proportional negatives.  The returned
   embeddings (U, embed_dim) float32 use the whole graph, held-out edges
   included (they are training-period events too).
+  ``workdir``/``progress``: checkpoints, resume and metrics, and a progress
+  bar (:func:`dennl_jax.loop.fit`; the workdir's config is the config less
+  ``num_steps`` and ``log_every``, plus digests of the key and the graph).
   Returns (model, embeddings, report).
   """
   config = _as_config(config)
@@ -316,20 +320,17 @@ def train_graphsage(key, graph: BipartiteGraph, config=None, *,
   graphdef, state = nnx.split(model)
   optimizer, step_fn = _train_step(graphdef, config.batch_size, config.num_negatives,
                                    config.fanout, config.learning_rate)
-  opt_state = optimizer.init(state)
-  start, losses, skipped = time.time(), [], 0
-  for i in range(config.num_steps):
-    state, opt_state, loss, skip = step_fn(state, opt_state, batch, jax.random.fold_in(k_train, i))
-    losses.append(float(loss))
-    skipped += bool(skip)
-    if config.log_every and (i % config.log_every == 0 or i == config.num_steps - 1):
-      log(f"[graphsage] step {i:5d}/{config.num_steps}  loss {losses[-1]:.4f}  "
-          f"elapsed {time.time() - start:6.1f}s")
-  train_seconds = time.time() - start
-  if skipped:
-    log(f"[graphsage] WARNING: {skipped} of {config.num_steps} updates skipped "
-        "(non-finite loss or gradient)")
-  model = nnx.merge(graphdef, state)
+  run_config = None
+  if workdir:
+    from dennl_jax.checkpoint import fingerprint
+    run_config = {k: v for k, v in dataclasses.asdict(config).items()
+                  if k not in ("num_steps", "log_every")}
+    run_config.update(key=fingerprint(key), graph=fingerprint(tuple(graph)))
+  result = loop.fit(step_fn, state, optimizer.init(state), num_steps=config.num_steps,
+                    batch_at=lambda i: batch, key=k_train, workdir=workdir, config=run_config,
+                    progress=progress, name="graphsage", log=log, log_every=config.log_every)
+  train_seconds, losses, skipped = result.seconds, result.history.loss, result.skipped
+  model = nnx.merge(graphdef, result.state)
 
   report = dict(num_users=graph.num_users, num_items=graph.num_items, num_edges=num_edges,
                 num_train_edges=int(kept.size), num_heldout_edges=num_held,

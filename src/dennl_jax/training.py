@@ -15,7 +15,6 @@ default).  Losses:
 """
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Callable, NamedTuple, Optional
 
@@ -26,6 +25,8 @@ import optax
 from flax import nnx
 
 from dennl_jax.batching import chunked_map
+from dennl_jax import loop
+from dennl_jax.loop import History  # noqa: F401 -- re-exported
 
 
 class Batch(NamedTuple):
@@ -38,15 +39,6 @@ class Batch(NamedTuple):
   obs: jax.Array
   mask: jax.Array
   target: Optional[jax.Array] = None
-
-
-class History(NamedTuple):
-  """Training curve: step indices, losses, wall-clock seconds since start, and
-  whether each step's update was skipped (non-finite loss or gradient)."""
-  step: np.ndarray
-  loss: np.ndarray
-  seconds: np.ndarray
-  skipped: np.ndarray
 
 
 def mean_negative_log_likelihood(params, obs, mask):
@@ -139,47 +131,39 @@ def _take(data: Batch, index) -> Batch:
 def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss,
           optimizer: Optional[optax.GradientTransformation] = None, num_steps: int = 200,
           batch_size: int = 32, key, log_every: int = 25, log: Callable[[str], None] = print,
-          name: str = "model"):
+          name: str = "model", workdir: Optional[str] = None, progress: bool = False,
+          save_every: int = 0, keep: int = 3, mesh=None):
   """Minibatch training of ``model`` on users ``data`` (leading axis U).
 
   Each step draws ``batch_size`` users without replacement (a fresh
-  permutation every epoch).  Returns ``(trained model, History)``; the model
-  passed in is not modified.  Progress lines ``name step loss elapsed``
-  every ``log_every`` steps.
+  permutation every epoch, :func:`dennl_jax.loop.epoch_batches`).  Returns
+  ``(trained model, History)``; the model passed in is not modified.
+  Progress lines ``name step loss elapsed`` every ``log_every`` steps.
+  ``workdir``, ``progress``, ``save_every``, ``keep``, ``mesh``: checkpoints
+  and resume, metrics, progress bar and data parallelism of
+  :func:`dennl_jax.loop.fit` (the workdir's config records the loss, batch
+  size, key, model class and a digest of ``data``; the optimiser is not
+  recorded, so resume with the same one).
   """
   if num_steps < 1 or batch_size < 1:
     raise ValueError(f"num_steps and batch_size must be positive, got {num_steps}, {batch_size}")
   num_users = data.mask.shape[0]
-  batch_size = min(batch_size, num_users)
   optimizer = optimizer or make_optimizer()
   graphdef, state = nnx.split(model)
-  opt_state = optimizer.init(state)
   step_fn = make_train_step(graphdef, loss_fn, optimizer)
   key_perm, key_steps = jax.random.split(key)
-  batches_per_epoch = num_users // batch_size
-  order = np.zeros(0, np.int64)
-  steps, losses, seconds, skipped = [], [], [], []
-  start = time.time()
-  for i in range(num_steps):
-    epoch, pos = divmod(i, batches_per_epoch)
-    if pos == 0:
-      order = np.asarray(jax.random.permutation(jax.random.fold_in(key_perm, epoch), num_users))
-    index = order[pos * batch_size:(pos + 1) * batch_size]
-    state, opt_state, loss, skip = step_fn(state, opt_state, _take(data, index),
-                                           jax.random.fold_in(key_steps, i))
-    loss = float(loss)
-    skipped.append(bool(skip))
-    steps.append(i)
-    losses.append(loss)
-    seconds.append(time.time() - start)
-    if log_every and (i % log_every == 0 or i == num_steps - 1):
-      log(f"[{name}] step {i:5d}/{num_steps}  loss {loss: .4f}  elapsed {seconds[-1]:7.1f}s"
-          f"  skipped {sum(skipped)}")
-  if sum(skipped):
-    log(f"[{name}] WARNING: {sum(skipped)} of {num_steps} updates skipped "
-        "(non-finite loss or gradient)")
-  return nnx.merge(graphdef, state), History(np.asarray(steps), np.asarray(losses),
-                                              np.asarray(seconds), np.asarray(skipped))
+  indices = loop.epoch_batches(key_perm, num_users, batch_size)
+  config = None
+  if workdir:
+    from dennl_jax.checkpoint import fingerprint
+    config = dict(trainer="dennl_jax.training.train", name=name, model=type(model).__name__,
+                  loss=getattr(loss_fn, "__name__", repr(loss_fn)), batch_size=batch_size,
+                  key=fingerprint(key), data=fingerprint(tuple(data)))
+  result = loop.fit(step_fn, state, optimizer.init(state), num_steps=num_steps,
+                    batch_at=lambda i: _take(data, indices(i)), key=key_steps, workdir=workdir,
+                    config=config, save_every=save_every, keep=keep, progress=progress,
+                    mesh=mesh, name=name, log=log, log_every=log_every)
+  return nnx.merge(graphdef, result.state), result.history
 
 
 def predict(model: nnx.Module, data: Batch, key, *, chunk_size: int = 256):

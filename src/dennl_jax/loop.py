@@ -1,0 +1,270 @@
+"""The one training loop of the library: every trainer runs :func:`fit`.
+
+``fit`` drives a jitted step ``step_fn(state, opt_state, batch, key) ->
+(state, opt_state, loss, skipped)`` (:func:`dennl_jax.training.make_train_step`
+builds one) for ``num_steps`` steps.  Everything random is a pure function
+of the step index ``i``: the step's key is ``fold_in(key, i)`` and its batch
+is ``batch_at(i)`` (:func:`epoch_batches` gives the usual schedule, a fresh
+permutation every epoch), so a run resumed from a checkpoint at step ``k``
+sees exactly the batches and keys an uninterrupted run sees after ``k`` --
+and reaches bit-identical parameters.
+
+Around the step it does what every trainer needs once:
+
+* validation: ``eval_fn(state) -> float`` after every ``eval_every`` steps
+  and after the last (and before the first with ``eval_at_start``); the
+  best state by ``mode`` (``"max"`` or ``"min"``, strict improvement, so
+  ties keep the earlier state) is returned beside the final one;
+* skipped updates (the step's non-finite flag) are counted and reported;
+* ``workdir``: periodic orbax checkpoints (:mod:`dennl_jax.checkpoint`,
+  every ``save_every`` steps and at the end, the last ``keep`` kept) and the
+  run's ``config`` (JSON); rerunning with the same workdir resumes, a
+  mismatched or corrupt checkpoint raises
+  :class:`~dennl_jax.checkpoint.CheckpointError`.  Metrics go to
+  ``workdir/metrics`` (:mod:`dennl_jax.tracking`: TensorBoard + JSONL);
+* ``progress``: a tqdm bar; ``log``/``log_every``: progress lines;
+* ``mesh``: batches through :func:`dennl_jax.sharding.shard_users` and the
+  state through :func:`dennl_jax.sharding.replicate` (data parallel).
+
+Step numbering: a loss is recorded under the index ``i`` of the step that
+computed it (``History.step``); evaluations, checkpoints and tracked metrics
+are numbered by the count of updates done, ``i + 1`` (0 = before training).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+
+class History(NamedTuple):
+  """Training curve: step indices, losses, wall-clock seconds since start, and
+  whether each step's update was skipped (non-finite loss or gradient)."""
+  step: np.ndarray
+  loss: np.ndarray
+  seconds: np.ndarray
+  skipped: np.ndarray
+
+
+class FitResult(NamedTuple):
+  """What :func:`fit` returns.
+
+  state, opt_state: after the last step run; best_state: the state with the
+  best validation value (``state`` without ``eval_fn``); best_value: its
+  value (``-inf``/``inf`` when no evaluation improved on the start, NaN
+  without ``eval_fn``); best_step: updates done at that point; curve: one
+  ``(updates done, loss of the last step, value)`` per evaluation (loss NaN
+  at 0); skipped: number of skipped updates; seconds: wall clock, resumed
+  runs included; start_step: the step this call started from (> 0 when it
+  resumed from a checkpoint).
+  """
+  state: Any
+  opt_state: Any
+  best_state: Any
+  best_value: float
+  best_step: int
+  history: History
+  curve: list
+  skipped: int
+  seconds: float
+  start_step: int
+
+
+def epoch_batches(key, num_examples: int, batch_size: int) -> Callable[[int], np.ndarray]:
+  """``i -> (batch_size,)`` int64 indices of step ``i``'s minibatch.
+
+  Epoch ``e`` is the permutation ``jax.random.permutation(fold_in(key, e),
+  num_examples)`` cut into ``num_examples // batch_size`` batches (the
+  remainder is not used in that epoch): a pure function of ``(key, i)``.
+  ``batch_size`` is capped at ``num_examples``.
+  """
+  if num_examples < 1 or batch_size < 1:
+    raise ValueError(f"num_examples and batch_size must be positive, got {num_examples}, "
+                     f"{batch_size}")
+  batch_size = min(batch_size, num_examples)
+  per_epoch = num_examples // batch_size
+  current = {}     # the permutation of the epoch in use: one draw per epoch
+
+  def indices(i: int) -> np.ndarray:
+    epoch, pos = divmod(int(i), per_epoch)
+    if epoch not in current:
+      current.clear()
+      current[epoch] = np.asarray(
+          jax.random.permutation(jax.random.fold_in(key, epoch), num_examples))
+    return current[epoch][pos * batch_size:(pos + 1) * batch_size]
+
+  return indices
+
+
+def _better(mode: str) -> Callable[[float, float], bool]:
+  if mode == "max":
+    return lambda new, old: new > old
+  if mode == "min":
+    return lambda new, old: new < old
+  raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+
+
+def _placement(mesh):
+  """(place state, place batch): identity without a mesh."""
+  if mesh is None:
+    return (lambda tree: tree), (lambda tree: tree)
+  from dennl_jax import sharding     # only multi-device runs need it
+  return (lambda tree: sharding.replicate(tree, mesh)), (
+      lambda tree: sharding.shard_users(tree, mesh))
+
+
+def _progress_bar(progress: bool, total: int, initial: int, name: str):
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, leave=False)
+
+
+def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
+        batch_at: Callable[[int], Any], key, eval_fn: Optional[Callable[[Any], float]] = None,
+        eval_every: int = 0, eval_at_start: bool = False, mode: str = "max",
+        eval_name: str = "val", workdir: Optional[str] = None, config=None,
+        save_every: int = 0, keep: int = 3, tracker=None, progress: bool = False, mesh=None,
+        name: str = "train", log: Optional[Callable[[str], None]] = None, log_every: int = 0,
+        should_stop: Optional[Callable[[int, float], bool]] = None) -> FitResult:
+  """Run ``step_fn`` from ``state``/``opt_state`` to ``num_steps`` steps.
+
+  Args:
+    step_fn: jitted ``(state, opt_state, batch, key) -> (state, opt_state,
+      loss, skipped)``.
+    state, opt_state: pytrees (e.g. ``nnx.split(model)[1]`` and
+      ``optimizer.init(state)``); not modified.
+    num_steps: total steps of the run (a resumed run continues to it; a
+      larger value than a finished checkpoint's continues that run).
+    batch_at: ``i -> batch``, a pure function of ``i``.
+    key: step ``i`` gets ``fold_in(key, i)``.
+    eval_fn, eval_every, eval_at_start, mode, eval_name: validation (see
+      the module docstring); ``eval_every=0`` evaluates after the last step only.
+    workdir: checkpoints, config and metrics (resume by rerunning);
+      config: JSON-able description of the run, compared on resume (leave
+      out what may change between runs, such as ``num_steps``);
+      save_every: steps between checkpoints (0: ``ceil(num_steps / 10)``);
+      keep: checkpoints kept.
+    tracker: a :class:`dennl_jax.tracking.Tracker` (default with a workdir:
+      one writing to ``workdir/metrics``).
+    progress: tqdm progress bar.  mesh: see the module docstring.
+    name: prefix of log lines and the progress bar.
+    log, log_every: ``log(line)`` every ``log_every`` steps and at each evaluation.
+    should_stop: ``(updates done, loss) -> bool``; True checkpoints (with a
+      workdir) and returns early, as a preempted job would.
+
+  Returns:
+    :class:`FitResult`.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be positive, got {num_steps}")
+  if eval_every < 0 or save_every < 0 or keep < 1:
+    raise ValueError(f"eval_every, save_every must be >= 0 and keep >= 1; got {eval_every}, "
+                     f"{save_every}, {keep}")
+  better = _better(mode)
+  place_state, place_batch = _placement(mesh)
+  state, opt_state = place_state(state), place_state(opt_state)
+  best_value = -math.inf if mode == "max" else math.inf
+  best_step, best_state = 0, state
+  losses, seconds, skips, curve = [], [], [], []
+  start_step, elapsed_before = 0, 0.0
+  checkpointer = own_tracker = None
+  if workdir:
+    from dennl_jax import checkpoint
+    checkpointer = checkpoint.Checkpointer(workdir, config=config, keep=keep)
+    trees = {"state": state, "opt_state": opt_state}
+    if eval_fn is not None:
+      trees["best_state"] = state
+    try:
+      restored = checkpointer.restore(trees)
+    except Exception:
+      checkpointer.close()
+      raise
+    if restored is not None:
+      start_step, trees, meta = restored
+      state, opt_state = place_state(trees["state"]), place_state(trees["opt_state"])
+      best_state = place_state(trees["best_state"]) if eval_fn is not None else state
+      best_value, best_step = meta["best_value"], meta["best_step"]
+      losses, seconds, skips = meta["loss"], meta["seconds"], meta["skipped"]
+      curve = [tuple(c) for c in meta["curve"]]
+      elapsed_before = seconds[-1] if seconds else 0.0
+      if log:
+        log(f"[{name}] resumed from the checkpoint at step {start_step} in {workdir}")
+    if tracker is None:
+      from dennl_jax import tracking
+      tracker = own_tracker = tracking.Tracker(os.path.join(workdir, "metrics"),
+                                               start_step=start_step)
+  if eval_fn is None:
+    best_value = math.nan
+  start = time.time() - elapsed_before
+
+  def evaluate(done: int, loss: float):
+    nonlocal best_value, best_step, best_state
+    value = float(eval_fn(state))
+    curve.append((done, loss, value))
+    if better(value, best_value):
+      best_value, best_step, best_state = value, done, state
+    if tracker is not None:
+      tracker.scalars(done, {eval_name: value})
+    if log:
+      at = "0 (start)" if done == 0 else f"{done}/{num_steps} loss {loss:.4f}"
+      log(f"[{name}] step {at} {eval_name} {value:.4f} ({time.time() - start:.0f}s)")
+
+  if eval_fn is not None and eval_at_start and start_step == 0:
+    evaluate(0, math.nan)
+
+  def save(done: int):
+    trees = {"state": state, "opt_state": opt_state}
+    if eval_fn is not None:
+      trees["best_state"] = best_state
+    checkpointer.save(done, trees, dict(
+        best_value=best_value, best_step=best_step, loss=losses, seconds=seconds,
+        skipped=skips, curve=[list(c) for c in curve]))
+
+  save_every = save_every or max(1, math.ceil(num_steps / 10))
+  bar = _progress_bar(progress, num_steps, start_step, name)
+  try:
+    for i in range(start_step, num_steps):
+      state, opt_state, loss, skip = step_fn(state, opt_state, place_batch(batch_at(i)),
+                                             jax.random.fold_in(key, i))
+      loss, done = float(loss), i + 1
+      losses.append(loss)
+      skips.append(bool(skip))
+      seconds.append(time.time() - start)
+      if tracker is not None:
+        tracker.scalars(done, {"loss": loss, "skipped": float(sum(skips))})
+      if log and log_every and (i % log_every == 0 or done == num_steps):
+        log(f"[{name}] step {i:5d}/{num_steps}  loss {loss: .4f}  elapsed {seconds[-1]:7.1f}s"
+            f"  skipped {sum(skips)}")
+      if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
+        evaluate(done, loss)
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+      stop = should_stop is not None and should_stop(done, loss)
+      if checkpointer is not None and (done % save_every == 0 or done == num_steps or stop):
+        save(done)
+      if stop:
+        break
+  finally:
+    if bar is not None:
+      bar.close()
+    if checkpointer is not None:
+      checkpointer.close()
+    if own_tracker is not None:
+      own_tracker.close()
+    elif tracker is not None:
+      tracker.flush()
+  skipped = int(sum(skips))
+  if log and skipped:
+    log(f"[{name}] WARNING: {skipped} of {len(skips)} updates skipped "
+        "(non-finite loss or gradient)")
+  history = History(np.arange(len(losses)), np.asarray(losses, np.float64),
+                    np.asarray(seconds, np.float64), np.asarray(skips, bool))
+  return FitResult(state, opt_state, best_state if eval_fn is not None else state,
+                   best_value, best_step, history, curve, skipped, time.time() - start,
+                   start_step)

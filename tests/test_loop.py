@@ -1,0 +1,136 @@
+"""The generic training loop: batch schedule, best-state selection, skipped updates, resume."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dennl_jax import loop
+
+pytestmark = pytest.mark.usefixtures("float32_default")
+
+N, D, B = 12, 3, 4
+OPT = optax.adam(0.1)
+
+
+def _data():
+  x = jax.random.normal(jax.random.key(0), (N, D))
+  return x, x @ jnp.array([1.0, -2.0, 0.5]) + 0.3
+
+
+@jax.jit
+def step(state, opt_state, batch, key):
+  """Least squares plus a key-dependent jitter of the target (so keys matter)."""
+  x, y = batch
+
+  def loss(s):
+    noisy = y + 0.01 * jax.random.normal(key, y.shape)
+    return jnp.mean((x @ s["w"] + s["b"] - noisy) ** 2)
+
+  value, grads = jax.value_and_grad(loss)(state)
+  updates, opt_state = OPT.update(grads, opt_state, state)
+  return optax.apply_updates(state, updates), opt_state, value, ~jnp.isfinite(value)
+
+
+def _init():
+  state = {"w": jnp.zeros(D), "b": jnp.zeros(())}
+  return state, OPT.init(state)
+
+
+def _batch_at(key):
+  x, y = _data()
+  indices = loop.epoch_batches(key, N, B)
+  return lambda i: (x[indices(i)], y[indices(i)])
+
+
+def test_epoch_batches_are_permutations_and_a_pure_function_of_the_step():
+  key = jax.random.key(3)
+  first = loop.epoch_batches(key, N, 5)     # 2 batches per epoch, 2 users left out
+  seen = np.concatenate([first(0), first(1)])
+  assert len(set(seen.tolist())) == 10
+  np.testing.assert_array_equal(
+      seen, np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), N))[:10])
+  later = [first(i) for i in (7, 2, 3)]
+  fresh = loop.epoch_batches(key, N, 5)    # no history: same batches in any order of calls
+  for i, want in zip((7, 2, 3), later):
+    np.testing.assert_array_equal(fresh(i), want)
+  assert not np.array_equal(first(2), first(0))     # a new permutation per epoch
+  assert loop.epoch_batches(key, 3, 10)(0).size == 3   # batch capped at the data
+  with pytest.raises(ValueError, match="positive"):
+    loop.epoch_batches(key, 0, 2)
+
+
+def _fit(**kw):
+  state, opt_state = _init()
+  kw.setdefault("num_steps", 9)
+  return loop.fit(step, state, opt_state, batch_at=_batch_at(jax.random.key(1)),
+                  key=jax.random.key(2), **kw)
+
+
+def test_fit_equals_a_hand_written_loop():
+  result = _fit()
+  state, opt_state = _init()
+  batch_at = _batch_at(jax.random.key(1))
+  losses = []
+  for i in range(9):
+    state, opt_state, loss, _ = step(state, opt_state, batch_at(i),
+                                     jax.random.fold_in(jax.random.key(2), i))
+    losses.append(float(loss))
+  for a, b in zip(jax.tree_util.tree_leaves(result.state), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(result.history.loss, losses)
+  np.testing.assert_array_equal(result.history.step, np.arange(9))
+  assert result.skipped == 0 and math.isnan(result.best_value) and result.start_step == 0
+
+
+@pytest.mark.parametrize("mode,values,best_step", [
+    ("max", [0.1, 0.5, 0.3, 0.5], 3),       # ties keep the earlier state
+    ("min", [0.4, 0.3, 0.2, 0.9], 6),
+    ("max", [0.9, 0.1, 0.2, 0.3], 0),       # nothing beats the start
+])
+def test_best_state_on_a_hand_made_curve(mode, values, best_step):
+  evaluated = []
+
+  def eval_fn(state):
+    evaluated.append(state)
+    return values[len(evaluated) - 1]
+
+  lines = []
+  result = _fit(eval_fn=eval_fn, eval_every=3, eval_at_start=True, mode=mode, log=lines.append)
+  assert [c[0] for c in result.curve] == [0, 3, 6, 9]
+  assert [c[2] for c in result.curve] == values
+  assert math.isnan(result.curve[0][1]) and result.curve[1][1] == result.history.loss[2]
+  assert result.best_step == best_step and result.best_value == values[best_step // 3]
+  assert result.best_state is evaluated[best_step // 3]
+  assert result.state is evaluated[-1]
+  assert any("(start)" in line for line in lines)
+
+
+def test_without_eval_at_start_the_last_step_is_always_evaluated():
+  result = _fit(num_steps=7, eval_fn=lambda s: float(s["b"]), eval_every=3, mode="max")
+  assert [c[0] for c in result.curve] == [3, 6, 7]
+
+
+def test_skipped_updates_are_counted_and_reported():
+  def nan_step(state, opt_state, batch, key):
+    new, new_opt, loss, _ = step(state, opt_state, batch, key)
+    bad = jax.random.bernoulli(key, 0.5)
+    return (jax.tree_util.tree_map(lambda a, b: jnp.where(bad, b, a), new, state),
+            new_opt, jnp.where(bad, jnp.nan, loss), bad)
+
+  lines = []
+  state, opt_state = _init()
+  result = loop.fit(nan_step, state, opt_state, num_steps=9, batch_at=_batch_at(jax.random.key(1)),
+                    key=jax.random.key(2), log=lines.append)
+  assert result.skipped == int(result.history.skipped.sum()) > 0
+  assert np.isnan(result.history.loss[result.history.skipped]).all()
+  assert any("WARNING" in line and f"{result.skipped} of 9" in line for line in lines)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="num_steps"):
+    _fit(num_steps=0)
+  with pytest.raises(ValueError, match="mode"):
+    _fit(mode="best")
