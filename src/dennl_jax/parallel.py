@@ -75,7 +75,13 @@ def _elements(initial, transition, log_likes, mask):
                            jnp.where(started[:, None, None] & ~is_first[:, None, None],
                                      eye, rows_initial))
   backward_base = jnp.where(moves[:, None, None], transition, eye)
-  return _condition(forward_base, log_likes), _condition(backward_base, log_likes)
+
+  def element(base):
+    probs, log_scale = _condition(base, log_likes)
+    # A step without evidence has scale exactly 1 (not sum(initial) rounded).
+    return probs, jnp.where(mask[:, None], log_scale, 0.0)
+
+  return element(forward_base), element(backward_base)
 
 
 def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
