@@ -108,6 +108,13 @@ def test_best_state_on_a_hand_made_curve(mode, values, best_step):
   assert any("(start)" in line for line in lines)
 
 
+def test_zero_steps_only_evaluate_the_start():
+  result = _fit(num_steps=0, eval_fn=lambda s: 0.5, eval_at_start=True)
+  assert result.curve[0][0] == 0 and result.curve[0][2] == 0.5 and len(result.curve) == 1
+  assert result.history.loss.size == 0 and result.best_step == 0
+  assert result.state is result.best_state
+
+
 def test_without_eval_at_start_the_last_step_is_always_evaluated():
   result = _fit(num_steps=7, eval_fn=lambda s: float(s["b"]), eval_every=3, mode="max")
   assert [c[0] for c in result.curve] == [3, 6, 7]
@@ -131,6 +138,6 @@ def test_skipped_updates_are_counted_and_reported():
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="num_steps"):
-    _fit(num_steps=0)
+    _fit(num_steps=-1)
   with pytest.raises(ValueError, match="mode"):
     _fit(mode="best")

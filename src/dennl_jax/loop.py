@@ -139,7 +139,8 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
     state, opt_state: pytrees (e.g. ``nnx.split(model)[1]`` and
       ``optimizer.init(state)``); not modified.
     num_steps: total steps of the run (a resumed run continues to it; a
-      larger value than a finished checkpoint's continues that run).
+      larger value than a finished checkpoint's continues that run; 0 runs
+      only the start evaluation).
     batch_at: ``i -> batch``, a pure function of ``i``.
     key: step ``i`` gets ``fold_in(key, i)``.
     eval_fn, eval_every, eval_at_start, mode, eval_name: validation (see
@@ -160,8 +161,8 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
   Returns:
     :class:`FitResult`.
   """
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be positive, got {num_steps}")
+  if num_steps < 0:
+    raise ValueError(f"num_steps must be >= 0, got {num_steps}")
   if eval_every < 0 or save_every < 0 or keep < 1:
     raise ValueError(f"eval_every, save_every must be >= 0 and keep >= 1; got {eval_every}, "
                      f"{save_every}, {keep}")
