@@ -19,6 +19,16 @@ Compile time is excluded (one warm-up call), every timing waits on
 ``block_until_ready``, ours and dynamax are timed in alternation (the machine
 may be shared), and the median of ``config.repeats`` is reported.  With
 --output_dir: results.json, results.md and config.json.
+
+Batched kernels (issue 12).  ``jax.vmap`` of the engine runs the users-minor
+kernels of ``dennl_jax._batched``; the same function compiled with them
+switched off (``_batched.batched_kernels(False)``) is the per-sequence vmap.
+Both are timed in the same process, interleaved with dynamax, and so are:
+a DENNL training step with exact gradients (``config.dennl_users`` users,
+skipped at 0), the cost growth over U, T and K (``config.growth`` rows), and
+the compiled temporary memory of an exact gradient at ``config.memory_steps``
+steps (XLA's ``memory_analysis``; skipped at 0).  ``--config=...:quick`` does
+all of it in a few minutes.
 """
 from __future__ import annotations
 
@@ -30,7 +40,88 @@ import jax.numpy as jnp
 import numpy as np
 
 import dennl_jax as dj
+from dennl_jax import _batched
 from experiments import common
+
+
+def compiled(fn, *args, batched: bool):
+  """``fn`` (a jitted function) compiled ahead of time with the batched kernels on or off."""
+  with _batched.batched_kernels(batched):
+    return fn.lower(*args).compile()
+
+
+def both_paths(fn, *args):
+  """(batched, per-sequence) AOT-compiled versions of ``jax.jit(fn)``."""
+  return (compiled(jax.jit(fn), *args, batched=True),
+          compiled(jax.jit(fn), *args, batched=False))
+
+
+def random_batch(seed, num_users, num_steps, num_states, num_symbols):
+  key_model, key_obs = jax.random.split(jax.random.PRNGKey(seed))
+  params = random_models(key_model, num_users, num_states, num_symbols)
+  obs = jax.random.randint(key_obs, (num_users, num_steps), 0, num_symbols, jnp.int32)
+  return params, obs, jnp.ones((num_users, num_steps), bool)
+
+
+def time_dennl_step(config):
+  """Seconds of one DENNL exact-gradient training step, batched kernels on and off."""
+  from flax import nnx
+  from dennl_jax.codec import ParamCodec
+  params, obs, mask = random_batch(config.seed + 1, config.dennl_users, config.num_steps,
+                                   config.num_states, config.num_symbols)
+  template = jax.tree_util.tree_map(lambda x: x[0], params)
+  model = dj.DENNL(ParamCodec(template), template, config.dennl_embed_dim,
+                   num_stages=config.dennl_stages, gradient="exact", rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  optimizer = dj.make_optimizer(1e-3)
+  opt_state = optimizer.init(state)
+  embedding = jax.random.normal(jax.random.PRNGKey(2), (config.dennl_users,
+                                                        config.dennl_embed_dim))
+  batch = dj.Batch(embedding, obs, mask)
+  args = (state, opt_state, batch, jax.random.PRNGKey(3))
+  step = dj.make_train_step(graphdef, dj.likelihood_loss, optimizer)
+  fast = compiled(step, *args, batched=True)
+  slow = compiled(step, *args, batched=False)
+  (fast_s, fast_all), (slow_s, slow_all) = common.interleaved_median_seconds(
+      [(fast, args), (slow, args)], config.repeats)
+  return {"users": config.dennl_users, "stages": config.dennl_stages, "steps": config.num_steps,
+          "batched_seconds": fast_s, "per_sequence_seconds": slow_s,
+          "speedup": slow_s / fast_s, "raw": {"batched": fast_all, "per_sequence": slow_all}}
+
+
+def growth_rows(config):
+  """User-steps/s of vmap(em_step), batched and per-sequence, for each (U, T, K)."""
+  rows = []
+  em = jax.vmap(dj.em_step)
+  for num_users, num_steps, num_states in config.growth:
+    args = random_batch(config.seed, num_users, num_steps, num_states, config.num_symbols)
+    fast, slow = both_paths(em, *args)
+    (fast_s, _), (slow_s, _) = common.interleaved_median_seconds(
+        [(fast, args), (slow, args)], max(1, config.repeats // 2))
+    rows.append({"U": num_users, "T": num_steps, "K": num_states,
+                 "batched_us_per_user_step": 1e6 * fast_s / (num_users * num_steps),
+                 "per_sequence_us_per_user_step": 1e6 * slow_s / (num_users * num_steps),
+                 "speedup": slow_s / fast_s})
+    common.log(str(rows[-1]))
+  return rows
+
+
+def gradient_memory(config):
+  """XLA's temporary bytes for the exact gradient of a vmapped EM layer at T = memory_steps."""
+  params, obs, mask = random_batch(config.seed, config.memory_users, config.memory_steps,
+                                   config.num_states, config.num_symbols)
+  layer = jax.vmap(lambda p, o, m: dj.em_layer(p, o, m, gradient="exact"))
+
+  def loss(p):
+    return sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(layer(p, obs, mask)))
+
+  out = {"users": config.memory_users, "steps": config.memory_steps}
+  for name, batched in (("batched", True), ("per_sequence", False)):
+    stats = compiled(jax.jit(jax.grad(loss)), params, batched=batched).memory_analysis()
+    out[f"{name}_temp_bytes"] = int(stats.temp_size_in_bytes)
+  out["bytes_per_user_step_batched"] = out["batched_temp_bytes"] / (
+      config.memory_users * config.memory_steps)
+  return out
 
 
 def random_models(key, num_users, num_states, num_symbols):
@@ -63,18 +154,43 @@ def time_hmmlearn(params, obs, num_users, repeats):
   return common.median_seconds(score_all, repeats=repeats, warmup=False)
 
 
+def _describe_dennl(d):
+  return (f"DENNL exact-gradient training step ({d['users']} users, {d['stages']} stages, "
+          f"T={d['steps']}): batched {d['batched_seconds']:.3f} s, per-sequence "
+          f"{d['per_sequence_seconds']:.3f} s, speedup {d['speedup']:.2f}x")
+
+
+def _describe_growth(rows):
+  return "\n".join(common.markdown_table(
+      ["U", "T", "K", "batched µs/user-step", "per-sequence µs/user-step", "speedup"],
+      [(r["U"], r["T"], r["K"], f"{r['batched_us_per_user_step']:.3f}",
+        f"{r['per_sequence_us_per_user_step']:.3f}", f"{r['speedup']:.2f}x") for r in rows],
+      align="right"))
+
+
+def _describe_memory(m):
+  return (f"Exact gradient of vmap(em_layer) at T={m['steps']}, {m['users']} users: "
+          f"XLA temporaries batched {m['batched_temp_bytes'] / 2**20:.1f} MiB, "
+          f"per-sequence {m['per_sequence_temp_bytes'] / 2**20:.1f} MiB")
+
+
+# (result key, enabled(config), compute(config), describe(result)) of the optional sections.
+_SECTIONS = (
+    ("dennl_exact_step", lambda c: c.dennl_users > 0, time_dennl_step, _describe_dennl),
+    ("growth", lambda c: len(c.growth) > 0, growth_rows, _describe_growth),
+    ("gradient_memory", lambda c: c.memory_steps > 0, gradient_memory, _describe_memory),
+)
+
+
 def run(config, output_dir: str | None = None) -> dict:
   """Times the three methods; prints the table, writes it with ``output_dir``."""
   num_users, num_steps = config.num_users, config.num_steps
   num_states, num_symbols = config.num_states, config.num_symbols
-  key_model, key_obs = jax.random.split(jax.random.PRNGKey(config.seed))
-  params = random_models(key_model, num_users, num_states, num_symbols)
-  obs = jax.random.randint(key_obs, (num_users, num_steps), 0, num_symbols, jnp.int32)
-  mask = jnp.ones((num_users, num_steps), bool)
+  params, obs, mask = random_batch(config.seed, num_users, num_steps, num_states, num_symbols)
   dj.validate(params, obs, mask)  # once, on the concrete batch
   user_steps = num_users * num_steps
 
-  ours = jax.jit(jax.vmap(dj.em_step))
+  ours, per_sequence = both_paths(jax.vmap(dj.em_step), params, obs, mask)
 
   from dynamax.hidden_markov_model import hmm_smoother as dynamax_smoother
 
@@ -84,19 +200,23 @@ def run(config, output_dir: str | None = None) -> dict:
 
   dynamax = jax.jit(jax.vmap(dynamax_one))
 
-  (ours_s, ours_all), (dyn_s, dyn_all) = common.interleaved_median_seconds(
-      [(ours, (params, obs, mask)), (dynamax, (params, obs))], config.repeats)
+  (ours_s, ours_all), (seq_s, seq_all), (dyn_s, dyn_all) = common.interleaved_median_seconds(
+      [(ours, (params, obs, mask)), (per_sequence, (params, obs, mask)),
+       (dynamax, (params, obs))], config.repeats)
   hl_users = min(config.hmmlearn_users, num_users)
   hl_s, hl_all = time_hmmlearn(params, obs, hl_users, max(1, min(3, config.repeats)))
 
   rows = [
-      ("dennl_jax em_step (full EM iteration)", user_steps / ours_s, ours_s),
+      ("dennl_jax em_step (full EM iteration), batched kernels", user_steps / ours_s, ours_s),
       ("dynamax hmm_smoother (E-step only)", user_steps / dyn_s, dyn_s),
       (f"hmmlearn score_samples ({hl_users} users, scaled)", hl_users * num_steps / hl_s,
        hl_s * num_users / hl_users),
   ]
+  rows.append(("dennl_jax em_step, per-sequence vmap", user_steps / seq_s, seq_s))
   ratio_dyn = rows[0][1] / rows[1][1]
   ratio_hl = rows[0][1] / rows[2][1]
+  ratio_seq = seq_s / ours_s
+  load = os.getloadavg()[0]
   header = (f"U={num_users}, T={num_steps}, K={num_states}, Categorical V={num_symbols}, "
             f"per-user params, float32, jit+vmap; median of {config.repeats}; "
             f"{os.cpu_count()} CPUs, jax {jax.__version__}, {jax.default_backend()}")
@@ -104,8 +224,17 @@ def run(config, output_dir: str | None = None) -> dict:
       ["method", "user-steps/s", "seconds for all users"],
       [(name, f"{rate:,.0f}", f"{sec:.4f}") for name, rate, sec in rows],
       align=["left", "right", "right"])
-  footer = f"ours / dynamax = {ratio_dyn:.2f}x; ours / hmmlearn = {ratio_hl:.1f}x"
-  print("\n\n".join([header, "\n".join(table), footer]))
+  footer = (f"ours / dynamax = {ratio_dyn:.2f}x; ours / hmmlearn = {ratio_hl:.1f}x; "
+            f"batched / per-sequence = {ratio_seq:.2f}x; "
+            f"per-sequence / dynamax = {dyn_s / seq_s:.2f}x; load average {load:.1f}")
+  blocks = [header, "\n".join(table), footer]
+  extra = {}
+  for key, enabled, compute, describe in _SECTIONS:
+    if enabled(config):
+      extra[key] = compute(config)
+      blocks.append(describe(extra[key]))
+  blocks.append(f"load average at the end {os.getloadavg()[0]:.1f}")
+  print("\n\n".join(blocks))
   result = {
       "num_users": num_users, "num_steps": num_steps, "num_states": num_states,
       "num_symbols": num_symbols, "repeats": config.repeats, "hmmlearn_users": hl_users,
@@ -114,12 +243,16 @@ def run(config, output_dir: str | None = None) -> dict:
       "ours_user_steps_per_s": rows[0][1], "dynamax_user_steps_per_s": rows[1][1],
       "hmmlearn_user_steps_per_s": rows[2][1],
       "ratio_ours_over_dynamax": ratio_dyn, "ratio_ours_over_hmmlearn": ratio_hl,
-      "raw_seconds": {"ours": ours_all, "dynamax": dyn_all, "hmmlearn_subset": hl_all},
+      "per_sequence_user_steps_per_s": user_steps / seq_s,
+      "ratio_batched_over_per_sequence": ratio_seq, "load_average_start": load,
+      "raw_seconds": {"ours": ours_all, "per_sequence": seq_all, "dynamax": dyn_all,
+                      "hmmlearn_subset": hl_all},
+      **extra,
   }
   if output_dir:
     common.save_config(config, output_dir)
     common.write_json(os.path.join(output_dir, "results.json"), result)
-    common.write_markdown(os.path.join(output_dir, "results.md"), header, table, footer)
+    common.write_markdown(os.path.join(output_dir, "results.md"), *blocks)
   return result
 
 

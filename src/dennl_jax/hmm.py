@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dennl_jax import _batched
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import append_blank_steps, scaled_likelihoods, step_structure
 from dennl_jax.families import EmissionFamily, Simplex, param
@@ -81,21 +82,14 @@ def _backward(transition, likes, norms, moves):
   return jnp.concatenate([betas, ones[None]], axis=0)
 
 
-def hmm_filter(initial, transition, log_likes, mask):
-  """Filtered marginals and log-likelihood.
-
-  initial: (K,), transition: (K, K), log_likes: (T, K), mask: (T,) bool.
-  Returns (log_likelihood: (), filtered_probs: (T, K)).
-  """
+def _hmm_filter_one(initial, transition, log_likes, mask):
   moves, _ = step_structure(mask)
   likes, shift = scaled_likelihoods(log_likes)
   filtered, _, ll = _forward(initial, transition, likes, shift, moves, mask)
   return ll, filtered
 
 
-def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
-  """Forward-backward on one masked sequence; see :class:`HMMPosterior`."""
-  mask = jnp.asarray(mask, bool)
+def _hmm_smoother_one(initial, transition, log_likes, mask) -> HMMPosterior:
   moves, is_first = step_structure(mask)
   likes, shift = scaled_likelihoods(log_likes)
   filtered, norms, ll = _forward(initial, transition, likes, shift, moves, mask)
@@ -107,6 +101,29 @@ def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   counts = transition * (filtered[:-1].T @ weights)
   initial_probs = jnp.sum(jnp.where(is_first[:, None], smoothed, 0.0), axis=0)
   return HMMPosterior(ll, filtered, smoothed, counts, initial_probs)
+
+
+# Under jax.vmap both run the users-minor kernels of dennl_jax._batched
+# (values and derivatives equal; see that module for which compositions).
+_hmm_filter_dispatch = _batched.batched_dispatch(
+    _hmm_filter_one, _batched.hmm_filter_batched, num_diff=3)
+_hmm_smoother_dispatch = _batched.batched_dispatch(
+    _hmm_smoother_one, lambda *args: HMMPosterior(*_batched.hmm_smoother_batched(*args)),
+    num_diff=3)
+
+
+def hmm_filter(initial, transition, log_likes, mask):
+  """Filtered marginals and log-likelihood.
+
+  initial: (K,), transition: (K, K), log_likes: (T, K), mask: (T,) bool.
+  Returns (log_likelihood: (), filtered_probs: (T, K)).
+  """
+  return _hmm_filter_dispatch(initial, transition, log_likes, jnp.asarray(mask, bool))
+
+
+def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
+  """Forward-backward on one masked sequence; see :class:`HMMPosterior`."""
+  return _hmm_smoother_dispatch(initial, transition, log_likes, jnp.asarray(mask, bool))
 
 
 def hmm_viterbi(initial, transition, log_likes, mask):

@@ -1,0 +1,273 @@
+"""Users-minor batched chain recursions, reached from ``jax.vmap`` of the per-sequence API.
+
+Why.  ``jax.vmap`` of a per-sequence scan puts the user axis first: every
+step of the recursion is a batch of tiny K x K mat-vecs with K minor, which
+XLA:CPU runs as many small kernels.  With the user axis *minor* -- carry
+``(K, U)``, transition ``(K, K, U)`` -- the K-sum of a mat-vec is K fused
+multiply-adds over ``(K, U)`` rows that vectorise over users; written as
+``jnp.sum(..., axis=0)`` instead, XLA:CPU's reduction over a non-minor axis
+is an order of magnitude slower, hence :func:`_mix` and :func:`_sum_rows`.
+Expected counts are accumulated inside the backward scan (a reduction over T
+of ``(T, K, U)`` arrays afterwards costs more than both scans together).
+
+Dispatch.  :func:`batched_dispatch` turns a per-sequence function and its
+batched twin into one function that equals the per-sequence one everywhere
+and runs the batched twin when ``jax.vmap`` batches it:
+
+* primal values: ``jax.custom_batching.custom_vmap`` (its rule calls the
+  batched twin, or ``jax.vmap`` of the per-sequence function where
+  :data:`BATCHED_BACKENDS` says that is faster);
+* derivatives: a ``jax.custom_jvp`` around it.  ``custom_vmap`` alone has
+  no transpose rule, so reverse mode would fail whenever the vmap is not
+  applied first.  The JVP rule therefore uses the batched twin only when the
+  tangents are being batched (``grad(vmap(f))``, ``jvp(vmap(f))``,
+  ``vmap(jvp(f))``: the batch rule then turns the tangent map into plain,
+  transposable ops) and plain ``jax.jvp`` of the per-sequence function
+  otherwise (``grad(f)``, ``vmap(grad(f))``, ``vmap(linearize(f))``), which
+  is always correct.  See BUILD_NOTES "Batched kernels (issue 12)".
+
+Every batched function takes and returns arrays with a leading user axis U
+(the layout ``jax.vmap`` uses) and transposes internally.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
+
+from dennl_jax._numerics import scaled_likelihoods
+
+try:  # private: only used to tell whether tangents are being batched
+  from jax._src.interpreters.batching import BatchTracer as _BatchTracer
+except ImportError:  # pragma: no cover - a JAX without it keeps per-sequence tangents
+  _BatchTracer = ()
+
+# Backend -> use the users-minor kernels under vmap.  Measured with
+# experiments/bench_em_step.py (BUILD_NOTES "Batched kernels (issue 12)").
+BATCHED_BACKENDS = {"cpu": True, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
+
+
+_FORCED = []  # innermost override of BATCHED_BACKENDS, see batched_kernels
+
+
+def use_batched() -> bool:
+  """Whether vmapped chain recursions run the users-minor kernels on this backend."""
+  if _FORCED:
+    return _FORCED[-1]
+  return BATCHED_BACKENDS.get(jax.default_backend(), False)
+
+
+@contextlib.contextmanager
+def batched_kernels(enabled: bool):
+  """Within the block, functions *traced* use (or not) the users-minor kernels under vmap.
+
+  For benchmarks and tests that compare both paths in one process.  The
+  choice is made at trace time, and JAX caches traces (jit, and the batched
+  jaxprs of ``jax.checkpoint``), so the caches are cleared on entry and exit:
+  trace and compile inside the block.
+  """
+  jax.clear_caches()
+  _FORCED.append(bool(enabled))
+  try:
+    yield
+  finally:
+    _FORCED.pop()
+    jax.clear_caches()
+
+
+def _broadcast_users(args, in_batched, num_users):
+  return jax.tree_util.tree_map(
+      lambda x, b: x if b else jnp.broadcast_to(x, (num_users,) + jnp.shape(x)),
+      list(args), list(in_batched))
+
+
+def _all_batched(out):
+  return jax.tree_util.tree_map(lambda _: True, out)
+
+
+# The kernels unroll their K-sums into K multiply-adds per step: the program
+# grows with K and beyond a few dozen states (e.g. the expanded (K D)-state
+# HMM of an HSMM oracle) one batched mat-vec per step is the better program.
+MAX_UNROLLED_STATES = 64
+
+
+def _vmap_rule(per_sequence, batched):
+  def rule(num_users, in_batched, *args):
+    args = _broadcast_users(args, in_batched, num_users)
+    # Every chain function's first argument is the initial distribution (U, K).
+    small = jax.tree_util.tree_leaves(args[0])[0].shape[-1] <= MAX_UNROLLED_STATES
+    impl = batched if use_batched() and small else jax.vmap(per_sequence)
+    out = impl(*args)
+    return out, _all_batched(out)
+  return rule
+
+
+def _is_batched(tree) -> bool:
+  return any(isinstance(x, _BatchTracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def batched_dispatch(per_sequence, batched, num_diff: int):
+  """``per_sequence(*diff_args, *other_args)`` that runs ``batched`` under ``jax.vmap``.
+
+  per_sequence: function of one sequence; its first ``num_diff`` arguments are
+    float arrays that may be differentiated, the rest (masks) are not.
+  batched: the same function on a leading user axis of every argument and output.
+  """
+  primal = custom_vmap(per_sequence)
+  primal.def_vmap(_vmap_rule(per_sequence, batched))
+
+  def jvp_one(primals, tangents, *other):
+    return jax.jvp(lambda *p: per_sequence(*p, *other), primals, tangents)
+
+  def jvp_batched(primals, tangents, *other):
+    return jax.jvp(lambda *p: batched(*p, *other), primals, tangents)
+
+  tangent_map = custom_vmap(jvp_one)
+
+  @tangent_map.def_vmap
+  def tangent_rule(num_users, in_batched, primals, tangents, *other):
+    # Batched tangents of unbatched primals (jacfwd, vmap over directions):
+    # the primal output must come back unbatched.
+    primal_batched = any(jax.tree_util.tree_leaves((in_batched[0], in_batched[2:])))
+    (out, out_tangents), _ = _vmap_rule(jvp_one, jvp_batched)(
+        num_users, in_batched, primals, tangents, *other)
+    if not primal_batched:
+      out = jax.tree_util.tree_map(lambda x: x[0], out)
+    return ((out, out_tangents),
+            (jax.tree_util.tree_map(lambda _: primal_batched, out), _all_batched(out_tangents)))
+
+  @jax.custom_jvp
+  def dispatch(*args):
+    return primal(*args)
+
+  def fn(*args):
+    # A numpy array closed over by jit and batched by vmap reaches a custom
+    # rule as a raw numpy value, which jit's tracer rejects; a copy (free
+    # after XLA) makes every argument a JAX value first.
+    return dispatch(*(jnp.array(x, copy=True) for x in args))
+
+  @dispatch.defjvp
+  def dispatch_jvp(args, tangents):
+    primals, other = tuple(args[:num_diff]), tuple(args[num_diff:])
+    tangents = tuple(tangents[:num_diff])
+    if _is_batched(tangents):
+      return tangent_map(primals, tangents, *other)
+    return jvp_one(primals, tangents, *other)
+
+  return fn
+
+
+# --------------------------------------------------------------------------
+# Users-minor helpers
+# --------------------------------------------------------------------------
+
+
+def _mix(weights, matrix):
+  """``sum_i weights[i] * matrix[i]``: weights (K, U), matrix (K, N, U) -> (N, U)."""
+  out = weights[0][None] * matrix[0]
+  for i in range(1, weights.shape[0]):
+    out = out + weights[i][None] * matrix[i]
+  return out
+
+
+def _sum_rows(x):
+  """``sum_i x[i]`` over the leading axis of (K, U), as K - 1 adds."""
+  out = x[0]
+  for i in range(1, x.shape[0]):
+    out = out + x[i]
+  return out
+
+
+def _chain_inputs(log_likes, mask):
+  """Scaled likelihoods time-major with users minor.
+
+  log_likes: (U, T, K), mask: (U, T) -> likes (T, K, U), shift (T, U), mask (T, U).
+  """
+  likes, shift = jax.vmap(scaled_likelihoods)(log_likes)
+  return jnp.transpose(likes, (1, 2, 0)), shift.T, mask.T
+
+
+def _hmm_forward(initial, trans, likes, shift, mask):
+  """Scaled forward pass (hmm._forward with users minor).
+
+  initial (K, U), trans (K, K, U), likes (T, K, U), shift/mask (T, U).
+  Returns filtered (T, K, U), normalisers (T, U), log-likelihood (U,) and
+  the step structure of ``_numerics.step_structure``, moves and is_first
+  (T, U) -- tracked here with a "seen a valid step" flag rather than a
+  cumulative sum over T, which costs as much as the whole scan on CPU.
+  """
+
+  def step(carry, inputs):
+    alpha_prev, ll, seen = carry
+    b_t, shift_t, valid_t = inputs
+    moves_t = valid_t & seen
+    pred = jnp.where(moves_t, _mix(alpha_prev, trans), alpha_prev)
+    unnorm = pred * b_t
+    norm = jnp.where(valid_t, _sum_rows(unnorm), 1.0)
+    alpha = jnp.where(valid_t, unnorm / norm, pred)
+    ll = ll + jnp.where(valid_t, jnp.log(norm) + shift_t, 0.0)
+    return (alpha, ll, seen | valid_t), (alpha, norm, moves_t, valid_t & ~seen)
+
+  users = initial.shape[1:]
+  init = (initial, jnp.zeros(users, likes.dtype), jnp.zeros(users, bool))
+  (_, ll, _), (filtered, norms, moves, is_first) = jax.lax.scan(
+      step, init, (likes, shift, mask))
+  return filtered, norms, ll, moves, is_first
+
+
+def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
+  """Scaled backward pass fused with the expected counts (hmm._backward, users minor).
+
+  Returns smoothed (T, K, U), two-slice sums sum_t alpha_t(i) msg_{t+1}(j)
+  (K, K, U) (times the transition they are the transition counts) and the
+  smoothed marginal at the first valid step (K, U).  The carry is the
+  message ``msg_{t+1} = b_{t+1} beta_{t+1} / c_{t+1}`` rather than beta: the
+  K-sum then reads a materialised carry, as in the forward pass, instead of
+  recomputing the message from sliced inputs K times per element (25 % of
+  the pass, measured).
+  """
+  trans_by_target = jnp.swapaxes(trans, 0, 1)          # [j, i, u] = A[i, j, u]
+
+  def step(carry, inputs):
+    msg_next, pairs, first = carry
+    alpha_t, b_t, norm_t, moves_next, is_first_t = inputs
+    # A masked next step has b = 1 and c = 1, so its message passes through.
+    beta = jnp.where(moves_next, _mix(msg_next, trans_by_target), msg_next)
+    pairs = pairs + alpha_t[:, None] * jnp.where(moves_next, msg_next, 0.0)[None]
+    smoothed = alpha_t * beta
+    first = first + jnp.where(is_first_t, smoothed, 0.0)
+    return (b_t * beta / norm_t, pairs, first), smoothed
+
+  num_states, num_users = alphas.shape[1:]
+  init = (likes[-1] / norms[-1],
+          jnp.zeros((num_states, num_states, num_users), alphas.dtype),
+          jnp.where(is_first[-1], alphas[-1], 0.0))
+  (_, pairs, first), smoothed = jax.lax.scan(
+      step, init, (alphas[:-1], likes[:-1], norms[:-1], moves[1:], is_first[:-1]), reverse=True)
+  return jnp.concatenate([smoothed, alphas[-1:]], axis=0), pairs, first
+
+
+def _users_first(x):
+  """(T, K, U) -> (U, T, K)."""
+  return jnp.transpose(x, (2, 0, 1))
+
+
+def hmm_filter_batched(initial, transition, log_likes, mask):
+  """:func:`dennl_jax.hmm.hmm_filter` for U sequences: leading U on every input and output."""
+  likes, shift, mask_t = _chain_inputs(log_likes, mask)
+  filtered, _, ll, _, _ = _hmm_forward(initial.T, jnp.transpose(transition, (1, 2, 0)), likes,
+                                       shift, mask_t)
+  return ll, _users_first(filtered)
+
+
+def hmm_smoother_batched(initial, transition, log_likes, mask):
+  """:func:`dennl_jax.hmm.hmm_smoother` for U sequences: the ``HMMPosterior`` fields
+  (log-likelihood, filtered, smoothed, transition counts, initial), each with leading U."""
+  likes, shift, mask_t = _chain_inputs(log_likes, mask)
+  trans = jnp.transpose(transition, (1, 2, 0))
+  filtered, norms, ll, moves, is_first = _hmm_forward(initial.T, trans, likes, shift, mask_t)
+  smoothed, pairs, first = _hmm_backward(trans, filtered, likes, norms, moves, is_first)
+  counts = jnp.transpose(trans * pairs, (2, 0, 1))
+  return ll, _users_first(filtered), _users_first(smoothed), counts, first.T

@@ -1,0 +1,146 @@
+"""The users-minor batched kernels (dennl_jax._batched) against the per-sequence path.
+
+``jax.vmap`` of the public functions dispatches to the batched kernels; the
+reference is the same function called on one user at a time (no vmap, so the
+per-sequence recursion runs).  Values and gradients must agree to float64
+round-off for every emission family, on ragged padded batches with garbage
+in the padding, and in every autodiff composition users write.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dennl_jax as dj
+from dennl_jax import _batched
+from conftest import FAMILIES, pad_sequence, random_hmm, random_obs, stack_trees, tree_allclose
+
+jax.config.update("jax_enable_x64", True)
+
+NUM_USERS, NUM_STATES, PADDED_LEN = 4, 2, 9
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def ragged_batch(family, seed, lengths=(6, 1, 4, 7)):
+  """Per-user HMMs and padded sequences of different lengths (garbage in the padding)."""
+  rng = np.random.default_rng([seed, FAMILIES.index(family)])
+  hmms, obs, masks = [], [], []
+  for length in lengths:
+    hmms.append(random_hmm(family, rng, NUM_STATES))
+    padded, mask, _ = pad_sequence(random_obs(family, rng, length), rng, PADDED_LEN, family)
+    obs.append(padded)
+    masks.append(mask)
+  return stack_trees(hmms), np.stack(obs), np.stack(masks)
+
+
+def user(tree, u):
+  return jax.tree_util.tree_map(lambda x: x[u], tree)
+
+
+def em_loss(params, obs, mask):
+  """A scalar of the posterior (what the kernels compute), and the EM step's outputs.
+
+  The gradient covers the kernels and each family's likelihood; the M-step
+  after them is the same vmapped code on both paths (its gradient through
+  the EM layer is tested below).
+  """
+  post = dj.posterior(params, obs, mask)
+  weights = jnp.cos(jnp.arange(post.smoothed_probs.size)).reshape(post.smoothed_probs.shape)
+  value = (post.log_likelihood + jnp.sum(weights * post.smoothed_probs)
+           + jnp.sum(post.filtered_probs ** 2) + jnp.sum(jnp.sin(post.transition_counts))
+           + jnp.sum(jnp.sin(post.initial_probs)))
+  return value, dj.em_step_with_log_likelihood(params, obs, mask)
+
+
+per_user_value_and_grad = jax.jit(jax.value_and_grad(em_loss, has_aux=True))
+
+
+@jax.jit
+def batched_value_and_grad(params, obs, mask):
+  def total(p):
+    values, aux = jax.vmap(em_loss)(p, obs, mask)
+    return jnp.sum(values), aux
+  return jax.value_and_grad(total, has_aux=True)(params)
+
+
+def per_user(fn, *batch):
+  return stack_trees([fn(*(user(x, u) for x in batch)) for u in range(NUM_USERS)])
+
+
+def test_vmap_takes_the_users_minor_kernels():
+  hmms, obs, mask = ragged_batch("categorical", 0)
+  carry = f"f64[{NUM_STATES},{NUM_USERS}]"
+  assert carry in str(jax.make_jaxpr(jax.vmap(dj.posterior))(hmms, obs, mask))
+  with _batched.batched_kernels(False):
+    assert carry not in str(jax.make_jaxpr(jax.vmap(dj.posterior))(hmms, obs, mask))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_em_step_and_gradient_equal_per_sequence(family):
+  hmms, obs, mask = ragged_batch(family, 1)
+  (value, aux), grad = batched_value_and_grad(hmms, obs, mask)
+  (values, ref_aux), ref_grad = per_user(per_user_value_and_grad, hmms, obs, mask)
+  np.testing.assert_allclose(value, np.sum(values), **TOL)
+  tree_allclose(aux, ref_aux, **TOL)
+  tree_allclose(grad, ref_grad, **TOL)
+
+
+def test_one_step_sequences_and_forecast():
+  def summaries(p, o, m):
+    return dj.posterior(p, o, m), dj.filtered_posteriors(p, o, m), dj.forecast(p, o, m, 2)
+
+  rng = np.random.default_rng(3)
+  hmms = stack_trees([random_hmm("poisson", rng, NUM_STATES) for _ in range(NUM_USERS)])
+  obs = np.stack([random_obs("poisson", rng, 1) for _ in range(NUM_USERS)])
+  mask = np.ones((NUM_USERS, 1), bool)
+  tree_allclose(jax.jit(jax.vmap(summaries))(hmms, obs, mask),
+                per_user(jax.jit(summaries), hmms, obs, mask), **TOL)
+
+
+def test_gradient_compositions():
+  """grad(vmap), vmap(grad), jvp(vmap), vmap(jvp) and jacfwd agree with per-user grad."""
+  hmms, obs, mask = ragged_batch("categorical", 4)
+  loss = lambda p, o, m: em_loss(p, o, m)[0]
+  # Same shapes as the family test: its compiled per-user gradient is reused.
+  reference = per_user(lambda *a: per_user_value_and_grad(*a)[1], hmms, obs, mask)
+  tree_allclose(jax.jit(jax.vmap(jax.grad(loss)))(hmms, obs, mask), reference, **TOL)
+  tangent = jax.tree_util.tree_map(lambda x: jnp.cos(jnp.arange(x.size)).reshape(x.shape), hmms)
+  expected = [sum(jnp.vdot(g, t) for g, t in zip(jax.tree_util.tree_leaves(user(reference, u)),
+                                                jax.tree_util.tree_leaves(user(tangent, u))))
+              for u in range(NUM_USERS)]
+  outer = jax.jit(lambda p, t: jax.jvp(lambda q: jax.vmap(loss)(q, obs, mask), (p,), (t,))[1])
+  inner = jax.jit(jax.vmap(lambda p, t, o, m: jax.jvp(lambda q: loss(q, o, m), (p,), (t,))[1]))
+  np.testing.assert_allclose(outer(hmms, tangent), expected, **TOL)
+  np.testing.assert_allclose(inner(hmms, tangent, obs, mask), expected, **TOL)
+  # jacfwd batches tangents of unbatched primals (the primal output stays unbatched).
+  jac = jax.jit(jax.jacfwd(loss))(user(hmms, 0), obs[0], mask[0])
+  tree_allclose(jac, user(reference, 0), **TOL)
+
+
+@pytest.mark.parametrize("gradient", dj.GRADIENT_MODES)
+def test_em_layer_gradients(gradient):
+  """The three EM-layer modes: vmapped over users (as the networks do) equals per user."""
+  hmms, obs, mask = ragged_batch("categorical", 5)
+  keys = jax.random.split(jax.random.key(0), NUM_USERS)
+  layer = functools.partial(dj.em_layer, gradient=gradient, num_samples=2)
+
+  def layer_loss(p, o, m, k):
+    return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(layer(p, o, m, k)))
+
+  batched = jax.jit(jax.grad(lambda p: jnp.sum(jax.vmap(layer_loss)(p, obs, mask, keys))))(hmms)
+  reference = per_user(jax.jit(jax.grad(layer_loss)), hmms, obs, mask, keys)
+  # SPSA divides finite differences by the step: round-off is amplified by 1 / step.
+  tol = dict(rtol=1e-7, atol=1e-9) if gradient == "spsa" else TOL
+  tree_allclose(batched, reference, **tol)
+
+
+def test_fit_em_equals_per_user():
+  hmms, obs, mask = ragged_batch("multinomial", 6)
+  fitted, trace = dj.fit_em(hmms, obs, mask, num_iters=2)
+  # fit_em is one jitted vmap: the reference is the same call with the kernels switched off.
+  with _batched.batched_kernels(False):
+    ref, ref_trace = dj.fit_em(hmms, obs, mask, num_iters=2)
+  tree_allclose(fitted, ref, **TOL)
+  np.testing.assert_allclose(trace, ref_trace, **TOL)
