@@ -51,10 +51,14 @@ class BinaryFlags:
   win).  Binaries define no flags at import, so tests import any number of
   them into one process and call their ``run(config, output_dir)``.
   ``flag_values``/``sys_argv`` let a test parse a command line of its own.
+  ``tracked=True`` adds ``--workdir`` (checkpoints, resume and TensorBoard/JSONL
+  metrics of every training loop; rerunning with the same workdir resumes) and
+  ``--[no]progress`` (tqdm bars), see :meth:`run_options`.
   """
 
   def __init__(self, name: str, *, output_dir: str | None, variants: Mapping[str, str] = (),
-               compilation_cache_dir: str = "", flag_values=None, sys_argv=None):
+               compilation_cache_dir: str = "", flag_values=None, sys_argv=None,
+               tracked: bool = False):
     from absl import flags
     from ml_collections import config_flags
     self.name = name
@@ -74,6 +78,21 @@ class BinaryFlags:
             flag, False, f"Shorthand for --config=experiments/configs/{name}.py:{variant}.",
             flag_values=fv)
         for flag, variant in dict(variants).items()}
+    self._tracked = tracked
+    if tracked:
+      self._workdir = flags.DEFINE_string(
+          "workdir", "", "Checkpoints and metrics (TensorBoard + JSONL) of every training loop, "
+          "one subdirectory per method and seed; rerun with the same workdir to resume "
+          "('' = none).", flag_values=fv)
+      self._progress = flags.DEFINE_boolean(
+          "progress", True, "tqdm progress bars on long loops (--noprogress: off).",
+          flag_values=fv)
+
+  def run_options(self) -> dict:
+    """``{"workdir": str | None, "progress": bool}`` for a tracked binary's ``run``."""
+    if not self._tracked:
+      return {}
+    return {"workdir": self._workdir.value or None, "progress": self._progress.value}
 
   @property
   def output_dir(self) -> str | None:
@@ -111,13 +130,14 @@ def with_variant(config_flag, get_config_fn: Callable, variant: str):
 
 def app_main(name: str, run: Callable[[config_dict.ConfigDict, str | None], Any], *,
              output_dir: str | None = None, variants: Mapping[str, str] = (),
-             compilation_cache_dir: str = "") -> None:
+             compilation_cache_dir: str = "", tracked: bool = False) -> None:
   """Entry point of ``python -m experiments.<name>``: defines :class:`BinaryFlags`,
-  parses the command line and calls ``run(config, output_dir)``.  A
+  parses the command line and calls ``run(config, output_dir)`` (tracked:
+  ``run(config, output_dir, workdir=..., progress=...)``).  A
   :class:`ConfigError` from ``run`` is reported as a usage error."""
   from absl import app
   binary = BinaryFlags(name, output_dir=output_dir, variants=variants,
-                       compilation_cache_dir=compilation_cache_dir)
+                       compilation_cache_dir=compilation_cache_dir, tracked=tracked)
 
   def main(argv):
     if len(argv) > 1:
@@ -125,11 +145,27 @@ def app_main(name: str, run: Callable[[config_dict.ConfigDict, str | None], Any]
     try:
       config = binary.config()
       enable_compilation_cache(binary.compilation_cache_dir)
-      run(config, binary.output_dir)
+      run(config, binary.output_dir, **binary.run_options())
     except ConfigError as e:
       raise app.UsageError(str(e)) from e
 
   app.run(main)
+
+
+def add_tracking_arguments(parser) -> None:
+  """``--workdir`` and ``--progress/--noprogress`` for an argparse binary (as
+  :class:`BinaryFlags` with ``tracked=True``)."""
+  parser.add_argument("--workdir", default="", help="checkpoints and TensorBoard/JSONL metrics; "
+                      "rerun with the same workdir to resume ('' = none)")
+  parser.add_argument("--progress", dest="progress", action="store_true", default=True,
+                      help="tqdm progress bars (default)")
+  parser.add_argument("--noprogress", dest="progress", action="store_false",
+                      help="no progress bars")
+
+
+def subdir(workdir: str | None, *parts) -> str | None:
+  """``workdir/part/...`` (one per method, seed, ...), or None without a workdir."""
+  return os.path.join(workdir, *map(str, parts)) if workdir else None
 
 
 def log(message: str) -> None:

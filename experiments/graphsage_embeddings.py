@@ -12,6 +12,8 @@ leaks into the embeddings.  Prints the stage timings and the held-out
 link-prediction AUC beside the popularity scorer; writes ``<output>.npz``
 (embeddings, rows = ``seqs.user_ids`` order) and ``<output>.json`` (config,
 report and timings).  ``--set name=value`` overrides a GraphSAGEConfig field.
+``--workdir=DIR``: checkpoints and TensorBoard/JSONL metrics under
+``DIR/<dataset>/seed<seed>`` (rerun to resume); ``--noprogress``: no bar.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from dennl_jax import graphsage
 from dennl_jax.data import events
+from experiments import common
 
 
 def load(dataset: str, data_dir: str, users: int, days: int, seed: int):
@@ -47,6 +50,7 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--output", default="")
+  common.add_tracking_arguments(parser)
   args = parser.parse_args(argv)
   overrides = {}
   for item in args.set:
@@ -79,7 +83,9 @@ def main(argv=None):
         f"edges), {graph.num_items} items; {times['load']:.1f}s load, "
         f"{times['sequences_and_graph']:.1f}s sequences + split + graph", flush=True)
   mark = time.time()
-  _, embeddings, report = graphsage.train_graphsage(jax.random.key(args.seed), graph, config)
+  _, embeddings, report = graphsage.train_graphsage(
+      jax.random.key(args.seed), graph, config, progress=args.progress,
+      workdir=common.subdir(args.workdir, args.dataset, f"seed{args.seed}"))
   times["graphsage"] = time.time() - mark
   times["total"] = time.time() - start
   report.update(dataset=args.dataset, unit=args.unit, seconds=times)
