@@ -54,29 +54,64 @@ def likelihood_loss(model, batch: Batch, key):
   return mean_negative_log_likelihood(params, batch.obs, batch.mask)
 
 
-def heldout_step_loss(model, batch: Batch, key, holdout: float = 0.2):
+def floor_probabilities(params):
+  """Batched params with every probability floored at ``families.PROB_FLOOR``.
+
+  The round trip through the output heads' pre-activations
+  (``from_preactivation(to_preactivation(p))``), so it works for any
+  family, keeps an HSMM's zero transition diagonal and has finite gradients
+  at exact zeros.  Plain EM outputs exact zeros (a transition or duration the
+  visible steps never showed); a held-out step that needs one would score
+  log 0 = -inf.
+  """
+  return jax.vmap(lambda p: type(p).from_preactivation(p.to_preactivation()))(params)
+
+
+def heldout_nll(params, obs, mask, visible, *, floor: bool = True):
+  """-sum_u [log p(o_u | lambda_u) - log p(o_u[visible] | lambda_u)] / #held.
+
+  params: batched (leading U), fitted on the ``visible`` steps; obs: (U, T, ...);
+  mask, visible: (U, T) bool with ``visible`` within ``mask``.  ``floor``
+  applies :func:`floor_probabilities` first (without it one impossible
+  held-out step makes the loss -(-inf - -inf) = NaN).
+  """
+  mask = jnp.asarray(mask, bool)
+  visible = jnp.asarray(visible, bool) & mask
+  if floor:
+    params = floor_probabilities(params)
+  ll = jax.vmap(lambda p, o, m: p.log_likelihood(o, m))
+  gain = ll(params, obs, mask) - ll(params, obs, visible)
+  return -jnp.sum(gain) / jnp.maximum(jnp.sum(mask & ~visible), 1)
+
+
+def heldout_split(mask, key, holdout: float = 0.2):
+  """(U, T) visible steps: ``mask`` less a random ``holdout`` fraction of each
+  user's valid steps (every user keeps at least one visible step).  The
+  draw uses ``fold_in(key, 1)``."""
+  mask = jnp.asarray(mask, bool)
+  held = mask & (jax.random.uniform(jax.random.fold_in(key, 1), mask.shape) < holdout)
+  visible = mask & ~held
+  return jnp.where(jnp.any(visible, axis=1, keepdims=True), visible, mask)
+
+
+def heldout_step_loss(model, batch: Batch, key, holdout: float = 0.2, floor: bool = True):
   """NLL of randomly held-out steps given the rest (an anti-overfitting variant of eq. 9).
 
   A fraction ``holdout`` of each user's valid steps is hidden from the model
   (its EM layers see ``mask & ~held``); the loss is
   ``-(log p(o_all | lambda) - log p(o_visible | lambda)) / #held``, i.e. how
-  well the parameters fitted to the visible steps score the hidden ones.
+  well the parameters fitted to the visible steps score the hidden ones
+  (:func:`heldout_nll`; ``floor`` floors probabilities at 1e-6 first so
+  that plain EM's exact zeros give a finite loss).
   With the library's mask semantics (a masked step is removed from the
   sequence, it does not consume duration) this is a proxy for the exact
   conditional predictive likelihood, not equal to it.  Motivation: on short
   sequences the in-sample likelihood of eq. 9 rewards overfitting (EM at
   T = 50 reaches a log-likelihood far above that of the true parameters).
   """
-  mask = jnp.asarray(batch.mask, bool)
-  held = mask & (jax.random.uniform(jax.random.fold_in(key, 1), mask.shape) < holdout)
-  visible = mask & ~held
-  # A user needs at least one visible step.
-  visible = jnp.where(jnp.any(visible, axis=1, keepdims=True), visible, mask)
-  held = mask & ~visible
+  visible = heldout_split(batch.mask, key, holdout)
   params = model(batch.embedding, batch.obs, visible, key)
-  ll = jax.vmap(lambda p, o, m: p.log_likelihood(o, m))
-  gain = ll(params, batch.obs, mask) - ll(params, batch.obs, visible)
-  return -jnp.sum(gain) / jnp.maximum(jnp.sum(held), 1)
+  return heldout_nll(params, batch.obs, batch.mask, visible, floor=floor)
 
 
 def regression_loss(model, batch: Batch, key):
@@ -87,10 +122,22 @@ def regression_loss(model, batch: Batch, key):
 
 
 def make_optimizer(learning_rate: float = 1e-3, clip_norm: float = 1.0,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """Adam (AdamW when weight_decay > 0) after global-norm gradient clipping."""
-  opt = (optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay > 0
-         else optax.adam(learning_rate))
+                   weight_decay: float = 0.0, *,
+                   rate_in_state: bool = False) -> optax.GradientTransformation:
+  """Adam (AdamW when weight_decay > 0) after global-norm gradient clipping.
+
+  ``rate_in_state=True`` keeps the learning rate in the optimiser state
+  (``optax.inject_hyperparams``) instead of baking it into the compiled
+  step as a constant, so a learning-rate sweep compiles one program (the
+  persistent compilation cache then serves every rate).
+  """
+  if rate_in_state:
+    base = optax.inject_hyperparams(optax.adamw if weight_decay > 0 else optax.adam)
+    opt = (base(learning_rate=learning_rate, weight_decay=weight_decay) if weight_decay > 0
+           else base(learning_rate=learning_rate))
+  else:
+    opt = (optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay > 0
+           else optax.adam(learning_rate))
   return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
 
 
