@@ -54,6 +54,14 @@ def em_loss(params, obs, mask):
   return value, dj.em_step_with_log_likelihood(params, obs, mask)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def batched_derivatives():
+  """Batched kernels for values *and* derivatives, whatever the backend tables say
+  (on CPU derivatives default to the per-sequence JVP, which vmap(grad) tests)."""
+  with _batched.batched_kernels(True):
+    yield
+
+
 per_user_value_and_grad = jax.jit(jax.value_and_grad(em_loss, has_aux=True))
 
 

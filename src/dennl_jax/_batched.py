@@ -20,6 +20,7 @@ and runs the batched twin when ``jax.vmap`` batches it:
 * derivatives: a ``jax.custom_jvp`` around it.  ``custom_vmap`` alone has
   no transpose rule, so reverse mode would fail whenever the vmap is not
   applied first.  The JVP rule therefore uses the batched twin only when the
+  backend's entry in :data:`BATCHED_GRADIENT_BACKENDS` says so and the
   tangents are being batched (``grad(vmap(f))``, ``jvp(vmap(f))``,
   ``vmap(jvp(f))``: the batch rule then turns the tangent map into plain,
   transposable ops) and plain ``jax.jvp`` of the per-sequence function
@@ -44,24 +45,31 @@ try:  # private: only used to tell whether tangents are being batched
 except ImportError:  # pragma: no cover - a JAX without it keeps per-sequence tangents
   _BatchTracer = ()
 
-# Backend -> use the users-minor kernels under vmap.  Measured with
-# experiments/bench_em_step.py (BUILD_NOTES "Batched kernels (issue 12)").
+# Backend -> use the users-minor kernels under vmap, for values and for
+# derivatives (the JVP, hence also reverse mode).  Measured with
+# experiments/bench_em_step.py (BUILD_NOTES "Batched kernels (issue 12)"): on
+# CPU the batched values are faster, but the transposed batched kernels made a
+# DENNL exact-gradient step slower than the per-sequence derivative.  GPU
+# entries are unmeasured guesses (no GPU was available): flip them after
+# running the benchmark there.
 BATCHED_BACKENDS = {"cpu": True, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
+BATCHED_GRADIENT_BACKENDS = {"cpu": False, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
 
 
 _FORCED = []  # innermost override of BATCHED_BACKENDS, see batched_kernels
 
 
-def use_batched() -> bool:
+def use_batched(table=BATCHED_BACKENDS) -> bool:
   """Whether vmapped chain recursions run the users-minor kernels on this backend."""
   if _FORCED:
     return _FORCED[-1]
-  return BATCHED_BACKENDS.get(jax.default_backend(), False)
+  return table.get(jax.default_backend(), False)
 
 
 @contextlib.contextmanager
 def batched_kernels(enabled: bool):
-  """Within the block, functions *traced* use (or not) the users-minor kernels under vmap.
+  """Within the block, functions *traced* use (or not) the users-minor kernels under vmap
+  for values and derivatives alike, whatever the backend tables say.
 
   For benchmarks and tests that compare both paths in one process.  The
   choice is made at trace time, and JAX caches traces (jit, and the batched
@@ -152,7 +160,7 @@ def batched_dispatch(per_sequence, batched, num_diff: int):
   def dispatch_jvp(args, tangents):
     primals, other = tuple(args[:num_diff]), tuple(args[num_diff:])
     tangents = tuple(tangents[:num_diff])
-    if _is_batched(tangents):
+    if use_batched(BATCHED_GRADIENT_BACKENDS) and _is_batched(tangents):
       return tangent_map(primals, tangents, *other)
     return jvp_one(primals, tangents, *other)
 
