@@ -45,11 +45,12 @@ def _em_layers(params, obs, mask, key, settings):
 
   params: batched model (leading axis B); obs: (B, T, ...); mask: (B, T);
   key: one PRNG key, split into one key per user (independent SPSA draws);
-  settings: (gradient, num_samples, step).
+  settings: (gradient, num_samples, step, perturbation).
   """
-  gradient, num_samples, step = settings
+  gradient, num_samples, step, perturbation = settings
   keys = jax.random.split(key, mask.shape[0])
-  layer = partial(em_layer, gradient=gradient, num_samples=num_samples, step=step)
+  layer = partial(em_layer, gradient=gradient, num_samples=num_samples, step=step,
+                  perturbation=perturbation)
   return jax.vmap(layer)(params, obs, mask, keys)
 
 
@@ -110,11 +111,12 @@ class InitialFusion(nnx.Module):
 
   def __init__(self, codec: ParamCodec, start, embed_dim: int, *, num_stages: int = 3,
                hidden: Sequence[int] = (128, 128), gradient: str = "spsa",
-               spsa_samples: int = 16, spsa_step: float = 1e-3, rngs: nnx.Rngs):
+               spsa_samples: int = 16, spsa_step: float = 1e-3,
+               spsa_perturbation: str = "rademacher", rngs: nnx.Rngs):
     check_gradient_mode(gradient)
     self.start = StartNetwork(codec, start, embed_dim, hidden, rngs=rngs)
     self.num_stages = num_stages
-    self.layer_settings = (gradient, spsa_samples, spsa_step)
+    self.layer_settings = (gradient, spsa_samples, spsa_step, spsa_perturbation)
 
   def __call__(self, embedding, obs, mask, key):
     def stage(params, key_k):
@@ -134,12 +136,24 @@ class DENNL(nnx.Module):
     (delta, h_{k+1}) = MLP(z(lambda'), h_k, e)           (shared across k and users)
     lambda_{k+1} = decode(z(lambda') + delta)
   where z is the codec's pre-activation vector.  Returns lambda_K.
+
+  Ablation switches (defaults = the network above):
+    residual=False      -- the paper's direct output, lambda_{k+1} = decode(MLP(...));
+                           its output bias starts at the shared start's pre-activations.
+    use_latent=False    -- no latent h (zeros in place of h_k).
+    embed_in_stage=False -- e does not enter the stage MLP (zeros in its place).
+    user_start          -- ``(key, obs, mask) -> params`` of one user: lambda0 from the
+                           user's own data (e.g. :func:`dennl_jax.starts.user_start`)
+                           instead of g(e); state labels are then not aligned across users.
   """
 
   def __init__(self, codec: ParamCodec, start, embed_dim: int, *, num_stages: int = 3,
                hidden: Sequence[int] = (256, 256), start_hidden: Sequence[int] = (128, 128),
                latent_dim: int = 32, correction_scale: float = 0.1, gradient: str = "spsa",
-               spsa_samples: int = 16, spsa_step: float = 1e-3, rngs: nnx.Rngs):
+               spsa_samples: int = 16, spsa_step: float = 1e-3,
+               spsa_perturbation: str = "rademacher", residual: bool = True,
+               use_latent: bool = True, embed_in_stage: bool = True, user_start=None,
+               rngs: nnx.Rngs):
     check_gradient_mode(gradient)
     self.codec = codec
     self.start = StartNetwork(codec, start, embed_dim, start_hidden, rngs=rngs)
@@ -151,26 +165,41 @@ class DENNL(nnx.Module):
     self.input_norm = nnx.LayerNorm(num_features, rngs=rngs)
     self.trunk = MLP([num_features, *hidden], rngs=rngs)
     self.correction = nnx.Linear(hidden[-1], codec.size, rngs=rngs)
-    _zero_output(self.correction)
+    # Direct output starts at the shared start (an untrained direct stage
+    # outputs it whatever EM did); residual starts at "no correction".
+    _zero_output(self.correction, None if residual else codec.encode(start))
     self.next_latent = nnx.Linear(hidden[-1], latent_dim, rngs=rngs)
     self.num_stages = num_stages
     self.correction_scale = correction_scale
-    self.layer_settings = (gradient, spsa_samples, spsa_step)
+    self.layer_settings = (gradient, spsa_samples, spsa_step, spsa_perturbation)
+    self.residual, self.use_latent, self.embed_in_stage = residual, use_latent, embed_in_stage
+    self.user_start = user_start
 
   def _scan(self, embedding, obs, mask, key):
     def stage(carry, key_k):
       params, latent = carry
       after_em = _em_layers(params, obs, mask, key_k, self.layer_settings)
       pre = self.codec.encode_batch(after_em)
+      stage_embedding = embedding if self.embed_in_stage else jnp.zeros_like(embedding)
       features = jnp.concatenate(
-          [jnp.clip(pre, -INPUT_CLIP, INPUT_CLIP), latent, embedding], axis=-1)
+          [jnp.clip(pre, -INPUT_CLIP, INPUT_CLIP), latent, stage_embedding], axis=-1)
       hidden = jax.nn.gelu(self.trunk(self.input_norm(features)))
-      params = self.codec.decode_batch(pre + self.correction_scale * self.correction(hidden))
+      out = self.correction(hidden)
+      params = self.codec.decode_batch(pre + self.correction_scale * out if self.residual
+                                       else out)
       latent = jnp.tanh(self.next_latent(hidden))
+      if not self.use_latent:
+        latent = jnp.zeros_like(latent)
       return (params, latent), params
 
-    start = self.start(embedding)
-    carry = (start, jnp.tanh(self.context(embedding)))
+    if self.user_start is None:
+      start = self.start(embedding)
+    else:
+      keys = jax.random.split(jax.random.fold_in(key, 1), mask.shape[0])
+      start = jax.lax.stop_gradient(self.codec.decode_batch(self.codec.encode_batch(
+          jax.vmap(self.user_start)(keys, obs, mask))))
+    latent0 = jnp.tanh(self.context(embedding))
+    carry = (start, latent0 if self.use_latent else jnp.zeros_like(latent0))
     # A scan over stages compiles the stage once, not num_stages times; the
     # stage MLP's weights are shared across stages by construction.
     (final, _), history = jax.lax.scan(stage, carry, jax.random.split(key, self.num_stages))
