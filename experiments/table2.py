@@ -115,7 +115,8 @@ def marketplace_user_features(truth, seqs):
 # ------------------------------------------------------------ embeddings
 
 
-def embeddings_for_seed(key, log, seqs, split, roles, config, user_features):
+def embeddings_for_seed(key, log, seqs, split, roles, config, user_features, *, workdir=None,
+                        progress=False):
   """GraphSAGE trained on TRAIN users' training steps; embeddings for every task.
 
   Returns dict(val (U, d), test (U, d), cold {h: (U, d)}, category (C, d), report).
@@ -126,7 +127,8 @@ def embeddings_for_seed(key, log, seqs, split, roles, config, user_features):
   graph = lambda mask: graphsage.graph_from_events(log, seqs, mask, user_features)
   train_graph = graph(train_ev)
   model, val_emb, rep = graphsage.train_graphsage(key, train_graph, dict(config.graphsage),
-                                                  log=common.log)
+                                                  log=common.log, progress=progress,
+                                                  workdir=common.subdir(workdir, "graphsage"))
   test_emb = graphsage.embed_users(model, graph(test_ev)) if include_val else val_emb
   if config.cold_embedding == "all_before_test":
     everything = graphsage.embed_users(model, graph(cold_ev))
@@ -271,11 +273,15 @@ def method_config(config, name, side, link, idle_index=None):
   return dict(cfg, **side, **(link if name == "graphsage" else {}))
 
 
-def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, cache=None):
+def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, cache=None, *,
+             workdir=None, progress=False):
   """{method: {"main": per-user dict, "cold": {h: per-user dict}, "fit_seconds", ...}}.
 
   ``cache`` (:class:`ResultCache`) supplies finished results and stores new ones.
+  ``workdir``: checkpoints and metrics of GraphSAGE and of every trained
+  method under ``workdir/seed<seed>/<method>`` (rerun to resume).
   """
+  workdir = common.subdir(workdir, f"seed{seed}")
   cache = cache or ResultCache(None, config)
   k_graph, k_methods = jax.random.split(seed_key)
   emb = cache.load(seed, _EMBEDDINGS)
@@ -285,7 +291,7 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, ca
                                f"under {cache.directory}; lower --config.seeds")
     common.log(f"[table2] seed {seed}: GraphSAGE on training events")
     emb = embeddings_for_seed(k_graph, log, seqs, split, roles, config,
-                              extra.get("user_features"))
+                              extra.get("user_features"), workdir=workdir, progress=progress)
     cache.save(seed, _EMBEDDINGS, emb)
   else:
     common.log(f"[table2] seed {seed}: GraphSAGE embeddings from the cache")
@@ -317,7 +323,9 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, ca
     common.log(f"[table2] seed {seed}: {name} ({j + 1}/{len(methods)})")
     try:
       out[name] = _run_method(predictor, name, k_methods, train_task, val_task, main_task,
-                              cold_tasks, pop, side, emb, seqs, extra, config, seed)
+                              cold_tasks, pop,
+                              dict(side, workdir=common.subdir(workdir, name), progress=progress),
+                              emb, seqs, extra, config, seed)
       cache.save(seed, name, out[name])
     except Exception as e:          # noqa: BLE001 -- recorded, reported, optionally re-raised
       if config.fail_fast:
@@ -360,7 +368,7 @@ def _run_method(predictor, name, k_methods, train_task, val_task, main_task, col
   return res
 
 
-def run(config, output_dir):
+def run(config, output_dir, *, workdir=None, progress=False):
   methods = common.names(config.methods)
   if not methods:
     raise common.ConfigError("no methods given")
@@ -382,7 +390,8 @@ def run(config, output_dir):
              f"load {time.time() - start:.1f}s")
   cache = ResultCache(output_dir if config.resume else None, config)
   runs = [run_seed(jax.random.fold_in(k_seeds, s), s, log, seqs, split, roles, config, extra,
-                   methods, cache) for s in range(config.seeds)]
+                   methods, cache, workdir=workdir, progress=progress)
+          for s in range(config.seeds)]
   failed = {}
   for r in runs:
     failed.update(r.get("_failed", {}))
@@ -423,7 +432,8 @@ def run(config, output_dir):
 
 def main():
   from absl import app, flags
-  binary = common.BinaryFlags(NAME, output_dir=None, variants={"quick": "quick", "tiny": "tiny"})
+  binary = common.BinaryFlags(NAME, output_dir=None, variants={"quick": "quick", "tiny": "tiny"},
+                              tracked=True)
   dataset = flags.DEFINE_string("dataset", None, "Shorthand for --config.dataset.")
   data_dir = flags.DEFINE_string("data_dir", None, "Shorthand for --config.data_dir.")
 
@@ -438,7 +448,7 @@ def main():
         if data_dir.value is not None:
           config.data_dir = data_dir.value
       common.enable_compilation_cache(binary.compilation_cache_dir)
-      run(config, binary.output_dir)
+      run(config, binary.output_dir, **binary.run_options())
     except common.ConfigError as e:
       raise app.UsageError(str(e)) from e
 

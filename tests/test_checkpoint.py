@@ -76,7 +76,7 @@ def test_killed_subprocess_resumes_to_the_uninterrupted_parameters(tmp_path, uni
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), tests_dir) if p)
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                        timeout=120)
+                        timeout=600)   # seconds on an idle machine; minutes under heavy load
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert checkpoint.Checkpointer(workdir, config=CONFIG).latest_step() == 4
   resumed = _fit(workdir)
@@ -84,13 +84,17 @@ def test_killed_subprocess_resumes_to_the_uninterrupted_parameters(tmp_path, uni
   _assert_same(resumed, uninterrupted)
 
 
-def test_another_config_is_refused(tmp_path):
+def test_another_or_unreadable_config_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   _fit(workdir, num_steps=2)
   state, opt_state = _init()
   with pytest.raises(checkpoint.CheckpointError, match=r"different config \(lr: 0.1 .* 0.2 now"):
     loop.fit(step, state, opt_state, num_steps=2, batch_at=_batch_at(jax.random.key(1)),
              key=jax.random.key(2), workdir=workdir, config=dict(CONFIG, lr=0.2))
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(checkpoint.CheckpointError, match="config.json is corrupt"):
+    _fit(workdir, num_steps=4)
 
 
 def test_another_model_structure_is_refused(tmp_path):
@@ -108,8 +112,7 @@ def test_another_model_structure_is_refused(tmp_path):
 D_WIDE = 5
 
 
-@pytest.mark.parametrize("damage", ["garbage", "flip"])
-def test_corrupt_checkpoint_is_refused(tmp_path, damage):
+def test_corrupt_checkpoint_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   _fit(workdir, num_steps=2)
   arrays = os.path.join(workdir, "checkpoints", "2", "arrays")
@@ -118,21 +121,9 @@ def test_corrupt_checkpoint_is_refused(tmp_path, damage):
   assert files
   for path in files:
     data = bytearray(open(path, "rb").read())
-    if damage == "garbage":
-      data = bytearray(b"\x00garbage" * 4)
-    else:
-      data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF           # one flipped byte in every data file
     open(path, "wb").write(bytes(data))
   with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
-    _fit(workdir, num_steps=4)
-
-
-def test_unreadable_config_is_refused(tmp_path):
-  workdir = str(tmp_path / "run")
-  _fit(workdir, num_steps=2)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write("{not json")
-  with pytest.raises(checkpoint.CheckpointError, match="config.json is corrupt"):
     _fit(workdir, num_steps=4)
 
 

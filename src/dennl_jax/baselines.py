@@ -27,7 +27,7 @@ def _fit_chunk(chunk, index, *, num_states, max_duration, min_covar, num_iters):
 
 
 def conventional_em(key, obs, mask, *, num_states: int, max_duration: int, num_iters: int = 50,
-                    min_covar: float = 1e-3, chunk_size: int = 256):
+                    min_covar: float = 1e-3, chunk_size: int = 256, workdir: str | None = None):
   """Per-user EM with no sharing: each user starts from its own k-means++.
 
   Args:
@@ -37,6 +37,10 @@ def conventional_em(key, obs, mask, *, num_states: int, max_duration: int, num_i
       full-covariance Gaussian emissions).
     num_iters: EM iterations per user.
     chunk_size: users per compiled call.
+    workdir: each finished chunk's results are kept there
+      (:func:`dennl_jax.checkpoint.cached_chunks`), so a rerun after a kill
+      fits only the unfinished chunks; other settings or data raise
+      :class:`~dennl_jax.checkpoint.CheckpointError`.
 
   Returns:
     ``(fitted batched HSMM, log-likelihood trace (U, num_iters))``: the
@@ -47,5 +51,10 @@ def conventional_em(key, obs, mask, *, num_states: int, max_duration: int, num_i
   keys = jax.random.split(key, obs.shape[0])
   fit = partial(_fit_chunk, num_states=num_states, max_duration=max_duration,
                 min_covar=float(min_covar), num_iters=num_iters)
+  if workdir:
+    from dennl_jax.checkpoint import cached_chunks
+    fit = cached_chunks(fit, workdir, dict(
+        fit="dennl_jax.conventional_em", num_states=num_states, max_duration=max_duration,
+        num_iters=num_iters, min_covar=float(min_covar), chunk_size=chunk_size))
   fitted, trace = chunked_map(fit, (keys, obs, mask), chunk_size)
   return fitted, trace[:, :num_iters]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import time
 
 import jax
@@ -46,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 import dennl_jax as dj
+from dennl_jax import loop
 from dennl_jax import training as Tr
 from dennl_jax.recsys import metrics as rmetrics
 from dennl_jax.recsys.baselines import TIE_BREAK, popularity_vector
@@ -65,7 +67,8 @@ DEFAULTS = dict(
     # networks
     num_stages=3, hidden=64, start_hidden=64, latent_dim=16, gradient="exact", spsa_samples=8,
     loss="predictive", predictive_targets=1, learning_rate=3e-3, num_steps=150, eval_every=25,
-    batch_size=32, max_points=20000, select_by="mrr", log=None)
+    batch_size=32, max_points=20000, select_by="mrr", log=None,
+    workdir=None, progress=False)
 # Each entry overrides DEFAULTS for one training run; the best on validation is kept.
 DEFAULT_GRID = ({"loss": "likelihood"}, {"loss": "heldout"}, {"loss": "predictive"})
 KINDS = ("mlp_mapper", "initial_fusion", "dennl")
@@ -302,38 +305,27 @@ def _train_one(kind, key, cfg, data: Tr.Batch, val_task, codec, start, pop, embe
   model = build_network(kind, codec, start, data.embedding.shape[1], cfg, key_init)
   graphdef, state = nnx.split(model)
   optimizer = Tr.make_optimizer(cfg["learning_rate"])
-  opt_state = optimizer.init(state)
   step_fn = Tr.make_train_step(graphdef, _loss_fn(cfg), optimizer)
   run = {"graphdef": graphdef, "state": state, "key": key_eval, "embed": embed,
          "initial_state": state}
-  best = (_validation_score(run, val_task, pop, cfg), 0, state)
-  curve, skipped = [(0, float("nan"), best[0])], 0
-  if cfg.get("log"):
-    cfg["log"](f"[{kind}/{cfg['loss']}] step 0 (start) val {cfg['select_by']} {best[0]:.4f}")
-  num_users = data.mask.shape[0]
-  batch_size = min(cfg["batch_size"], num_users)
-  per_epoch = num_users // batch_size
-  log = cfg.get("log")
-  start_time = time.time()
-  for i in range(cfg["num_steps"]):
-    epoch, pos = divmod(i, per_epoch)
-    if pos == 0:
-      order = np.asarray(jax.random.permutation(jax.random.fold_in(key_order, epoch), num_users))
-    idx = order[pos * batch_size:(pos + 1) * batch_size]
-    batch = Tr.Batch(*(jnp.asarray(x[idx]) for x in data[:3]))
-    state, opt_state, loss, skip = step_fn(state, opt_state, batch,
-                                           jax.random.fold_in(key_steps, i))
-    skipped += int(skip)
-    if (i + 1) % cfg["eval_every"] == 0 or i + 1 == cfg["num_steps"]:
-      value = _validation_score(dict(run, state=state), val_task, pop, cfg)
-      curve.append((i + 1, float(loss), value))
-      if log:
-        log(f"[{kind}/{cfg['loss']}] step {i + 1}/{cfg['num_steps']} loss {float(loss):.4f} "
-            f"val {cfg['select_by']} {value:.4f} ({time.time() - start_time:.0f}s)")
-      if value > best[0]:
-        best = (value, i + 1, state)
-  return dict(run, state=best[2], final_state=state, value=best[0], steps=best[1], curve=curve,
-              skipped=skipped, seconds=time.time() - start_time)
+  indices = loop.epoch_batches(key_order, data.mask.shape[0], cfg["batch_size"])
+  setting = {k: v for k, v in cfg.items() if k not in ("log", "workdir", "progress")}
+  workdir = None
+  if cfg.get("workdir"):
+    from dennl_jax.checkpoint import fingerprint
+    setting.update(kind=kind, key=fingerprint(key), data=fingerprint(tuple(data[:3])))
+    setting.pop("num_steps")       # a finished run may be continued further
+    workdir = os.path.join(cfg["workdir"], f"{kind}-{cfg['loss']}-{fingerprint(setting)[:8]}")
+  result = loop.fit(
+      step_fn, state, optimizer.init(state), num_steps=cfg["num_steps"],
+      batch_at=lambda i: Tr.Batch(*(jnp.asarray(x[indices(i)]) for x in data[:3])),
+      key=key_steps, eval_fn=lambda s: _validation_score(dict(run, state=s), val_task, pop, cfg),
+      eval_every=cfg["eval_every"], eval_at_start=True, eval_name=f"val {cfg['select_by']}",
+      workdir=workdir, config=setting, progress=cfg.get("progress", False),
+      name=f"{kind}/{cfg['loss']}", log=cfg.get("log"))
+  return dict(run, state=result.best_state, final_state=result.state, value=result.best_value,
+              steps=result.best_step, curve=result.curve, skipped=result.skipped,
+              seconds=result.seconds)
 
 
 def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask, config=None):
@@ -369,7 +361,8 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
   return {"graphdef": best["graphdef"], "state": best["state"], "key": best["key"],
           "initial_state": best["initial_state"], "final_state": best["final_state"],
           "embed": embed, "popularity": pop, "chunk_size": cfg["chunk_size"], "start": start,
-          "selected": {k: v for k, v in best_cfg.items() if k not in ("log", "idle")},
+          "selected": {k: v for k, v in best_cfg.items()
+                       if k not in ("log", "idle", "workdir", "progress")},
           "selected_steps": best["steps"], "validation": best["value"],
           "grid_results": [{"setting": g, "validation": r[0], "steps": r[3]["steps"],
                             "seconds": r[3]["seconds"], "skipped": r[3]["skipped"],

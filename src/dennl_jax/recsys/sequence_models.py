@@ -21,19 +21,24 @@ prediction for a task is the softmax at position h (after all h steps).
 Training length is chosen on the validation step: every ``eval_every``
 steps the validation MRR is computed and the best state kept (early
 stopping); with ``config["grid"]`` (a list of overrides) each setting is
-trained and the best by validation MRR kept.  Steps are a jitted plain
-function of ``(graphdef, state, opt_state, batch, key)``.
+trained and the best by validation MRR kept.  Training runs
+:func:`dennl_jax.loop.fit` with the library's step
+(:func:`dennl_jax.training.make_train_step`: Adam(W) after global-norm
+clipping; a non-finite update is skipped and counted).
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
+
+from dennl_jax import loop
+from dennl_jax import training as Tr
 
 from dennl_jax.recsys import metrics as rmetrics
 from dennl_jax.recsys.baselines import popularity_vector
@@ -42,7 +47,7 @@ from dennl_jax.recsys.task import NextStepTask, history_features, last_steps
 
 DEFAULTS = dict(hidden=32, learning_rate=3e-3, weight_decay=1e-4, num_steps=300, eval_every=50,
                 batch_size=64, max_len=50, dropout=0.1, num_heads=2, select_by="mrr",
-                log=None)
+                log=None, workdir=None, progress=False)
 
 
 class SeqBatch(NamedTuple):
@@ -119,22 +124,11 @@ def next_step_loss(model, batch: SeqBatch, key):
   return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def train_step(graphdef, state, opt_state, batch: SeqBatch, key, *, optimizer):
-  """One optimiser step: (graphdef, state, opt_state, batch, key) -> (state, opt_state, loss)."""
-  loss, grads = jax.value_and_grad(lambda s: next_step_loss(nnx.merge(graphdef, s), batch, key))(state)
-  updates, opt_state = optimizer.update(grads, opt_state, state)
-  return optax.apply_updates(state, updates), opt_state, loss
-
-
-# One compiled step per (architecture, optimiser settings): the optimiser is
-# cached so that equal settings give the same static argument.
-_train_step = jax.jit(train_step, static_argnums=0, static_argnames="optimizer")
-
-
 @functools.lru_cache(maxsize=None)
-def _optimizer(learning_rate, weight_decay):
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(learning_rate, weight_decay=weight_decay))
+def _train_step(graphdef, learning_rate, weight_decay):
+  """(optimizer, jitted step): one compiled step per architecture and optimiser settings."""
+  optimizer = Tr.make_optimizer(learning_rate, weight_decay=weight_decay)
+  return optimizer, Tr.make_train_step(graphdef, next_step_loss, optimizer)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -182,33 +176,32 @@ def _train_one(key, kind, cfg, train_task, val_task, pop):
   key_init, key_order, key_steps = jax.random.split(key, 3)
   model = _build(kind, c, e, cfg, key_init)
   graphdef, state = nnx.split(model)
-  optimizer = _optimizer(float(cfg["learning_rate"]), float(cfg["weight_decay"]))
-  opt_state = optimizer.init(state)
-  step = functools.partial(_train_step, optimizer=optimizer)
-  batch_size = min(cfg["batch_size"], rows.size)
-  per_epoch = rows.size // batch_size
-  best = (-np.inf, 0, state)
-  curve = []
-  log = cfg.get("log")
-  for i in range(cfg["num_steps"]):
-    epoch, pos = divmod(i, per_epoch)
-    if pos == 0:
-      order = rows[np.asarray(jax.random.permutation(jax.random.fold_in(key_order, epoch), rows.size))]
-    idx = order[pos * batch_size:(pos + 1) * batch_size]
-    state, opt_state, loss = step(graphdef, state, opt_state,
-                                  SeqBatch(emb[idx], hist[idx], mask[idx]),
-                                  jax.random.fold_in(key_steps, i))
-    if (i + 1) % cfg["eval_every"] == 0 or i + 1 == cfg["num_steps"]:
-      scores = _predict_state(graphdef, state, val_task, cfg["max_len"]) + 1e-9 * pop
-      value = float(np.mean(rmetrics.per_user_metrics(scores, val_task)[cfg["select_by"]]))
-      curve.append((i + 1, float(loss), value))
-      if log:
-        log(f"[{kind}] step {i + 1}/{cfg['num_steps']} loss {float(loss):.4f} "
-            f"val {cfg['select_by']} {value:.4f}")
-      if value > best[0]:
-        best = (value, i + 1, state)
-  return {"value": best[0], "steps": best[1], "state": best[2], "graphdef": graphdef,
-          "curve": curve}
+  optimizer, step_fn = _train_step(graphdef, float(cfg["learning_rate"]),
+                                   float(cfg["weight_decay"]))
+  indices = loop.epoch_batches(key_order, rows.size, cfg["batch_size"])
+
+  def batch_at(i):
+    idx = rows[indices(i)]
+    return SeqBatch(emb[idx], hist[idx], mask[idx])
+
+  def validation(state):
+    scores = _predict_state(graphdef, state, val_task, cfg["max_len"]) + 1e-9 * pop
+    return float(np.mean(rmetrics.per_user_metrics(scores, val_task)[cfg["select_by"]]))
+
+  setting = {k: v for k, v in cfg.items() if k not in ("log", "workdir", "progress", "num_steps")}
+  workdir = None
+  if cfg.get("workdir"):
+    from dennl_jax.checkpoint import fingerprint
+    setting.update(kind=kind, key=fingerprint(key),
+                   data=fingerprint((emb[rows], hist[rows], mask[rows])))
+    workdir = os.path.join(cfg["workdir"], f"{kind}-{fingerprint(setting)[:8]}")
+  result = loop.fit(step_fn, state, optimizer.init(state), num_steps=cfg["num_steps"],
+                    batch_at=batch_at, key=key_steps, eval_fn=validation,
+                    eval_every=cfg["eval_every"], eval_name=f"val {cfg['select_by']}",
+                    workdir=workdir, config=setting, progress=cfg.get("progress", False),
+                    name=kind, log=cfg.get("log"))
+  return {"value": result.best_value, "steps": result.best_step, "state": result.best_state,
+          "graphdef": graphdef, "curve": result.curve, "skipped": result.skipped}
 
 
 def fit_sequence_model(kind, key, train_task, val_task, config=None):
@@ -224,7 +217,8 @@ def fit_sequence_model(kind, key, train_task, val_task, config=None):
     runs.append((run["value"], j, cfg, run))
   value, j, cfg, run = max(runs, key=lambda r: (r[0], -r[1]))
   return {"graphdef": run["graphdef"], "state": run["state"], "max_len": cfg["max_len"],
-          "popularity": pop, "selected": {k: cfg[k] for k in cfg if k != "log"},
+          "popularity": pop,
+          "selected": {k: cfg[k] for k in cfg if k not in ("log", "workdir", "progress")},
           "selected_steps": run["steps"], "validation": value,
           "grid_results": [(r[0], r[3]["steps"]) for r in runs], "curve": run["curve"]}
 
