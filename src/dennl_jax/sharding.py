@@ -88,6 +88,9 @@ def shard_users(tree, mesh):
   the padding users are.  The input is not modified.
   """
   _check_mesh(mesh)
+  if jax.process_count() > 1:
+    # Host data, identical on every process; device_put keeps the local rows.
+    tree = jax.tree_util.tree_map(np.asarray, tree)
   num_users = _num_users(tree)
   size = padded_num_users(num_users, mesh)
   if size != num_users:
