@@ -26,7 +26,9 @@ MOVIELENS = pathlib.Path(os.environ.get("DENNL_MOVIELENS_DIR",
 
 
 def _execute(name: str, tmp_path: pathlib.Path, monkeypatch, **env):
-  """Run a temporary copy of notebooks/<name>; returns the executed notebook."""
+  """Run a temporary copy of notebooks/<name> up to its first error.
+
+  Returns (the executed notebook, the CellExecutionError or None)."""
   # The kernel inherits this process's environment.
   for var, value in dict(JAX_DISABLE_MOST_OPTIMIZATIONS="1", MPLBACKEND="Agg", **env).items():
     monkeypatch.setenv(var, value)
@@ -37,9 +39,12 @@ def _execute(name: str, tmp_path: pathlib.Path, monkeypatch, **env):
   shutil.copy(NOTEBOOKS / name, copy)
   nb = nbformat.read(copy, as_version=4)
   # The kernel's working directory is the copy's, as when a user opens it.
-  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": str(tmp_path)}}).execute()
-  return nb
+  try:
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+  except nbclient.exceptions.CellExecutionError as error:
+    return nb, error
+  return nb, None
 
 
 def _errors(nb) -> list[str]:
@@ -65,8 +70,22 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     if not (MOVIELENS / "ratings.csv").is_file():
       pytest.skip(f"MovieLens not found at {MOVIELENS} (set DENNL_MOVIELENS_DIR)")
     env["DENNL_MOVIELENS_DIR"] = str(MOVIELENS.resolve())
-  nb = _execute(name, tmp_path, monkeypatch, **env)
-  assert not _errors(nb), _errors(nb)
+  nb, error = _execute(name, tmp_path, monkeypatch, **env)
+  assert error is None and not _errors(nb), (_errors(nb), error)
   last = nb.cells[-1]
   assert "notebook ran in" in "".join(o.get("text", "") for o in last.outputs), \
       f"{name} did not reach its last cell"
+
+
+def test_real_data_notebook_stops_without_movielens(tmp_path, monkeypatch):
+  """Without the data, the data cell prints what to do and stops the run there."""
+  nb, error = _execute("03_real_data.ipynb", tmp_path, monkeypatch,
+                       DENNL_MOVIELENS_DIR=str(tmp_path / "absent"))
+  assert error is not None and _errors(nb) == ["SystemExit: 0"], (_errors(nb), error)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  stop = next(i for i, c in enumerate(code)
+              if any(o.get("output_type") == "error" for o in c.outputs))
+  assert "load_movielens" in code[stop].source
+  text = "".join(o.get("text", "") for o in code[stop].outputs)
+  assert "MovieLens not found" in text and "DENNL_MOVIELENS_DIR" in text
+  assert all(not c.outputs for c in code[stop + 1:]), "cells after the stop ran"
