@@ -164,8 +164,11 @@ def add_tracking_arguments(parser) -> None:
 
 
 def subdir(workdir: str | None, *parts) -> str | None:
-  """``workdir/part/...`` (one per method, seed, ...), or None without a workdir."""
-  return os.path.join(workdir, *map(str, parts)) if workdir else None
+  """``workdir/part/...`` (one per method, seed, ...), or None without a workdir.
+  Brackets in a part become ``_`` (orbax cannot restore from such a path)."""
+  if not workdir:
+    return None
+  return os.path.join(workdir, *(str(p).replace("[", "_").replace("]", "") for p in parts))
 
 
 def log(message: str) -> None:

@@ -112,6 +112,11 @@ def test_another_model_structure_is_refused(tmp_path):
 D_WIDE = 5
 
 
+def test_a_workdir_orbax_cannot_read_back_is_refused_before_training(tmp_path):
+  with pytest.raises(ValueError, match="brackets"):
+    checkpoint.Checkpointer(str(tmp_path / "dennl[lr=0.1]"))
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   _fit(workdir, num_steps=2)

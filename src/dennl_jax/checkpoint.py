@@ -173,6 +173,10 @@ class Checkpointer:
   def __init__(self, workdir: str, *, config=None, keep: int = 3):
     import orbax.checkpoint as ocp
     self._ocp = ocp
+    if "[" in os.path.abspath(workdir) or "]" in os.path.abspath(workdir):
+      # orbax 0.12 / tensorstore save under such a path but cannot read the arrays back
+      raise ValueError(f"checkpoint workdir {workdir!r}: orbax cannot restore from a path with "
+                       "brackets [ ]; use another directory name")
     check_config(workdir, {} if config is None else config)
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     # Synchronous saves: a checkpoint exists once save() returns, so a job
