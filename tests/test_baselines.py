@@ -28,3 +28,38 @@ def test_conventional_em_increases_likelihood_and_start_uses_own_data(batch):
   lo, hi = np.asarray(obs[0]).min(0), np.asarray(obs[0]).max(0)
   assert np.all((np.asarray(own.emission.mean) >= lo - 1e-9) &
                 (np.asarray(own.emission.mean) <= hi + 1e-9))
+
+
+def test_restarts_keep_each_users_best_final_likelihood(batch):
+  """Brute force: every restart fitted on its own, the best by final
+  log-likelihood kept -- conventional_em with restarts must return that fit."""
+  import dennl_jax as dj
+  from dennl_jax.baselines import user_restarts
+  start, obs, mask, _ = batch
+  key, iters = jax.random.PRNGKey(4), 3
+  fitted, trace, finals = conventional_em(key, obs, mask, num_states=K, max_duration=D,
+                                          num_iters=iters, kmeans_restarts=2,
+                                          random_restarts=2, return_restarts=True)
+  assert trace.shape == (B, iters) and finals.shape == (B, 4)
+  for u, k in enumerate(jax.random.split(key, B)):
+    starts = user_restarts(k, obs[u], mask[u], num_states=K, max_duration=D, min_covar=1e-3,
+                           kmeans_restarts=2, random_restarts=2)
+    lls, fits = [], []
+    for r in range(4):
+      p = jax.tree_util.tree_map(lambda x: x[r], starts)
+      for _ in range(iters):
+        p = dj.em_step(p, obs[u], mask[u])
+      fits.append(p)
+      lls.append(float(dj.log_likelihood(p, obs[u], mask[u])))
+    np.testing.assert_allclose(finals[u], lls, rtol=1e-6)
+    # Restarts that converge to the same optimum (relabelled) tie up to rounding:
+    # the kept one is the argmax of the (independently checked) final likelihoods.
+    best = fits[int(np.argmax(np.asarray(finals[u])))]
+    np.testing.assert_allclose(max(lls), float(np.max(finals[u])), rtol=1e-9)
+    np.testing.assert_allclose(fitted.emission.mean[u], best.emission.mean, rtol=1e-6, atol=1e-8)
+    # Random starts: distinct observations of the user's own sequence as means.
+    means = np.asarray(starts.emission.mean[2])
+    assert len({tuple(m) for m in means}) == K
+    assert all(np.any(np.all(np.isclose(np.asarray(obs[u]), m), axis=1)) for m in means)
+  with pytest.raises(ValueError, match="restart"):
+    conventional_em(key, obs, mask, num_states=K, max_duration=D, kmeans_restarts=0)

@@ -95,6 +95,34 @@ def user_start(key, obs, mask, *, num_states: int, max_duration: int, min_covar:
                    jnp.broadcast_to(cov, (num_states,) + cov.shape), max_duration, min_covar)
 
 
+def random_user_start(key, obs, mask, *, num_states: int, max_duration: int, min_covar: float,
+                      duration_rate: float = 4.0, concentration: float = 1.0):
+  """A random start for one user (the other half of Conventional EM's restarts).
+
+  Means: ``num_states`` distinct valid observations drawn uniformly (no
+  k-means); covariances: the user's whole-sequence covariance for every
+  state; transition rows ~ Dirichlet(``concentration``) off the diagonal;
+  uniform initial distribution; Poisson rate ``duration_rate``.
+  obs: (T, O); mask: (T,) bool with at least ``num_states`` valid steps for
+  distinct means (fewer: some means repeat).
+  """
+  mask = jnp.asarray(mask, bool)
+  key_mean, key_trans = jax.random.split(key)
+  # Gumbel top-k: num_states distinct valid steps, uniformly.
+  scores = jax.random.gumbel(key_mean, mask.shape) + jnp.where(mask, 0.0, -jnp.inf)
+  centers = obs[jax.lax.top_k(scores, num_states)[1]]
+  mean = jnp.sum(obs * mask[:, None], 0) / jnp.maximum(jnp.sum(mask), 1.0)
+  cov = _within_cluster_covariance(obs, mask, mean[None], jnp.zeros(mask.shape, jnp.int32),
+                                   min_covar)
+  dtype = obs.dtype
+  off = 1.0 - jnp.eye(num_states, dtype=dtype)
+  rows = jax.random.gamma(key_trans, concentration, (num_states, num_states), dtype) * off
+  transition = rows / jnp.maximum(rows.sum(1, keepdims=True), 1e-30)
+  return make_hsmm(jnp.full((num_states,), 1.0 / num_states, dtype), transition,
+                   jnp.full((num_states,), duration_rate, dtype), centers,
+                   jnp.broadcast_to(cov, (num_states,) + cov.shape), max_duration, min_covar)
+
+
 def pooled_start(key, obs, mask, *, num_states: int, max_duration: int, min_covar: float = 1e-3,
                  duration_rate: float = 4.0, max_points: int = 20000, kmeans_iters: int = 25):
   """One shared start from all training users' observations pooled together.
