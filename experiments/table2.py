@@ -197,7 +197,7 @@ def true_hsmm_predictor(truth, seqs):
     if users.size:
       obs = np.where(hist[users, :, None], task.strengths[users], 0.0).astype(np.float32)
       chunk = (jax.tree_util.tree_map(lambda x: np.asarray(x)[users], params), obs, hist[users])
-      scores[users] = hp.map_users(forecast, chunk, 256)
+      scores[users] = hp.map_users(forecast, chunk, 256, by_length=True)
     return scores + 1e-9 * fitted["popularity"]
 
   return registry.Predictor(fit, predict, False, True, "the user's generating HSMM (oracle)")
@@ -432,8 +432,10 @@ def run(config, output_dir, *, workdir=None, progress=False):
 
 def main():
   from absl import app, flags
+  # A persistent XLA cache by default: most of a quick run's first minutes are
+  # compilation, which a rerun then skips (--compilation_cache_dir= turns it off).
   binary = common.BinaryFlags(NAME, output_dir=None, variants={"quick": "quick", "tiny": "tiny"},
-                              tracked=True)
+                              compilation_cache_dir="~/.cache/dennl_jax/xla", tracked=True)
   dataset = flags.DEFINE_string("dataset", None, "Shorthand for --config.dataset.")
   data_dir = flags.DEFINE_string("data_dir", None, "Shorthand for --config.data_dir.")
 

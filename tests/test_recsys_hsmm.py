@@ -119,20 +119,24 @@ def test_conventional_em_keeps_the_best_restart(tasks):
   np.testing.assert_allclose(recomputed, best, rtol=1e-4, atol=1e-4)
 
 
-def test_pooled_start_is_a_valid_multinomial_poisson_hsmm(tasks):
-  train, _, _ = tasks
-  obs, hist = hf.history_inputs(train)
-  start = hf.pooled_start(jax.random.PRNGKey(4), obs, hist, num_states=K, max_duration=D)
-  dj.validate(start, obs[0], hist[0] | (np.arange(T) == 0))
-  assert np.all(np.diagonal(np.asarray(start.transition)) == 0)
-  # Smoothed k-means centres: every category reachable, the two phases found.
-  probs = np.asarray(start.emission.probs)
-  assert probs.min() > 0
-  assert sorted(np.argmax(probs, 1) // 2) == [0, 1]
-  codec = dj.ParamCodec(start)
-  back = codec.decode(codec.encode(start))
-  np.testing.assert_allclose(back.emission.probs, probs, atol=1e-5)
-  np.testing.assert_allclose(back.duration.rate, start.duration.rate, rtol=1e-5)
+@pytest.mark.xfail(strict=True, reason=(
+    "engine: a user with 1 valid step fitted on T = 3 keeps the start's initial distribution "
+    "(0.5, 0.5) where the same user padded to T = 7 learns (0.69, 0.31); log-likelihoods agree "
+    "to 7e-7 (found 23 Nov; LENGTH_LEVELS stays () until it is fixed)"))
+def test_length_buckets_leave_conventional_em_unchanged(tasks, monkeypatch):
+  _, val, _ = tasks
+  obs, hist = hf.history_inputs(val)
+  rows = np.flatnonzero(hist.any(1))
+  params, _, per_restart = hp.conventional_em_fit(jax.random.PRNGKey(3), obs[rows], hist[rows],
+                                                  SMALL)
+  # Users cut to a length bucket (their valid steps end by step 3) get the same fits.
+  monkeypatch.setattr(hf, "LENGTH_LEVELS", (3,))
+  assert 0 < (hist[rows].cumsum(1).argmax(1) < 3).sum() < rows.size
+  cut, _, cut_restarts = hp.conventional_em_fit(jax.random.PRNGKey(3), obs[rows],
+                                                hist[rows], SMALL)
+  np.testing.assert_allclose(cut_restarts, per_restart, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(cut), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_dennl_training_improves_validation_predictive_loss(tasks, fitted):

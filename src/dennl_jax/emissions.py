@@ -115,6 +115,34 @@ class Multinomial(EmissionFamily):
   def m_step(self, stats):
     return Multinomial(normalize_counts(stats["counts"], self.probs))
 
+  @classmethod
+  def cluster_start(cls, points, mask, centers, labels, *, per_cluster: bool = True,
+                    smoothing: float = 0.05) -> "Multinomial":
+    """Start hook of :mod:`dennl_jax.starts`: each cluster centre, normalised, as a state's row.
+
+    points: (N, V); mask: (N,) bool; centers: (K, V); labels: (N,).  Rows
+    are mixed with ``smoothing`` of the uniform distribution: EM never
+    revives a category whose probability is exactly 0.  (``per_cluster``
+    changes nothing here: a centre is already its cluster's own.)
+    """
+    del points, mask, labels, per_cluster
+    probs = jnp.maximum(centers, 0.0)
+    probs = probs / jnp.maximum(jnp.sum(probs, -1, keepdims=True), 1e-30)
+    return cls((1.0 - smoothing) * probs + smoothing / probs.shape[-1])
+
+  @classmethod
+  def random_start(cls, key, points, mask, num_states: int, *, concentration: float = 1.0,
+                   smoothing: float = 0.05) -> "Multinomial":
+    """Start hook of :func:`dennl_jax.starts.random_start`: rows ~ Dirichlet(``concentration``).
+
+    points: (N, V) (only V and the dtype are used); mask: (N,).  Rows mixed
+    with ``smoothing`` of the uniform distribution, as in :meth:`cluster_start`.
+    """
+    del mask
+    alpha = jnp.full((points.shape[-1],), concentration, points.dtype)
+    rows = jax.random.dirichlet(key, alpha, (num_states,))
+    return cls.cluster_start(None, None, rows, None, smoothing=smoothing)
+
   def sample(self, key, state, total: float = 1.0):
     """A strength vector: 20 draws from the state's distribution, normalised."""
     draws = jax.random.categorical(key, jnp.log(self.probs[state]), shape=(20,))
@@ -246,6 +274,32 @@ class Gaussian(_RealVectorFamily):
 
   def _second_moment(self, weights, diff):
     return jnp.einsum("tk,tki,tkj->kij", weights, diff, diff)
+
+  @classmethod
+  def cluster_start(cls, points, mask, centers, labels, *, per_cluster: bool = True,
+                    min_covar: float = 1e-3) -> "Gaussian":
+    """Start hook of :mod:`dennl_jax.starts`: means = the cluster centres.
+
+    points: (N, D); mask: (N,) bool; centers: (K, D); labels: (N,).
+    Covariances: each cluster's own (``per_cluster``; needs many points, as
+    when pooled over users), else the pooled within-cluster covariance for
+    every state (a per-cluster one is singular with a handful of points);
+    ``min_covar`` on the diagonal.
+    """
+    num_states, dim = centers.shape
+    valid = jnp.asarray(mask, points.dtype)
+    eye = min_covar * jnp.eye(dim, dtype=points.dtype)
+    if per_cluster:
+      onehot = jax.nn.one_hot(labels, num_states, dtype=points.dtype) * valid[:, None]
+      count = jnp.maximum(onehot.sum(0), 2.0)
+      diff = points[:, None, :] - centers[None, :, :]
+      cov = jnp.einsum("nk,nki,nkj->kij", onehot, diff, diff) / (count - 1.0)[:, None, None]
+      cov = cov + eye
+    else:
+      diff = (points - centers[labels]) * valid[:, None]
+      cov = diff.T @ diff / (jnp.maximum(jnp.sum(valid), 2.0) - 1.0) + eye
+      cov = jnp.broadcast_to(cov, (num_states, dim, dim))
+    return cls(centers, cov, min_covar)
 
   def m_step(self, stats):
     mass, shift, mean, second = self._centred_moments(stats)

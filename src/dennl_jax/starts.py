@@ -4,6 +4,14 @@
   user's data only (k-means++ then Lloyd).
 * :func:`pooled_start` -- one shared start from all training users' pooled
   observations (the networks' output bias; aligns state labels across users).
+* :func:`random_start` -- an emission drawn by the family (Multinomial:
+  Dirichlet rows), for restarts that do not depend on k-means.
+
+Both take the emission ``family`` (a class, default Gaussian); the family
+turns the k-means clusters into its emission through its ``cluster_start``
+classmethod (Gaussian: centres as means, cluster covariances; Multinomial:
+normalised, smoothed centres as emission rows), so a new family needs no
+branch here.  Durations are Poisson, transitions uniform off the diagonal.
 * :func:`align_to_reference` -- permute per-user fits onto a reference's
   state labels.
 
@@ -58,10 +66,24 @@ def kmeans(key, points, mask, num_clusters: int, num_iters: int = 10):
 
 def _within_cluster_covariance(points, mask, centers, labels, min_covar):
   """Pooled within-cluster covariance (O, O) of the valid points."""
-  diff = (points - centers[labels]) * mask[:, None]
-  count = jnp.maximum(jnp.sum(mask), 2.0)
-  cov = diff.T @ diff / (count - 1.0)
-  return cov + min_covar * jnp.eye(points.shape[1], dtype=points.dtype)
+  return Gaussian.cluster_start(points, mask, centers, labels, per_cluster=False,
+                                min_covar=min_covar).cov[0]
+
+
+def _cluster_emission(family, points, mask, centers, labels, per_cluster, options):
+  hook = getattr(family, "cluster_start", None)
+  if hook is None:
+    raise ValueError(f"emission family {getattr(family, '__name__', family)!r} has no "
+                     f"cluster_start classmethod: k-means starts cannot build it")
+  return hook(points, mask, centers, labels, per_cluster=per_cluster, **options)
+
+
+def _start_hsmm(emission, num_states: int, duration_rate: float, max_duration: int, dtype):
+  """Uniform initial distribution and off-diagonal transitions, Poisson(``duration_rate``)."""
+  return HSMM(jnp.full((num_states,), 1.0 / num_states, dtype),
+              _uniform_off_diagonal(num_states, dtype),
+              PoissonDuration(jnp.full((num_states,), duration_rate, dtype),
+                              max_duration=max_duration), emission)
 
 
 def make_hsmm(initial, transition, rate, mean, cov, max_duration: int, min_covar: float):
@@ -75,24 +97,22 @@ def _uniform_off_diagonal(num_states, dtype=jnp.float32):
   return off / (num_states - 1)
 
 
-def user_start(key, obs, mask, *, num_states: int, max_duration: int, min_covar: float,
-               duration_rate: float = 4.0, kmeans_iters: int = 10):
+def user_start(key, obs, mask, *, num_states: int, max_duration: int,
+               duration_rate: float = 4.0, kmeans_iters: int = 10, family=Gaussian,
+               **family_options):
   """Conventional EM's start for one user, from that user's data only.
 
-  Means: k-means++ then Lloyd on the user's observations.  Covariances: the
-  pooled within-cluster covariance of those clusters (the same for every
-  state: a per-cluster one is singular with a handful of points).
-  Transitions and the initial distribution: uniform.  Durations: Poisson
-  with a fixed moderate rate (mean duration 1 + rate).
+  obs: (T, O); mask: (T,) bool.  k-means++ then Lloyd on the user's valid
+  observations; ``family.cluster_start(..., per_cluster=False,
+  **family_options)`` makes the emission (Gaussian: the pooled
+  within-cluster covariance for every state, ``min_covar``; Multinomial:
+  ``smoothing``).  Transitions and the initial distribution: uniform.
+  Durations: Poisson with a fixed moderate rate (mean duration 1 + rate).
   """
   mask = jnp.asarray(mask, bool)
   centers, labels = kmeans(key, obs, mask, num_states, kmeans_iters)
-  cov = _within_cluster_covariance(obs, mask, centers, labels, min_covar)
-  dtype = obs.dtype
-  return make_hsmm(jnp.full((num_states,), 1.0 / num_states, dtype),
-                   _uniform_off_diagonal(num_states, dtype),
-                   jnp.full((num_states,), duration_rate, dtype), centers,
-                   jnp.broadcast_to(cov, (num_states,) + cov.shape), max_duration, min_covar)
+  emission = _cluster_emission(family, obs, mask, centers, labels, False, family_options)
+  return _start_hsmm(emission, num_states, duration_rate, max_duration, obs.dtype)
 
 
 def random_user_start(key, obs, mask, *, num_states: int, max_duration: int, min_covar: float,
@@ -123,18 +143,43 @@ def random_user_start(key, obs, mask, *, num_states: int, max_duration: int, min
                    jnp.broadcast_to(cov, (num_states,) + cov.shape), max_duration, min_covar)
 
 
-def pooled_start(key, obs, mask, *, num_states: int, max_duration: int, min_covar: float = 1e-3,
-                 duration_rate: float = 4.0, max_points: int = 20000, kmeans_iters: int = 25):
+def random_start(key, obs, mask, *, num_states: int, max_duration: int,
+                 duration_rate: float = 4.0, family, **family_options):
+  """A start whose emission the family draws at random: ``family.random_start``.
+
+  obs: (T, O); mask: (T,) bool.  Multinomial: every row ~
+  Dirichlet(``concentration``), smoothed.  Transitions, initial
+  distribution and durations as in :func:`user_start`.
+  """
+  hook = getattr(family, "random_start", None)
+  if hook is None:
+    raise ValueError(f"emission family {getattr(family, '__name__', family)!r} has no "
+                     f"random_start classmethod")
+  emission = hook(key, obs, jnp.asarray(mask, bool), num_states, **family_options)
+  return _start_hsmm(emission, num_states, duration_rate, max_duration, obs.dtype)
+
+
+def pooled_start(key, obs, mask, *, num_states: int, max_duration: int,
+                 duration_rate: float = 4.0, max_points: int = 20000, kmeans_iters: int = 25,
+                 family=Gaussian, **family_options):
   """One shared start from all training users' observations pooled together.
 
-  k-means++ on (a random subset of) the pooled valid observations; each
-  state's covariance is its own cluster's covariance (plenty of points when
-  pooled); uniform transitions and initial distribution; Poisson rate
-  ``duration_rate``.  Returns a single-user HSMM.
+  obs: (U, T, ...) or (N, ...); mask: the matching boolean array.  k-means++
+  on (a random subset of at most ``max_points``) pooled valid observations;
+  ``family.cluster_start(..., per_cluster=True, **family_options)`` makes
+  the emission (Gaussian: each state's own cluster covariance, ``min_covar``
+  default 1e-3; Multinomial: the normalised centres mixed with
+  ``smoothing``); uniform transitions and initial distribution; Poisson rate
+  ``duration_rate``.  Returns a single-user HSMM.  ValueError when no step
+  is valid.
   """
   obs = np.asarray(obs)
   mask = np.asarray(mask, bool)
+  if mask.shape != obs.shape[:mask.ndim]:
+    raise ValueError(f"mask shape {mask.shape} does not match obs shape {obs.shape}")
   points = obs[mask]
+  if points.shape[0] == 0:
+    raise ValueError("pooled_start needs at least one valid step")
   key_sub, key_km = jax.random.split(key)
   if points.shape[0] > max_points:
     pick = np.asarray(jax.random.choice(key_sub, points.shape[0], (max_points,), replace=False))
@@ -143,16 +188,8 @@ def pooled_start(key, obs, mask, *, num_states: int, max_duration: int, min_cova
   valid = jnp.ones(points.shape[0], bool)
   centers, labels = jax.jit(kmeans, static_argnums=(3, 4))(key_km, points, valid, num_states,
                                                            kmeans_iters)
-  onehot = jax.nn.one_hot(labels, num_states)
-  count = jnp.maximum(onehot.sum(0), 2.0)
-  diff = points[:, None, :] - centers[None, :, :]
-  cov = jnp.einsum("nk,nki,nkj->kij", onehot, diff, diff) / (count - 1.0)[:, None, None]
-  cov = cov + min_covar * jnp.eye(points.shape[1])
-  dtype = points.dtype
-  return make_hsmm(jnp.full((num_states,), 1.0 / num_states, dtype),
-                   _uniform_off_diagonal(num_states, dtype),
-                   jnp.full((num_states,), duration_rate, dtype), centers, cov.astype(dtype),
-                   max_duration, min_covar)
+  emission = _cluster_emission(family, points, valid, centers, labels, True, family_options)
+  return _start_hsmm(emission, num_states, duration_rate, max_duration, points.dtype)
 
 
 def align_to_reference(params, reference_mean):

@@ -15,9 +15,10 @@ vector is the observation, paper A.2) and shifted Poisson durations up to
   by users and stages, latent h, embedding input); exact gradients by
   default, ``config["gradient"] = "spsa"`` for the paper's estimator.
 
-The networks start from one pooled Multinomial/Poisson HSMM (k-means on the
-training users' strength vectors; :mod:`dennl_jax.recsys.hsmm_family` holds
-the family's starts, forecast and predictive loss), train on the
+The networks start from one pooled Multinomial/Poisson HSMM
+(:func:`dennl_jax.starts.pooled_start` with ``family=Multinomial``: k-means on
+the training users' strength vectors; :mod:`dennl_jax.recsys.hsmm_family`
+holds the family's restarts, forecast and predictive loss), train on the
 training steps of the training users with one of three losses, and choose
 loss, learning rate and training length on the validation targets:
 
@@ -54,8 +55,7 @@ from dennl_jax.recsys.baselines import TIE_BREAK, popularity_vector
 # multinomial_hsmm is re-exported: experiments/table2.py builds its oracle row with it.
 from dennl_jax.recsys.hsmm_family import (floor_emission, history_inputs, idle_index, map_users,
                                           multinomial_hsmm, next_step_distribution,
-                                          pooled_start, predictive_loss, rank_active,
-                                          user_starts)
+                                          predictive_loss, rank_active, user_starts)
 from dennl_jax.recsys.registry import Predictor, register
 from dennl_jax.recsys.task import NextStepTask, evaluated
 
@@ -131,7 +131,7 @@ def conventional_em_fit(key, obs, mask, config=None):
   if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
     keys = jax.random.key_data(keys)      # typed keys cannot be padded as numpy arrays
   params, best, per_restart = map_users(functools.partial(_em_chunk, settings=settings),
-                                        (keys, obs, mask), cfg["chunk_size"])
+                                        (keys, obs, mask), cfg["chunk_size"], by_length=True)
   return jax.tree_util.tree_map(jnp.asarray, params), best, per_restart
 
 
@@ -180,7 +180,7 @@ def predict_conventional_em(fitted, task: NextStepTask):
   if rows.size:
     params = floor_emission(params, cfg["prob_floor"])
     scores[rows] = map_users(_forecast_chunk, (params, obs[rows], hist[rows]),
-                             cfg["chunk_size"])
+                             cfg["chunk_size"], by_length=True)
   return scores + TIE_BREAK * pop
 
 
@@ -280,7 +280,7 @@ def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int =
   rows = np.flatnonzero(~empty)
   if rows.size:
     out[rows] = map_users(functools.partial(_network_chunk, graphdef, state, key),
-                          (embedding[rows], obs[rows], mask[rows]), chunk_size)
+                          (embedding[rows], obs[rows], mask[rows]), chunk_size, by_length=True)
   rows = np.flatnonzero(empty)
   if rows.size:
     out[rows] = map_users(functools.partial(_first_step_chunk, graphdef, state),
@@ -345,9 +345,10 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
   mean, scale = emb[rows].mean(0), emb[rows].std(0) + 1e-6
   embed = functools.partial(_standardise, mean=mean, scale=scale)
   key_start, key_runs = jax.random.split(key)
-  start = pooled_start(key_start, obs[rows], hist[rows], num_states=cfg["num_states"],
-                       max_duration=cfg["max_duration"], duration_rate=cfg["duration_rate"],
-                       smoothing=cfg["start_smoothing"], max_points=cfg["max_points"])
+  start = dj.starts.pooled_start(key_start, obs[rows], hist[rows], num_states=cfg["num_states"],
+                                 max_duration=cfg["max_duration"],
+                                 duration_rate=cfg["duration_rate"], max_points=cfg["max_points"],
+                                 family=dj.Multinomial, smoothing=cfg["start_smoothing"])
   codec = dj.ParamCodec(start)
   pop = popularity_vector(train_task)
   data = Tr.Batch(embed(emb[rows]), obs[rows], hist[rows])
@@ -385,7 +386,7 @@ def decode_network(fitted, task: NextStepTask):
     emb = fitted["embed"](task.embeddings)
     params = map_users(functools.partial(_params_chunk, fitted["graphdef"], fitted["state"],
                                          fitted["key"]),
-                       (emb[rows], obs[rows], hist[rows]), fitted["chunk_size"])
+                       (emb[rows], obs[rows], hist[rows]), fitted["chunk_size"], by_length=True)
   return _decoded(params, obs, hist, rows, fitted["chunk_size"])
 
 
