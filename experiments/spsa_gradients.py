@@ -87,9 +87,9 @@ def _logits(weights, embedding):
   return {name: jnp.tensordot(embedding, w, 1) for name, w in weights.items()}
 
 
-def _user_loss(logits, obs, mask, key, mode, num_samples, step):
+def _user_loss(logits, obs, mask, key, mode, num_samples, step, perturbation="rademacher"):
   out = dj.em_layer(_head(logits), obs, mask, key, gradient=mode, num_samples=num_samples,
-                    step=step)
+                    step=step, perturbation=perturbation)
   return -out.log_likelihood(obs, mask)
 
 
@@ -301,6 +301,44 @@ def table_length(key, config, step, compile_fn):
   return {"num_users": config.num_users, "num_states": config.num_states, "rows": rows}
 
 
+# -------------------------------------------------------------- table (e)
+
+
+def table_variance(key, config, step):
+  """Variance reduction at equal cost: per-user squared error of the SPSA
+  gradient (relative to the exact one) with i.i.d. vs orthogonal directions,
+  the same S (2 S em_step evaluations either way)."""
+  obs, mask, embeddings, weights = _make_problem(
+      key, config.num_users, config.num_steps, config.num_states, config.num_symbols)
+  logits = jax.vmap(_logits, (None, 0))(weights, embeddings)
+  flat = jax.vmap(lambda g: ravel_pytree(g)[0])
+
+  @functools.partial(jax.jit, static_argnums=(2, 3, 4))
+  def grads(logits, keys, mode, num_samples, perturbation):
+    grad = jax.vmap(jax.grad(_user_loss), (0, 0, 0, 0, None, None, None, None))
+    return flat(grad(logits, obs, mask, keys, mode, num_samples, step, perturbation))
+
+  users = config.num_users
+  exact = grads(logits, jax.random.split(jax.random.PRNGKey(0), users), "exact", 1,
+                "rademacher")
+  norm2 = jnp.sum(exact ** 2, 1)
+  rows = []
+  for num_samples in config.num_samples:
+    for perturbation in config.perturbations:
+      rel, cos = [], []
+      for r in range(config.repeats):
+        est = grads(logits, jax.random.split(jax.random.PRNGKey(100 + r), users), "spsa",
+                    int(num_samples), perturbation)
+        rel.append(np.asarray(jnp.sum((est - exact) ** 2, 1) / norm2))
+        cos.append(np.asarray(jnp.sum(est * exact, 1) / jnp.sqrt(norm2 * jnp.sum(est ** 2, 1))))
+      rows.append({"num_samples": int(num_samples), "perturbation": perturbation,
+                   "relative_mse": float(np.mean(rel)), "median_cosine": float(np.median(cos))})
+      common.log(str(rows[-1]))
+  return {"num_users": users, "num_steps": config.num_steps, "num_states": config.num_states,
+          "num_symbols": config.num_symbols, "repeats": config.repeats,
+          "dimension_per_user": int(exact.shape[1]), "rows": rows}
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -356,6 +394,16 @@ def _markdown(results):
           [(r["num_steps"], *[v for n in names for v in (
               f"{1e3 * r[n + ' seconds']:.1f}", _num(r[n + " temp MiB"], ".2f"))])
            for r in d["rows"]])]
+  e = results["variance"]
+  blocks += [
+      f"### (e) Variance reduction at equal cost: i.i.d. Rademacher vs orthogonal directions "
+      f"(U={e['num_users']}, T<={e['num_steps']}, K={e['num_states']}, V={e['num_symbols']}, "
+      f"float32, per-user dimension {e['dimension_per_user']}, {e['repeats']} keys)",
+      common.markdown_table(
+          ["num_samples", "perturbation", "relative MSE ||g - g*||^2 / ||g*||^2",
+           "median cosine"],
+          [(r["num_samples"], r["perturbation"], f"{r['relative_mse']:.3f}",
+            f"{r['median_cosine']:.3f}") for r in e["rows"]])]
   return blocks
 
 
@@ -368,7 +416,8 @@ def run(config, output_dir: str | None = None) -> dict:
     results = {"theorem1": table_theorem1(key, config.theorem1),
                "cosine": table_cosine(key, config.cosine, config.step),
                "timing": table_timing(key, config.timing, config.step, compile_fn),
-               "length": table_length(key, config.length, config.step, compile_fn)}
+               "length": table_length(key, config.length, config.step, compile_fn),
+               "variance": table_variance(key, config.variance, config.step)}
     results["seconds"] = time.time() - start
   blocks = _markdown(results)
   if output_dir:

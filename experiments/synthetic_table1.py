@@ -21,6 +21,7 @@ training_curves.png, curves.json, timings.json and config.json.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -35,6 +36,7 @@ import dennl_jax as dj
 from dennl_jax import starts
 from dennl_jax.data import synthetic as S
 from experiments import common
+from experiments import table1_report as report
 from experiments.configs import synthetic_table1 as config_lib
 
 SETTINGS = config_lib.SETTINGS
@@ -47,24 +49,30 @@ PAPER = {  # Paper Table 1, labelling accuracy in %.
 }
 REFERENCE_ROWS = {"oracle": "Oracle (true parameters)",
                   "pooled_start": "Pooled start (one shared model)"}
-LOSSES = {"likelihood": dj.likelihood_loss, "heldout": dj.heldout_step_loss}
+LOSSES = {"likelihood": dj.likelihood_loss, "heldout": dj.heldout_step_loss,
+          "regression": dj.regression_loss}
 
 
 class Setting(NamedTuple):
-  """What a method sees in one setting (one sequence length / noise level)."""
+  """What a method sees in one setting (one sequence length / noise level) of one seed."""
   name: str
   config: object          # the run's ConfigDict
   synthetic: S.SyntheticConfig
   # (8, 2) the setting's keys, one per use (fixed, so a method's numbers do not depend
   # on which other methods run): 0 data, 1 pooled start, 2 network initialisation,
-  # 3 conventional EM, 4 EM Mapping's per-user EM, 5 training, 6 prediction.
+  # 3 conventional EM, 4 EM Mapping's per-user EM, 5 training, 6 prediction,
+  # 7 validation (held-out steps of the validation users).
   keys: jax.Array
   train: dj.Batch         # training users (embedding, obs, mask)
-  test: dj.Batch          # held-out users
+  test: dj.Batch          # held-out users (scored)
   start: object           # pooled start: one HSMM shared by every method
   codec: dj.ParamCodec
-  optimizer: object
+  optimizer: object       # unused since model selection (kept for the smoke tests' wiring)
   curves: dict            # method -> {"step": [...], "loss": [...]}, filled by _train
+  val: dj.Batch | None = None   # validation users: model selection only
+  val_states: jax.Array | None = None   # their true states (select_by=accuracy only)
+  workdir: str | None = None    # checkpoints + metrics of this seed and setting (--workdir)
+  progress: bool = False        # tqdm bars (--progress)
 
 
 def _rngs(s: Setting) -> nnx.Rngs:
@@ -72,47 +80,104 @@ def _rngs(s: Setting) -> nnx.Rngs:
   return nnx.Rngs(int(jax.random.randint(s.keys[2], (), 0, 2**30)))
 
 
-def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: int):
-  trained, history = dj.train(model, data, loss_fn=loss_fn, optimizer=s.optimizer,
+def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: int,
+           learning_rate: float):
+  # The rate lives in the optimiser state: one compiled step serves the whole sweep.
+  optimizer = dj.make_optimizer(learning_rate, rate_in_state=True)
+  trained, history = dj.train(model, data, loss_fn=loss_fn, optimizer=optimizer,
                               num_steps=num_steps, batch_size=s.config.batch_size, key=s.keys[5],
                               log_every=s.config.log_every, log=common.log,
-                              name=f"{s.name}/{method}")
+                              name=f"{s.name}/{method}", workdir=common.subdir(s.workdir, method),
+                              progress=s.progress)
   s.curves[method] = {"step": history.step.tolist(), "loss": history.loss.tolist()}
   return trained
 
 
-def _per_user_em(s: Setting, key, obs, mask):
+def validation_score(s: Setting, model) -> float:
+  """Model selection's criterion on the validation users (lower is better).
+
+  ``heldout_nll``: NLL of 20 % hidden steps given the rest (no labels: what
+  a practitioner has); ``accuracy``: minus the labelling accuracy (uses the
+  validation users' true states).
+  """
+  val = s.val
+  if s.config.select_by == "accuracy":
+    params = dj.predict(model, val, s.keys[7])
+    return -float(dj.labelling_accuracy(s.val_states, dj.decode_states(params, val.obs, val.mask),
+                                        s.synthetic.num_states, val.mask))
+  visible = dj.training.heldout_split(val.mask, s.keys[7])
+  params = dj.predict(model, dj.Batch(val.embedding, val.obs, visible), s.keys[7])
+  return float(_heldout_nll(params, val.obs, val.mask, visible))
+
+
+_heldout_nll = jax.jit(dj.training.heldout_nll)
+
+
+def select_and_fit(s: Setting, method: str, build, losses, data: dj.Batch, num_steps: int):
+  """Model selection on validation users: every (loss, learning rate) of the grid
+  trained for ``num_steps``, scored by :func:`validation_score`.
+
+  Returns ``{"selected": params of the held-out users, "by_loss": {loss:
+  params}, "candidates": [...]}``: the best candidate overall and the best
+  learning rate within each loss.  Every trained method gets the same grid
+  (EM Mapping has one loss).  Training length is fixed (no early stopping:
+  the shared loop's validation hook is not there yet).
+  """
+  records, best = [], {}
+  for loss in losses:
+    for lr in s.config.select_learning_rates:
+      model = _train(s, f"{method}[{loss},lr={lr:g}]", build(s, _rngs(s)), LOSSES[loss], data,
+                     num_steps, lr)
+      score = validation_score(s, model)
+      records.append({"loss": loss, "learning_rate": lr, "validation": score})
+      common.log(f"[{s.name}] {method} loss={loss} lr={lr:g} validation {score:.4f}")
+      score = score if np.isfinite(score) else np.inf      # a non-finite score never wins
+      if loss not in best or score < best[loss][0]:
+        best[loss] = (score, model, lr)
+  # The kept curve is the selected candidate's.
+  by_loss = {loss: dj.predict(m, s.test, s.keys[6]) for loss, (_, m, _) in best.items()}
+  chosen = min(best, key=lambda loss: best[loss][0])
+  for r in records:
+    r["selected"] = r["loss"] == chosen and r["learning_rate"] == best[chosen][2]
+  return {"selected": by_loss[chosen], "by_loss": by_loss, "candidates": records}
+
+
+def _per_user_em(s: Setting, key, obs, mask, use: str):
   # One chunk size for every conventional-EM call: one compilation per T.
-  fitted, _ = dj.conventional_em(key, obs, mask, num_states=s.synthetic.num_states,
-                                 max_duration=s.synthetic.max_duration,
-                                 num_iters=s.config.em_iters, min_covar=s.config.min_covar,
-                                 chunk_size=s.config.num_test_users)
-  return fitted
+  c = s.config
+  fitted, _, finals = dj.conventional_em(
+      key, obs, mask, num_states=s.synthetic.num_states, max_duration=s.synthetic.max_duration,
+      num_iters=c.em_iters, min_covar=c.min_covar, chunk_size=c.num_test_users,
+      kmeans_restarts=c.em_kmeans_restarts, random_restarts=c.em_random_restarts,
+      return_restarts=True, workdir=common.subdir(s.workdir, use))
+  return fitted, np.asarray(finals)
 
 
 def conventional_em(s: Setting, method: str):
-  """Each held-out user's own EM from its own k-means++ start; no sharing."""
+  """Each held-out user's own EM, best of its restarts by likelihood; no sharing."""
   del method
-  return _per_user_em(s, s.keys[3], s.test.obs, s.test.mask)
+  fitted, finals = _per_user_em(s, s.keys[3], s.test.obs, s.test.mask, "conventional_em")
+  # Which kind of start won (k-means++ first): how much the restarts matter.
+  won = np.argmax(np.where(np.isnan(finals), -np.inf, finals), axis=1)
+  common.log(f"[{s.name}] conventional EM: {finals.shape[1]} restarts per user; "
+             f"k-means++ start kept for {np.mean(won < s.config.em_kmeans_restarts):.0%} of users")
+  return fitted
 
 
 def em_mapping(s: Setting, method: str):
   """Regress per-user EM fits (states aligned to the pooled start) on embeddings."""
   n = min(s.config.em_mapping_users, s.train.obs.shape[0])
-  fitted = _per_user_em(s, s.keys[4], s.train.obs[:n], s.train.mask[:n])
+  fitted, _ = _per_user_em(s, s.keys[4], s.train.obs[:n], s.train.mask[:n], "em_mapping_fits")
   targets = s.codec.encode_batch(starts.align_to_reference(fitted, s.start.emission.mean))
-  model = _mlp_mapper(s, _rngs(s))
   data = dj.Batch(s.train.embedding[:n], s.train.obs[:n], s.train.mask[:n], targets)
-  model = _train(s, method, model, dj.regression_loss, data, s.config.regression_steps)
-  return dj.predict(model, s.test, s.keys[6])
+  return select_and_fit(s, method, _mlp_mapper, ("regression",), data,
+                        s.config.regression_steps)
 
 
 def _likelihood_trained(build: Callable[[Setting, nnx.Rngs], nnx.Module]):
-  """A method that trains ``build(setting, rngs)`` on the config's likelihood loss."""
+  """A method that trains ``build(setting, rngs)`` with model selection over the config's losses."""
   def method_fn(s: Setting, method: str):
-    model = _train(s, method, build(s, _rngs(s)), LOSSES[s.config.loss], s.train,
-                   s.config.train_steps)
-    return dj.predict(model, s.test, s.keys[6])
+    return select_and_fit(s, method, build, s.config.losses, s.train, s.config.train_steps)
   method_fn.__doc__ = build.__doc__
   return method_fn
 
@@ -126,20 +191,39 @@ def _initial_fusion(s: Setting, rngs: nnx.Rngs):
   """Embedding -> EM start, then EM layers."""
   c = s.config
   return dj.InitialFusion(s.codec, s.start, s.synthetic.embed_dim, num_stages=c.num_stages,
-                          gradient=c.gradient, spsa_samples=c.spsa_samples, rngs=rngs)
+                          gradient=c.gradient, spsa_samples=c.spsa_samples,
+                          spsa_perturbation=c.spsa_perturbation, rngs=rngs)
 
 
-def _dennl(s: Setting, rngs: nnx.Rngs):
-  """The paper's network: EM layers with the embedding fused at every stage."""
-  c = s.config
-  return dj.DENNL(s.codec, s.start, s.synthetic.embed_dim, num_stages=c.num_stages,
-                  hidden=(c.hidden, c.hidden), gradient=c.gradient, spsa_samples=c.spsa_samples,
-                  rngs=rngs)
+def _dennl_builder(**ablation):
+  """DENNL with the config's settings, ``ablation`` overriding them (see networks.DENNL)."""
+  def build(s: Setting, rngs: nnx.Rngs):
+    c = s.config
+    kwargs = dict(num_stages=c.num_stages, residual=c.dennl.residual,
+                  use_latent=c.dennl.use_latent, embed_in_stage=c.dennl.embed_in_stage,
+                  user_start=c.dennl.user_start)
+    kwargs.update(ablation)
+    if kwargs["user_start"]:
+      kwargs["user_start"] = functools.partial(
+          starts.user_start, num_states=s.synthetic.num_states,
+          max_duration=s.synthetic.max_duration, min_covar=c.min_covar)
+    else:
+      kwargs["user_start"] = None
+    return dj.DENNL(s.codec, s.start, s.synthetic.embed_dim, hidden=(c.hidden, c.hidden),
+                    gradient=c.gradient, spsa_samples=c.spsa_samples,
+                    spsa_perturbation=c.spsa_perturbation, rngs=rngs, **kwargs)
+  build.__doc__ = ("The paper's network: EM layers with the embedding fused at every stage"
+                   + (f" (ablation: {ablation})" if ablation else "") + ".")
+  return build
+
+
+_dennl = _dennl_builder()
 
 
 class Method(NamedTuple):
   label: str   # the paper's name
-  # (setting, method name) -> the held-out users' batched HSMM parameters.
+  # (setting, method name) -> the held-out users' batched HSMM parameters, or for a
+  # method with model selection the dict of select_and_fit.
   fit: Callable[[Setting, str], object]
   # (setting, rngs) -> the untrained network of a likelihood-trained method, else None.
   build: Callable[[Setting, nnx.Rngs], nnx.Module] | None = None
@@ -156,6 +240,18 @@ METHODS = {
     "initial_fusion": _network_method("Initial Fusion", _initial_fusion),
     "dennl": _network_method("DENNL", _dennl),
 }
+# DENNL ablations (the `ablations` config variant): one switch changed from the config's DENNL.
+ABLATIONS = {
+    "dennl_direct": ("DENNL, direct output (paper)", dict(residual=False)),
+    "dennl_no_latent": ("DENNL, no latent h", dict(use_latent=False)),
+    "dennl_no_embed": ("DENNL, no embedding in stage MLP", dict(embed_in_stage=False)),
+    "dennl_1stage": ("DENNL, 1 stage", dict(num_stages=1)),
+    "dennl_3stage": ("DENNL, 3 stages", dict(num_stages=3)),
+    "dennl_5stage": ("DENNL, 5 stages", dict(num_stages=5)),
+    "dennl_user_start": ("DENNL, per-user k-means++ start", dict(user_start=True)),
+}
+METHODS.update({name: _network_method(label, _dennl_builder(**kw))
+                for name, (label, kw) in ABLATIONS.items()})
 
 
 def setting_spec(name: str, noise_length: int):
@@ -167,12 +263,17 @@ def setting_spec(name: str, noise_length: int):
   raise common.ConfigError(f"unknown setting {name!r}")
 
 
-def make_setting_data(key, train_pop, test_pop, synthetic, num_steps, noise):
-  """Sequences (true states, observations, masks, embeddings) of training and held-out users."""
+def make_setting_data(key, populations, synthetic, num_steps, noise):
+  """{split: (true states, observations, masks, embeddings)} of each population.
+
+  populations: {split: Population}; split "train"/"test" use the historical
+  keys, any other split (validation) keys folded in from ``key``.
+  """
   k_train, k_test, k_noise_train, k_noise_test = jax.random.split(key, 4)
+  fixed = {"train": (k_train, k_noise_train), "test": (k_test, k_noise_test)}
   out = {}
-  for split, pop, k_seq, k_noise in (("train", train_pop, k_train, k_noise_train),
-                                     ("test", test_pop, k_test, k_noise_test)):
+  for i, (split, pop) in enumerate(populations.items()):
+    k_seq, k_noise = fixed.get(split) or jax.random.split(jax.random.fold_in(key, 100 + i))
     states, obs = S.sample_sequences(k_seq, pop.params, num_steps, synthetic.max_duration)
     mask = jnp.ones(states.shape, bool)
     if noise > 0:
@@ -181,87 +282,86 @@ def make_setting_data(key, train_pop, test_pop, synthetic, num_steps, noise):
   return out
 
 
-def run_setting(name, key, train_pop, test_pop, config, synthetic):
-  """({row: accuracy}, {method: seconds}, {method: curve}) of one setting."""
+def run_setting(name, key, populations, config, synthetic, *, workdir=None, progress=False):
+  """({row: per-user accuracy (U,)}, {method: seconds}, {method: curve}, {method: selection})."""
   num_steps, noise = setting_spec(name, config.noise_length)
   common.log(f"=== setting {name}: T={num_steps} noise={noise:.0%} ===")
   keys = jax.random.split(key, 8)
-  data = make_setting_data(keys[0], train_pop, test_pop, synthetic, num_steps, noise)
+  data = make_setting_data(keys[0], populations, synthetic, num_steps, noise)
   tr_states, tr_obs, tr_mask, tr_emb = data["train"]
   te_states, te_obs, te_mask, te_emb = data["test"]
   k = synthetic.num_states
 
   def score(params):
     decoded = dj.decode_states(params, te_obs, te_mask)
-    return dj.labelling_accuracy(te_states, decoded, k, te_mask)
+    return dj.per_user_accuracy(te_states, decoded, k, te_mask)
 
-  results, times = {}, {}
-  results["oracle"] = score(S.to_model(test_pop.params, synthetic.max_duration, config.min_covar))
-  common.log(f"[{name}] oracle (true parameters) accuracy {results['oracle']:.4f}")
+  results, times, selection = {}, {}, {}
+  results["oracle"] = score(S.to_model(populations["test"].params, synthetic.max_duration,
+                                       config.min_covar))
   start = dj.pooled_start(keys[1], tr_obs, tr_mask, num_states=k,
                          max_duration=synthetic.max_duration, min_covar=config.min_covar)
   results["pooled_start"] = score(jax.tree_util.tree_map(
       lambda x: jnp.broadcast_to(x, (te_obs.shape[0],) + x.shape), start))
-  common.log(f"[{name}] pooled start (one shared model) accuracy {results['pooled_start']:.4f}")
-
+  for row in REFERENCE_ROWS:
+    common.log(f"[{name}] {REFERENCE_ROWS[row]} accuracy {results[row].mean():.4f}")
+  val = data.get("val")
   s = Setting(name=name, config=config, synthetic=synthetic, keys=keys,
               train=dj.Batch(tr_emb, tr_obs, tr_mask), test=dj.Batch(te_emb, te_obs, te_mask),
-              start=start, codec=dj.ParamCodec(start),
-              optimizer=dj.make_optimizer(config.learning_rate), curves={})
+              start=start, codec=dj.ParamCodec(start), optimizer=None, curves={},
+              val=None if val is None else dj.Batch(val[3], val[1], val[2]),
+              val_states=None if val is None else val[0], workdir=workdir, progress=progress)
   for method in config.methods:
-    params, times[method] = common.timed(METHODS[method].fit)(s, method)
-    results[method] = score(params)
-    common.log(f"[{name}] {METHODS[method].label:28s} accuracy {results[method]:.4f}  "
+    fitted, times[method] = common.timed(METHODS[method].fit)(s, method)
+    if isinstance(fitted, dict):
+      selection[method] = fitted["candidates"]
+      for loss, params in fitted["by_loss"].items():
+        results[f"{method}@{loss}"] = score(params)
+      fitted = fitted["selected"]
+    results[method] = score(fitted)
+    common.log(f"[{name}] {METHODS[method].label:28s} accuracy {results[method].mean():.4f}  "
                f"time {times[method]:.1f}s")
-  return results, times, s.curves
+  return results, times, s.curves, selection
 
 
-def table_markdown(table, times, config, settings):
-  """Lines of table1.md: accuracies beside the paper's, then fitting times."""
-  rows = []
-  for method in [*REFERENCE_ROWS, *config.methods]:
-    cells = []
-    for s in settings:
-      ours = table.get(method, {}).get(s)
-      paper = PAPER.get(method, {}).get(s)
-      cells.append("—" if ours is None else f"{100 * ours:.1f}")
-      cells.append("—" if paper is None else f"{paper:.1f}")
-    label = REFERENCE_ROWS.get(method) or METHODS[method].label
-    rows.append([label, *cells])
-  accuracy = common.markdown_table(
-      ["Method", *[f"{s} {who}" for s in settings for who in ("ours", "paper")]], rows)
+def _label(row: str) -> str:
+  base, _, loss = row.partition("@")
+  label = REFERENCE_ROWS.get(base) or METHODS[base].label
+  return f"{label} [{loss} loss]" if loss else label
+
+
+def table_markdown(summary, times, config, settings):
+  """Lines of table1.md: accuracies (mean ± std over seeds) beside the paper's,
+  paired differences, then fitting times."""
+  # With one loss its "[loss]" rows repeat the selected ones.
+  present = [r for r in summary["rows"] if "@" not in r or len(config.losses) > 1]
+  labels = {r: _label(r) for r in present}
   timing = common.markdown_table(
       ["Method", *settings],
-      [[METHODS[m].label, *[f"{times.get(m, {}).get(s, float('nan')):.0f}" for s in settings]]
-       for m in config.methods])
-  intro = (f"Gradient mode of the EM layers: `{config.gradient}`; {config.num_users} training "
-           f"users, {config.num_test_users} held-out users; noise settings at T = "
-           f"{config.noise_length}; preset `{config.preset}`; training loss `{config.loss}`.")
+      [[METHODS[m].label, *[f"{np.mean(times.get(m, {}).get(s, [np.nan])):.0f}"
+                            for s in settings]] for m in config.methods])
+  grid = (f"{len(config.losses)} loss(es) {tuple(config.losses)} x "
+          f"{len(config.select_learning_rates)} learning rate(s) "
+          f"{tuple(config.select_learning_rates)}, {config.train_steps} steps each "
+          f"(EM Mapping: regression loss, {config.regression_steps} steps)")
+  intro = (f"Gradient mode of the EM layers: `{config.gradient}`"
+           f"{'' if config.gradient == 'exact' else f' (S = {config.spsa_samples}, {config.spsa_perturbation})'}"
+           f"; {config.num_users} training, {config.num_val_users} validation and "
+           f"{config.num_test_users} held-out users; noise settings at T = "
+           f"{config.noise_length}; preset `{config.preset}`; seeds {tuple(config.seeds)}. "
+           f"Model selection on the validation users by `{config.select_by}` over the same grid "
+           f"for every trained method: {grid}. Rows `[loss]`: the best learning rate within "
+           f"that loss. Conventional EM: best of {config.em_kmeans_restarts} k-means++ + "
+           f"{config.em_random_restarts} random restarts per user by likelihood, "
+           f"{config.em_iters} iterations each.")
+  shown = {"rows": {r: summary["rows"][r] for r in present},
+           "paired": {r: d for r, d in summary["paired"].items() if r in present}}
+  lines = report.markdown(shown, settings, labels, PAPER)
   return ["# Table 1 (synthetic HSMMs): labelling accuracy, ours vs. paper", "", intro, "",
-          *accuracy, "", "Time to fit each method and produce the held-out users' parameters "
-          "(seconds, wall clock, including compilation):", "", *timing]
-
-
-def plot_curves(path, curves, settings):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.2), squeeze=False)
-  for ax, s in zip(axes[0], settings):
-    for method, curve in curves.get(s, {}).items():
-      if method == "em_mapping":
-        continue  # a squared-error loss: a different scale
-      loss = np.asarray(curve["loss"])
-      window = max(1, len(loss) // 20)
-      smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-      ax.plot(np.asarray(curve["step"])[window - 1:], smooth, label=METHODS[method].label)
-    ax.set_title(s)
-    ax.set_xlabel("step")
-    ax.set_ylabel("NLL per time step")
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+          *lines, "", "Time to fit each method and produce the held-out users' parameters "
+          "(seconds, wall clock, including compilation and the selection grid; mean over "
+          "seeds):", "", *timing, "", "Headline:", "",
+          *[f"- {line}" for line in report.headline(summary)]]
 
 
 def prepare_config(config):
@@ -271,6 +371,9 @@ def prepare_config(config):
   with config.unlocked():
     config.methods = common.names(config.methods)
     config.settings = common.names(config.settings)
+    config.losses = common.names(config.losses)
+    config.seeds = tuple(range(config.seed, config.seed + config.num_seeds))
+    config.select_learning_rates = tuple(float(x) for x in config.select_learning_rates)
   if not config.methods or not config.settings:
     raise common.ConfigError("config.methods and config.settings must each name an entry")
   for m in config.methods:
@@ -279,47 +382,88 @@ def prepare_config(config):
   for s in config.settings:
     if s not in SETTINGS:
       raise common.ConfigError(f"unknown setting {s!r}; choose from {SETTINGS}")
+  for loss in config.losses:
+    if loss not in LOSSES or loss == "regression":
+      raise common.ConfigError(f"unknown loss {loss!r}; choose from likelihood, heldout")
+  if not config.losses or not config.select_learning_rates:
+    raise common.ConfigError("config.losses and config.select_learning_rates must be non-empty")
+  if config.select_by not in ("heldout_nll", "accuracy"):
+    raise common.ConfigError(f"select_by must be heldout_nll or accuracy, got {config.select_by!r}")
+  if config.num_val_users < 1:
+    raise common.ConfigError("model selection needs validation users (num_val_users >= 1)")
   return config
 
 
-def run(config, output_dir: str):
-  """Every setting of ``config``; writes the results files; returns {row: {setting: acc}}."""
+def run(config, output_dir: str, *, workdir: str | None = None, progress: bool = False):
+  """Every seed and setting of ``config``; writes the results files; returns
+  {row: {setting: mean accuracy over seeds}}.  ``workdir``: checkpoints and
+  metrics of every training loop and conventional-EM fit under
+  ``workdir/seed<s>/<setting>/<method>`` (rerun to resume)."""
   config = prepare_config(config)
   synthetic = S.SyntheticConfig(**config.synthetic.to_dict())
   common.save_config(config, output_dir)
   common.log(f"config: {json.dumps(common.to_jsonable(config))}")
-
-  k_world, k_train, k_test, k_settings = jax.random.split(jax.random.PRNGKey(config.seed), 4)
-  world = S.make_world(k_world, synthetic)
-  train_pop = S.make_population(k_train, world, config.num_users, synthetic)
-  test_pop = S.make_population(k_test, world, config.num_test_users, synthetic)
-
-  table, times, curves = {}, {}, {}
+  per_user, times, curves, selection = [], {}, {}, {}
   t_start = time.time()
-  for i, name in enumerate(config.settings):
-    # Keyed by the setting's canonical index: a setting's numbers do not
-    # depend on which other settings run.
-    res, tms, crv = run_setting(name, jax.random.fold_in(k_settings, SETTINGS.index(name)),
-                                train_pop, test_pop, config, synthetic)
-    for m, acc in res.items():
-      table.setdefault(m, {})[name] = acc
-    for m, t in tms.items():
-      times.setdefault(m, {})[name] = t
-    curves[name] = crv
-    # Write after every setting so a long run leaves partial results.
-    common.write_json(os.path.join(output_dir, "table1.json"), table)
-    common.write_json(os.path.join(output_dir, "timings.json"),
-                      {"seconds": times, "total_seconds": time.time() - t_start})
-    common.write_json(os.path.join(output_dir, "curves.json"), curves, indent=None)
-    done = sorted(config.settings[:i + 1], key=SETTINGS.index)
-    text = common.write_markdown(os.path.join(output_dir, "table1.md"),
-                                 table_markdown(table, times, config, done))
-    plot_curves(os.path.join(output_dir, "training_curves.png"), curves, done)
+  for seed in config.seeds:
+    k_world, k_train, k_test, k_settings = jax.random.split(jax.random.PRNGKey(seed), 4)
+    world = S.make_world(k_world, synthetic)
+    populations = {"train": S.make_population(k_train, world, config.num_users, synthetic),
+                   "test": S.make_population(k_test, world, config.num_test_users, synthetic)}
+    if config.num_val_users:
+      populations["val"] = S.make_population(jax.random.fold_in(k_test, 1), world,
+                                             config.num_val_users, synthetic)
+    seed_rows = {}
+    per_user.append(seed_rows)
+    for name in config.settings:
+      common.log(f"##### seed {seed}")
+      # Keyed by the setting's canonical index: a setting's numbers do not
+      # depend on which other settings run.
+      res, tms, crv, sel = run_setting(name, jax.random.fold_in(k_settings, SETTINGS.index(name)),
+                                       populations, config, synthetic, progress=progress,
+                                       workdir=common.subdir(workdir, f"seed{seed}", name))
+      for m, acc in res.items():
+        seed_rows.setdefault(m, {})[name] = acc
+      for m, t in tms.items():
+        times.setdefault(m, {}).setdefault(name, []).append(t)
+      curves.setdefault(str(seed), {})[name] = crv
+      selection.setdefault(str(seed), {})[name] = sel
+      # Write after every setting so a long run leaves partial results.
+      _write(output_dir, config, per_user, times, curves, selection, t_start)
+  text = _write(output_dir, config, per_user, times, curves, selection, t_start)
   common.log(f"done in {time.time() - t_start:.0f}s; results in {output_dir}")
   print(text)
-  return table
+  return report.means_table(report.summarize(_complete(per_user), jax.random.PRNGKey(0), 10))
+
+
+def _complete(per_user):
+  """The seeds whose settings all finished (a partial seed would bias the means)."""
+  full = {(r, s) for r, cells in per_user[0].items() for s in cells}
+  return [p for p in per_user if {(r, s) for r, c in p.items() for s in c} == full]
+
+
+def _write(output_dir, config, per_user, times, curves, selection, t_start):
+  done = _complete(per_user)
+  summary = report.summarize(done, jax.random.PRNGKey(config.bootstrap_seed), config.bootstrap)
+  settings = sorted({s for cells in summary["rows"].values() for s in cells}, key=SETTINGS.index)
+  common.write_json(os.path.join(output_dir, "table1.json"), report.means_table(summary))
+  common.write_json(os.path.join(output_dir, "table1_stats.json"), summary)
+  common.write_json(os.path.join(output_dir, "per_user.json"), per_user, indent=None)
+  common.write_json(os.path.join(output_dir, "selection.json"), selection)
+  common.write_json(os.path.join(output_dir, "timings.json"),
+                    {"seconds": times, "total_seconds": time.time() - t_start})
+  common.write_json(os.path.join(output_dir, "curves.json"), curves, indent=None)
+  text = common.write_markdown(os.path.join(output_dir, "table1.md"),
+                               table_markdown(summary, times, config, settings))
+  report.plot_curves(os.path.join(output_dir, "training_curves.png"),
+                     curves[str(config.seeds[0])], settings,
+                     lambda m: METHODS[m.partition("[")[0]].label)
+  for line in report.headline(summary):
+    common.log(f"HEADLINE {line}")
+  return text
 
 
 if __name__ == "__main__":
   common.app_main("synthetic_table1", run, output_dir="/tmp/dennl_table1",
-                  variants={"quick": "quick"}, compilation_cache_dir="~/.cache/dennl_jax_xla")
+                  variants={"quick": "quick"}, compilation_cache_dir="~/.cache/dennl_jax_xla",
+                  tracked=True)

@@ -32,7 +32,8 @@ BINARIES = ("synthetic_table1", "bench_em_step", "bench_hsmm", "spsa_gradients",
             "demo_hsmm")
 # Files each binary writes besides config.json.
 OUTPUTS = {
-    "synthetic_table1": ("table1.json", "table1.md", "timings.json", "curves.json",
+    "synthetic_table1": ("table1.json", "table1_stats.json", "table1.md", "timings.json",
+                         "curves.json", "selection.json", "per_user.json",
                          "training_curves.png"),
     "bench_em_step": ("results.json", "results.md"),
     "bench_hsmm": ("results.json", "results.md"),
@@ -83,9 +84,15 @@ def test_binary_runs_on_tiny_config(name, tmp_path):
     for row in rows:
       assert set(table[row]) == set(config.settings)
       assert all(0.0 <= acc <= 1.0 for acc in table[row].values()), row
-    curves = common.read_json(tmp_path / "curves.json")
-    assert set(curves[config.settings[0]]) == {"em_mapping", "mlp_mapper"}
-    assert len(curves[config.settings[0]]["mlp_mapper"]["loss"]) == config.train_steps
+    curves = common.read_json(tmp_path / "curves.json")["0"][config.settings[0]]
+    assert set(curves) == {"em_mapping[regression,lr=0.001]", "mlp_mapper[likelihood,lr=0.001]"}
+    assert len(curves["mlp_mapper[likelihood,lr=0.001]"]["loss"]) == config.train_steps
+    stats = common.read_json(tmp_path / "table1_stats.json")
+    cell = stats["rows"]["mlp_mapper"][config.settings[0]]
+    assert cell["n_seeds"] == 1 and cell["mean"] == table["mlp_mapper"][config.settings[0]]
+    # Every trained method was selected on validation users among its candidates.
+    selection = common.read_json(tmp_path / "selection.json")["0"][config.settings[0]]
+    assert sum(c["selected"] for c in selection["mlp_mapper"]) == 1
   if name.startswith("demo"):
     assert 0.0 <= common.read_json(tmp_path / "results.json")["accuracy"] <= 1.0
 
@@ -108,8 +115,13 @@ def test_table1_networks_build():
   # Abstract construction (shapes only): checks the wiring without compiling anything.
   built = {name: nnx.eval_shape(lambda build=method.build: build(setting, nnx.Rngs(0)))
            for name, method in synthetic_table1.METHODS.items() if method.build is not None}
-  assert set(built) == {"mlp_mapper", "initial_fusion", "dennl"}
+  assert set(built) == {"mlp_mapper", "initial_fusion", "dennl"} | set(synthetic_table1.ABLATIONS)
+  assert set(common.get_config("synthetic_table1", "ablations").methods) <= set(
+      synthetic_table1.METHODS)
   assert isinstance(built["dennl"], dj.DENNL)
+  assert not built["dennl_direct"].residual and not built["dennl_no_latent"].use_latent
+  assert not built["dennl_no_embed"].embed_in_stage and built["dennl_user_start"].user_start
+  assert built["dennl_5stage"].num_stages == 5
   assert isinstance(built["initial_fusion"], dj.InitialFusion)
   assert isinstance(built["mlp_mapper"], dj.EmbeddingMapper)
 
@@ -163,7 +175,8 @@ def test_table1_rejects_unknown_names():
   config.settings = ("T7",)
   with pytest.raises(common.ConfigError, match="unknown setting 'T7'"):
     synthetic_table1.prepare_config(config)
-  assert tuple(synthetic_table1.METHODS) == common.get_config("synthetic_table1").methods
+  assert tuple(m for m in synthetic_table1.METHODS if m not in synthetic_table1.ABLATIONS) == (
+      common.get_config("synthetic_table1").methods)
 
 
 def test_readme_command_line_reaches_the_config():
@@ -209,3 +222,24 @@ def test_timing_helpers():
   assert 0 <= t.seconds < 1 and not math.isnan(t.seconds)
   with pytest.raises(ValueError, match="repeats"):
     common.median_seconds(fn, 1, repeats=0)
+
+
+def test_table1_stats_over_seeds_and_paired_differences():
+  from scipy import stats
+  from experiments import table1_report as report
+  rng = np.random.default_rng(0)
+  per_user = [{"dennl": {"T50": rng.uniform(0.7, 1.0, 20)},
+               "conventional_em": {"T50": rng.uniform(0.5, 0.9, 20)}} for _ in range(3)]
+  summary = report.summarize(per_user, jax.random.PRNGKey(0), 500)
+  means = [p["dennl"]["T50"].mean() for p in per_user]
+  cell = summary["rows"]["dennl"]["T50"]
+  np.testing.assert_allclose(cell["mean"], np.mean(means))
+  np.testing.assert_allclose(cell["std"], np.std(means, ddof=1))
+  np.testing.assert_allclose(cell["ci95"], stats.t.interval(0.95, 2, np.mean(means),
+                                                            stats.sem(means)))
+  diff = summary["paired"]["conventional_em"]["T50"]
+  pooled = np.concatenate([p["dennl"]["T50"] - p["conventional_em"]["T50"] for p in per_user])
+  np.testing.assert_allclose(diff["mean"], 100 * pooled.mean())
+  assert diff["low"] < diff["mean"] < diff["high"] and diff["n_pairs"] == 60
+  assert report.means_table(summary)["dennl"]["T50"] == cell["mean"]
+  assert any("DENNL" in line and "conventional_em" in line for line in report.headline(summary))

@@ -81,3 +81,55 @@ def test_dennl_rejects_unknown_gradient_mode(batch):
   start = batch[0]
   with pytest.raises(ValueError, match="gradient"):
     DENNL(ParamCodec(start), start, E, gradient="magic", rngs=nnx.Rngs(0))
+
+
+def _perturbed(dennl):
+  """Non-zero stage heads, so the switches have something to switch."""
+  key = jax.random.PRNGKey(9)
+  dennl.correction.kernel[...] = 0.05 * jax.random.normal(key, dennl.correction.kernel.shape)
+  dennl.next_latent.kernel[...] = jax.random.normal(jax.random.fold_in(key, 1),
+                                                    dennl.next_latent.kernel.shape)
+  return dennl
+
+
+def _dennl(start, **switches):
+  return DENNL(ParamCodec(start), start, E, num_stages=2, hidden=(16,), start_hidden=(8,),
+               latent_dim=4, gradient="exact", rngs=nnx.Rngs(0), **switches)
+
+
+def test_direct_output_dennl_starts_at_the_shared_start(batch):
+  start, obs, mask, emb = batch
+  params = _dennl(start, residual=False)(emb, obs, mask, jax.random.PRNGKey(0))
+  expected = ParamCodec(start).decode(ParamCodec(start).encode(start))
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, jnp.broadcast_to(b, a.shape), rtol=1e-6, atol=1e-9)
+
+
+def test_without_latent_and_stage_embedding_the_embedding_is_ignored(batch):
+  """lambda0 = g(e) has a zero output kernel at initialisation, so with neither
+  the latent h nor e in the stage MLP the output cannot depend on e."""
+  start, obs, mask, emb = batch
+  other = emb[::-1] + 1.0
+  key = jax.random.PRNGKey(0)
+  cut = _perturbed(_dennl(start, use_latent=False, embed_in_stage=False))
+  for a, b in zip(jax.tree_util.tree_leaves(cut(emb, obs, mask, key)),
+                  jax.tree_util.tree_leaves(cut(other, obs, mask, key))):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  for switches in (dict(use_latent=False), dict(embed_in_stage=False)):
+    full = _perturbed(_dennl(start, **switches))
+    assert not np.allclose(full(emb, obs, mask, key).emission.mean,
+                           full(other, obs, mask, key).emission.mean), switches
+
+
+def test_user_start_comes_from_each_users_own_data(batch):
+  start, obs, mask, emb = batch
+  from functools import partial
+  from dennl_jax.starts import user_start
+  make = partial(user_start, num_states=K, max_duration=D, min_covar=1e-3)
+  key = jax.random.PRNGKey(0)
+  history = _dennl(start, user_start=make).stages(emb, obs, mask, key)
+  codec = ParamCodec(start)
+  keys = jax.random.split(jax.random.fold_in(key, 1), B)
+  for u in range(B):
+    own = codec.decode(codec.encode(make(keys[u], obs[u], mask[u])))
+    np.testing.assert_allclose(history.emission.mean[0, u], own.emission.mean, atol=1e-9)

@@ -28,6 +28,9 @@ _VARIANTS = {
                            "spsa:64")),
         length=dict(num_users=32, num_states=10, lengths=(50, 100, 200, 400, 800, 1600),
                     repeats=3),
+        variance=dict(num_users=32, num_steps=100, num_states=5, num_symbols=10,
+                      num_samples=(4, 16, 40, 80), repeats=3,
+                      perturbations=("rademacher", "orthogonal")),
     ),
     "tiny": dict(
         # One estimator, one dtype, one mode: every code path once, fewest compilations.
@@ -37,6 +40,8 @@ _VARIANTS = {
                       num_samples=(1, 8), dtypes=("float64",)),
         timing=dict(num_users=2, num_steps=10, num_states=2, repeats=1, modes=("exact:1",)),
         length=dict(num_users=2, num_states=2, lengths=(10,), repeats=1),
+        variance=dict(num_users=2, num_steps=10, num_states=2, num_symbols=3, num_samples=(2,),
+                      repeats=1, perturbations=("orthogonal",)),
     ),
 }
 
@@ -55,4 +60,6 @@ def get_config(arg=None):
   # (c) wall time and compiled temporary memory of each mode's VJP ("mode:num_samples";
   #     mode "no-checkpoint" = plain reverse mode through em_step).
   # (d) exact-mode gradient time and memory vs T.
+  # (e) variance reduction: SPSA error with i.i.d. Rademacher vs orthogonal directions
+  #     at the same num_samples (equal cost).
   return config

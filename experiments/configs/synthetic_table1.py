@@ -8,8 +8,10 @@ Run from the repository root:
   python -m experiments.synthetic_table1 --output_dir=/work/results/table1_full  # full (default)
 
 Variants (the text after ':'): ``full`` (default; the README's full-scale
-run), ``quick`` (a few minutes on 2 CPU cores), ``tiny`` (the smoke test:
-one short noisy setting, 3 states, 2 optimiser steps).  Override any field,
+run, 3 seeds), ``quick`` (T50 and noise20 at T = 50, 2 seeds, a few minutes
+on 2 CPU cores), ``ablations`` (DENNL's switches on T50 and noise20 at full
+scale), ``tiny`` (the smoke test: one short noisy setting, 3 states, 2
+optimiser steps).  Override any field,
 e.g. ``--config.seed=1 --config.methods=dennl,initial_fusion
 --config.gradient=spsa --config.synthetic.max_duration=20``; with
 ``--quick``, explicitly given overrides win over the quick values.
@@ -25,20 +27,35 @@ from dennl_jax.data.synthetic import SyntheticConfig
 METHODS = ("conventional_em", "em_mapping", "mlp_mapper", "initial_fusion", "dennl")
 SETTINGS = ("T50", "T100", "T400", "noise20", "noise10")
 
+_FULL = dict(num_users=1000, num_val_users=200, num_test_users=200, train_steps=150,
+             batch_size=16, em_iters=30, num_stages=3, noise_length=400, em_mapping_users=200,
+             regression_steps=500, hidden=256, num_seeds=3, em_kmeans_restarts=4,
+             em_random_restarts=4, select_learning_rates=(1e-3, 3e-3),
+             losses=("likelihood", "heldout"))
 _VARIANTS = {
-    "full": dict(num_users=1000, num_test_users=200, train_steps=150, batch_size=16,
-                 em_iters=30, num_stages=3, noise_length=400, em_mapping_users=200,
-                 regression_steps=500, hidden=256),
-    "quick": dict(num_users=128, num_test_users=64, train_steps=40, batch_size=16, em_iters=20,
-                  num_stages=2, noise_length=100, em_mapping_users=128, regression_steps=150,
-                  hidden=64),
-    # Tiny: as many training as held-out users, so one compiled sampler and one
-    # compiled conventional EM serve both.
-    "tiny": dict(num_users=4, num_test_users=4, train_steps=2, batch_size=4, em_iters=2,
-                 num_stages=1, noise_length=10, em_mapping_users=4, regression_steps=2, hidden=8,
-                 settings=("noise20",), log_every=1),
+    "full": _FULL,
+    # The README's main job: the headline settings only, both at T = 50 (noise
+    # at T = 50 too) so every compiled program serves both settings and seeds.
+    "quick": dict(num_users=128, num_val_users=64, num_test_users=64, train_steps=40,
+                  batch_size=16, em_iters=20, num_stages=2, noise_length=50,
+                  em_mapping_users=128, regression_steps=150, hidden=64, num_seeds=2,
+                  em_kmeans_restarts=2, em_random_restarts=2, select_learning_rates=(3e-3,),
+                  losses=("likelihood", "heldout"), settings=("T50", "noise20"),
+                  methods=("conventional_em", "mlp_mapper", "initial_fusion", "dennl")),
+    # DENNL ablations on the headline settings (full-scale data, one switch each).
+    "ablations": dict(_FULL, settings=("T50", "noise20"), num_seeds=1,
+                      methods=("conventional_em", "initial_fusion", "dennl", "dennl_direct",
+                               "dennl_no_latent", "dennl_no_embed", "dennl_1stage",
+                               "dennl_5stage", "dennl_user_start")),
+    # Tiny: as many training, validation as held-out users, so one compiled
+    # sampler and one compiled conventional EM serve all.
+    "tiny": dict(num_users=4, num_val_users=4, num_test_users=4, train_steps=2, batch_size=4,
+                 em_iters=2, num_stages=1, noise_length=10, em_mapping_users=4,
+                 regression_steps=2, hidden=8, settings=("noise20",), log_every=1, num_seeds=1,
+                 em_kmeans_restarts=1, em_random_restarts=1, select_learning_rates=(1e-3,),
+                 losses=("likelihood",), bootstrap=50),
 }
-_MAX_DURATION = {"full": 20, "quick": 16, "tiny": 4}
+_MAX_DURATION = {"full": 20, "quick": 16, "ablations": 20, "tiny": 4}
 # The tiny world: 3 states in 2-D with a 4-dimensional embedding.
 _TINY_SYNTHETIC = dict(num_states=3, obs_dim=2, num_factors=2, embed_dim=4)
 
@@ -47,32 +64,48 @@ def get_config(arg=None):
   variant = select_variant(_VARIANTS, arg)
   config = config_dict.ConfigDict()
   config.preset = variant
-  config.seed = 0                      # world, users and training
+  config.seed = 0                      # first seed: world, users and training keys
+  config.num_seeds = 1                 # seeds seed, seed + 1, ...
   config.methods = METHODS             # names in synthetic_table1.METHODS
   config.settings = SETTINGS           # T<length> (clean) or noise<percent> (at noise_length)
   # Backward of the EM layers (DENNL, Initial Fusion): exact | spsa | forward.
   # Exact in every variant: see BUILD_NOTES.md (Table 1 runs).
   config.gradient = "exact"
   config.spsa_samples = 8              # perturbations per EM layer (spsa / forward)
+  # rademacher (paper) | segment | orthogonal (variance reduction, see estimators.py)
+  config.spsa_perturbation = "rademacher"
   config.num_users = 0                 # training users
+  config.num_val_users = 0             # validation users (model selection only)
   config.num_test_users = 0            # held-out users (scored)
-  config.train_steps = 0               # optimiser steps per trained model
+  config.train_steps = 0               # optimiser steps per candidate of a trained model
   config.batch_size = 0                # users per minibatch
-  config.learning_rate = 1e-3          # Adam
-  config.em_iters = 0                  # conventional-EM iterations
+  # Model selection on the validation users, the same grid for every trained
+  # method: every loss x learning rate (Adam), train_steps each; the best by
+  # select_by (heldout_nll: NLL of hidden steps, label-free; accuracy: labelling
+  # accuracy of the validation users).  EM Mapping: regression loss x the rates.
+  config.select_learning_rates = (1e-3,)
+  # likelihood = paper eq. 9 (in-sample NLL per step); heldout = NLL of
+  # randomly hidden steps given the rest (probabilities floored at 1e-6).
+  config.losses = ("likelihood",)
+  config.select_by = "heldout_nll"
+  config.em_iters = 0                  # conventional-EM iterations per restart
+  config.em_kmeans_restarts = 1        # conventional EM: k-means++ starts per user
+  config.em_random_restarts = 0        # ... and random starts; best final likelihood kept
   config.num_stages = 0                # EM stages of DENNL and Initial Fusion
   config.hidden = 0                    # hidden width of the DENNL stage MLP
   config.noise_length = 0              # sequence length of the noise settings
   config.em_mapping_users = 0          # training users fitted by EM for EM Mapping's targets
   config.regression_steps = 0          # EM Mapping optimiser steps
-  # likelihood = paper eq. 9 (in-sample NLL per step); heldout = NLL of
-  # randomly hidden steps given the rest.
-  config.loss = "likelihood"
   # Added to every fitted covariance diagonal (all methods).  With 10 states
   # and short sequences a small floor lets EM collapse states onto single
   # points, which maximises the likelihood while hurting decoding.
   config.min_covar = 0.1
   config.log_every = 25                # progress line every this many steps
+  config.bootstrap = 2000              # resamples of the paired-difference intervals
+  config.bootstrap_seed = 0
+  # DENNL's switches (the `ablations` variant's dennl_* methods flip one each).
+  config.dennl = config_dict.ConfigDict(dict(residual=True, use_latent=True,
+                                             embed_in_stage=True, user_start=False))
   config.update(_VARIANTS[variant])
   synthetic = dataclasses.replace(SyntheticConfig(), max_duration=_MAX_DURATION[variant])
   if variant == "tiny":

@@ -1,0 +1,153 @@
+"""Table 1 over seeds: means, spreads, intervals, paired differences, markdown.
+
+Inputs are per-user labelling accuracies, ``per_user[seed][row][setting] ->
+(U,)`` (every user has the same number of valid steps in Table 1, so the
+mean over users is the pooled accuracy).  Two kinds of interval, both 95 %:
+
+* ``ci95`` of a row's accuracy: Student t over seeds of the per-seed means
+  (each seed draws its own world, users and training keys, so this covers
+  all of that randomness; with 2 seeds t = 12.7 and the interval is wide).
+* paired differences DENNL - method: the per-user difference within each
+  seed (same held-out users), pooled over seeds x users, percentile
+  bootstrap over those pairs (:func:`dennl_jax.recsys.metrics.paired_difference`);
+  this conditions on the seeds' worlds.  ``t_low``/``t_high`` beside it is
+  the t interval over the per-seed mean differences.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from scipy import stats
+
+from dennl_jax.recsys.metrics import paired_difference
+
+REFERENCE = "dennl"
+
+
+def t_interval(values, level: float = 0.95):
+  """(low, high) Student-t interval of the mean of ``values`` (n,); NaNs for n < 2."""
+  values = np.asarray(values, np.float64)
+  if values.size < 2:
+    return float("nan"), float("nan")
+  half = stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
+  return float(values.mean() - half), float(values.mean() + half)
+
+
+def row_stats(per_seed_means) -> dict:
+  """{mean, std, n_seeds, ci95: [low, high]} of per-seed accuracies (fractions)."""
+  v = np.asarray(per_seed_means, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+          "n_seeds": int(v.size), "ci95": list(t_interval(v))}
+
+
+def summarize(per_user: list, key, num_bootstrap: int = 2000) -> dict:
+  """``{"rows": {row: {setting: row_stats}}, "paired": {method: {setting: diff}}}``.
+
+  per_user: one ``{row: {setting: (U,)}}`` per seed.  Paired differences
+  are DENNL - method in percentage points (see the module docstring).
+  """
+  rows = {}
+  for row in per_user[0]:
+    for setting in per_user[0][row]:
+      means = [np.mean(seed[row][setting]) for seed in per_user]
+      rows.setdefault(row, {})[setting] = row_stats(means)
+  paired = {}
+  if REFERENCE in per_user[0]:
+    for row in per_user[0]:
+      if row == REFERENCE:
+        continue
+      for i, setting in enumerate(per_user[0][REFERENCE]):
+        if setting not in per_user[0][row]:
+          continue
+        a = np.concatenate([seed[REFERENCE][setting] for seed in per_user])
+        b = np.concatenate([seed[row][setting] for seed in per_user])
+        diff = paired_difference(a, b, jax.random.fold_in(key, i), num_bootstrap)
+        low, high = t_interval([100 * (np.mean(s[REFERENCE][setting]) - np.mean(s[row][setting]))
+                                for s in per_user])
+        diff.update(t_low=low, t_high=high, n_pairs=int(a.size), n_seeds=len(per_user))
+        paired.setdefault(row, {})[setting] = diff
+  return {"rows": rows, "paired": paired}
+
+
+def means_table(summary: dict) -> dict:
+  """{row: {setting: mean accuracy}} (what table1.json holds): the selected
+  rows only; the per-loss rows ``method@loss`` stay in table1_stats.json."""
+  return {row: {s: v["mean"] for s, v in cells.items()}
+          for row, cells in summary["rows"].items() if "@" not in row}
+
+
+def _pm(cell) -> str:
+  return "—" if cell is None else f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
+
+
+def _diff(d) -> str:
+  if d is None:
+    return "—"
+  return f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+
+
+def markdown(summary: dict, settings, labels: dict, paper: dict) -> list:
+  """Lines: accuracy mean ± std (paper beside), then paired differences."""
+  from experiments import common
+  rows = summary["rows"]
+  acc = common.markdown_table(
+      ["Method", *[f"{s} ours / paper" for s in settings]],
+      [[labels.get(r, r), *[f"{_pm(rows[r].get(s))} / "
+                            f"{paper.get(r, {}).get(s, '—')}" for s in settings]]
+       for r in rows])
+  diff = common.markdown_table(
+      ["DENNL − method (points)", *settings],
+      [[labels.get(m, m), *[_diff(cells.get(s)) for s in settings]]
+       for m, cells in summary["paired"].items()])
+  n = next(iter(next(iter(rows.values())).values()))["n_seeds"]
+  return ["Labelling accuracy (%), mean ± std over "
+          f"{n} seed(s) (world, users and training keys from each seed):", "", *acc, "",
+          "Paired difference DENNL − method, mean [95 % bootstrap over seeds × held-out users]:",
+          "", *diff]
+
+
+def headline(summary: dict, settings=("T50", "noise20"),
+             methods=("conventional_em", "initial_fusion")) -> list:
+  """The README's headline: DENNL vs Conventional EM and Initial Fusion."""
+  lines = []
+  for s in settings:
+    d = summary["rows"].get(REFERENCE, {}).get(s)
+    if d is None:
+      continue
+    parts = [f"{s}: DENNL {100 * d['mean']:.1f}%"]
+    for m in methods:
+      p = summary["paired"].get(m, {}).get(s)
+      if p is not None:
+        parts.append(f"vs {m} {p['mean']:+.1f} pts [{p['low']:+.1f}, {p['high']:+.1f}] "
+                     f"(t over seeds [{p['t_low']:+.1f}, {p['t_high']:+.1f}])")
+    lines.append("  ".join(parts))
+  return lines
+
+
+def plot_curves(path, curves, settings, label_of):
+  """Training curves of every candidate, one panel per setting.
+
+  curves: {setting: {name: {"step", "loss"}}} with names ``method[loss,lr=..]``;
+  label_of(name) -> the method's label.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.2), squeeze=False)
+  for ax, s in zip(axes[0], settings):
+    for name, curve in curves.get(s, {}).items():
+      if name.startswith("em_mapping"):
+        continue  # a squared-error loss: a different scale
+      loss = np.asarray(curve["loss"])
+      window = max(1, len(loss) // 20)
+      smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+      grid = name.partition("[")[2]
+      ax.plot(np.asarray(curve["step"])[window - 1:], smooth,
+              label=label_of(name) + (f" [{grid}" if grid else ""))
+    ax.set_title(s)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per time step")
+  axes[0][0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
