@@ -249,6 +249,8 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
       stop = should_stop is not None and should_stop(done, loss)
       if checkpointer is not None and (done % save_every == 0 or done == num_steps or stop):
         save(done)
+        if tracker is not None:
+          tracker.flush()   # metrics up to a checkpoint survive a kill, like the checkpoint
       if stop:
         break
   finally:

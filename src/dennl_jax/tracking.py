@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Mapping
 
 
@@ -49,8 +50,10 @@ class Tracker:
     self._writer = None
     if tensorboard:
       from tensorboardX import SummaryWriter
+      # tensorboardX names files by the second: a resume within the same second
+      # would overwrite the first run's file unless the name is unique
       self._writer = SummaryWriter(logdir, purge_step=start_step + 1 if start_step else None,
-                                   flush_secs=30)
+                                   flush_secs=30, filename_suffix=f".{time.time_ns()}")
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """Record ``values`` (name -> number) at ``step``."""
