@@ -34,6 +34,7 @@ from flax import nnx
 
 import dennl_jax as dj
 from dennl_jax import starts
+from dennl_jax.baselines import best_restart
 from dennl_jax.data import synthetic as S
 from experiments import common
 from experiments import table1_report as report
@@ -158,7 +159,7 @@ def conventional_em(s: Setting, method: str):
   del method
   fitted, finals = _per_user_em(s, s.keys[3], s.test.obs, s.test.mask, "conventional_em")
   # Which kind of start won (k-means++ first): how much the restarts matter.
-  won = np.argmax(np.where(np.isnan(finals), -np.inf, finals), axis=1)
+  won = np.asarray(best_restart(jnp.asarray(finals)))
   common.log(f"[{s.name}] conventional EM: {finals.shape[1]} restarts per user; "
              f"k-means++ start kept for {np.mean(won < s.config.em_kmeans_restarts):.0%} of users")
   return fitted

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Callable
 
-import jax
+# The suite is compile-bound: most tests run a few small programs once, and
+# LLVM's optimisation passes were ~40% of a training test's wall time.  -O0
+# code generation changes speed, not semantics (the same HLO passes run, and
+# XLA:CPU does not use fast-math), so every assertion is unchanged.
+# Experiments and benchmarks are not affected; an XLA_FLAGS that already
+# chooses a level wins.  Subprocesses started by tests inherit it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+      filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+
+import jax  # noqa: E402  (after XLA_FLAGS: XLA reads it when the backend starts)
 import numpy as np
 import pytest
 from scipy import stats
@@ -325,3 +336,25 @@ def float32_default():
   """
   with jax.enable_x64(False):
     yield
+
+
+# Opt-in diagnosis of the suite's time: DENNL_COMPILE_REPORT=<file> appends
+# one line per test -- seconds of XLA compilation, number of compilations,
+# test id -- so slow tests can be told apart from slow-to-compile ones.
+_COMPILE_REPORT = os.environ.get("DENNL_COMPILE_REPORT")
+if _COMPILE_REPORT:
+  _compile_seconds: list[float] = []
+
+  def _on_duration(event, seconds, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      _compile_seconds.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+  @pytest.fixture(autouse=True)
+  def _report_compile_time(request):
+    start = len(_compile_seconds)
+    yield
+    spent = _compile_seconds[start:]
+    with open(_COMPILE_REPORT, "a") as f:
+      f.write(f"{sum(spent):8.2f} {len(spent):5d} {request.node.nodeid}\n")

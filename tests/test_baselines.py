@@ -1,9 +1,10 @@
 """Conventional EM: likelihood increases, starts come from each user's own data."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dennl_jax.baselines import conventional_em
+from dennl_jax.baselines import best_restart, conventional_em
 from dennl_jax.starts import user_start
 from models_common import B, D, E, K, O, T, assert_valid_batch, small_batch, small_hsmm
 
@@ -42,6 +43,11 @@ def test_restarts_keep_each_users_best_final_likelihood(batch):
                                           random_restarts=2, return_restarts=True)
   assert trace.shape == (B, iters) and finals.shape == (B, 4)
 
+  def _first_within_rounding(lls):
+    top = max(lls)
+    return next(r for r, v in enumerate(lls)
+                if v >= top - 100 * np.finfo(np.float64).eps * (1 + abs(top)))
+
   @jax.jit   # one compile for every user and restart (eager EM steps took ~100 s)
   def fit_alone(p, o, m):
     for _ in range(iters):
@@ -58,8 +64,8 @@ def test_restarts_keep_each_users_best_final_likelihood(batch):
       lls.append(float(ll))
     np.testing.assert_allclose(finals[u], lls, rtol=1e-6)
     # Restarts that converge to the same optimum (relabelled) tie up to rounding:
-    # the kept one is the argmax of the (independently checked) final likelihoods.
-    best = fits[int(np.argmax(np.asarray(finals[u])))]
+    # the kept one is the first within rounding of the (independently checked) best.
+    best = fits[_first_within_rounding(lls)]
     np.testing.assert_allclose(max(lls), float(np.max(finals[u])), rtol=1e-9)
     np.testing.assert_allclose(fitted.emission.mean[u], best.emission.mean, rtol=1e-6, atol=1e-8)
     # Random starts: distinct observations of the user's own sequence as means.
@@ -68,3 +74,22 @@ def test_restarts_keep_each_users_best_final_likelihood(batch):
     assert all(np.any(np.all(np.isclose(np.asarray(obs[u]), m), axis=1)) for m in means)
   with pytest.raises(ValueError, match="restart"):
     conventional_em(key, obs, mask, num_states=K, max_duration=D, kmeans_restarts=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_best_restart_breaks_rounding_ties_by_order_and_never_keeps_nan(dtype):
+  eps = np.finfo(dtype).eps
+  top = dtype(-1.3272139)
+  final = np.array([
+      [top - 2 * eps, top, top - 1.0],        # rounding apart: the first is kept
+      [top - 1.0, top, top - 2 * eps],        # the real best comes before its tie
+      [np.nan, top, top - 1e-3],              # NaN never wins; 1e-3 is not rounding
+      [np.nan, np.nan, np.nan],               # nothing finite: restart 0
+      [-np.inf, top, np.nan],
+  ], dtype)
+  np.testing.assert_array_equal(best_restart(jnp.asarray(final)), [0, 1, 1, 0, 1])
+  # The tie width scales with the dtype and the magnitude, not a fixed number.
+  big = np.array([[-1e4 * (1 + 50 * eps), -1e4, -1e4 * (1 - 0.5)]], dtype)
+  assert int(best_restart(jnp.asarray(big))[0]) == 2
+  assert int(best_restart(jnp.asarray(np.array([[-1e4 - 1e4 * 50 * eps, -1e4]], dtype)))[0]) == 0
+  assert int(best_restart(jnp.asarray(np.array([[-1e4 - 1e4 * 500 * eps, -1e4]], dtype)))[0]) == 1

@@ -102,8 +102,9 @@ def _worker():
 
 
 def test_four_devices_equal_one():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                 "--xla_force_host_platform_device_count=4"]))
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = os.pathsep.join(
       [os.path.join(root, "src"), os.path.dirname(__file__), env.get("PYTHONPATH", "")])

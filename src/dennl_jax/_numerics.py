@@ -5,6 +5,7 @@ repeating it (no twin code).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 # States whose expected occupancy is below this many time steps are treated
@@ -62,8 +63,12 @@ def scaled_likelihoods(log_likes):
   """``(exp(log_likes - m_t), m_t)`` with ``m_t`` the per-step max: (T, K), (T,).
 
   A step where every state has likelihood 0 keeps shift 0, so no NaN appears.
+  Every user of the pair adds ``m_t`` back (or normalises it away), so it
+  carries no gradient: differentiating the max would divide by the number of
+  entries equal to it, and XLA may recompute the fused operand with other
+  rounding (at -O0 on CPU none matched: 0/0 = NaN gradients).
   """
-  shift = jnp.max(log_likes, axis=-1)
+  shift = jax.lax.stop_gradient(jnp.max(log_likes, axis=-1))
   shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   return jnp.exp(log_likes - shift[:, None]), shift
 

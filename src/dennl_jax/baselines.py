@@ -20,8 +20,30 @@ from dennl_jax.em import fit_em
 from dennl_jax.starts import random_user_start, user_start
 
 
+# Restarts closer than this (relative, in units of the dtype's epsilon) tie.
+# A user whose likelihood is flat in some parameter (one valid step: any
+# initial distribution fits it) reaches the same optimum from every restart,
+# and float rounding -- which changes with the padded length -- must not
+# decide which one is kept.
+TIE_EPS = 100
+
+
+def best_restart(final):
+  """Index of each user's kept restart: the first within rounding of the best.
+
+  final: (B, R) log-likelihoods.  Returns (B,) int; NaN never wins (a row of
+  NaN keeps restart 0).  Restarts within ``TIE_EPS`` epsilons (relative)
+  of the row's maximum tie, and the earliest of them is kept, so the choice
+  does not depend on rounding.
+  """
+  final = jnp.where(jnp.isnan(final), -jnp.inf, final)
+  top = jnp.max(final, axis=1, keepdims=True)
+  tol = TIE_EPS * jnp.finfo(final.dtype).eps * (1.0 + jnp.abs(top))
+  return jnp.argmax(final >= top - tol, axis=1)
+
+
 def best_of_restarts(starts, obs, mask, num_iters: int):
-  """EM from every restart of every user; keeps each user's best.
+  """EM from every restart of every user; keeps each user's best (:func:`best_restart`).
 
   starts: batched model with leading axes (B, R); obs: (B, T, ...); mask: (B, T).
   Returns ``(params (leading B), trace (B, num_iters + 1) of the kept
@@ -32,7 +54,7 @@ def best_of_restarts(starts, obs, mask, num_iters: int):
   repeat = lambda x: jnp.repeat(x, restarts, axis=0)
   params, trace = fit_em(flat, repeat(obs), repeat(mask), num_iters)
   final = trace[:, -1].reshape(size, restarts)
-  best = jnp.argmax(jnp.where(jnp.isnan(final), -jnp.inf, final), axis=1)
+  best = best_restart(final)
   pick = jnp.arange(size) * restarts + best
   return jax.tree_util.tree_map(lambda x: x[pick], params), trace[pick], final
 

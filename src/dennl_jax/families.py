@@ -150,7 +150,8 @@ def _off_diagonal(x):
 def _off_diagonal_softmax(logits):
   """Row softmax over the off-diagonal entries; the diagonal is exactly 0."""
   off = _off_diagonal(logits)
-  top = jnp.max(jnp.where(off, logits, -jnp.inf), axis=-1, keepdims=True)
+  # The shift cancels; no gradient through the max (see _numerics.scaled_likelihoods).
+  top = jax.lax.stop_gradient(jnp.max(jnp.where(off, logits, -jnp.inf), axis=-1, keepdims=True))
   weights = jnp.where(off, jnp.exp(jnp.where(off, logits - top, 0.0)), 0.0)
   return weights / jnp.sum(weights, axis=-1, keepdims=True)
 

@@ -45,7 +45,8 @@ def _condition(base, log_likes):
   (every reachable state has likelihood 0) gets ``l = -inf`` and keeps its
   base row, so no NaN appears in values or gradients.
   """
-  shift = jnp.max(log_likes, axis=-1, keepdims=True)
+  # Shifts below cancel; none carries a gradient (_numerics.scaled_likelihoods).
+  shift = jax.lax.stop_gradient(jnp.max(log_likes, axis=-1, keepdims=True))
   shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   weighted = base * jnp.exp(log_likes - shift)[..., None, :]
   norm = jnp.sum(weighted, axis=-1)
@@ -102,12 +103,12 @@ def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   # reverse=True hands fn (later, earlier); suffix t is M_t ... M_{T-1}.
   _, suffix_log = jax.lax.associative_scan(lambda b, a: _combine(a, b), backward, reverse=True)
   log_beta = jnp.concatenate([suffix_log[1:], jnp.zeros_like(suffix_log[:1])], axis=0)
-  smoothed = filtered * jnp.exp(log_beta - jnp.max(log_beta, axis=-1, keepdims=True))
+  smoothed = filtered * jnp.exp(log_beta - jax.lax.stop_gradient(jnp.max(log_beta, axis=-1, keepdims=True)))
   smoothed = smoothed / jnp.sum(smoothed, axis=-1, keepdims=True)
   # Two-slice marginals summed over t, as one (K, T) x (T, K) product:
   # xi_t(i, j) = alpha_{t-1}(i) A_ij w_t(j) with w_t = b_t beta_t / Z_t.
   log_w = jnp.where(mask[:, None], log_likes, 0.0) + log_beta
-  w = jnp.exp(log_w - jnp.max(log_w, axis=-1, keepdims=True))
+  w = jnp.exp(log_w - jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True)))
   predicted = filtered[:-1] @ transition
   z = jnp.sum(predicted * w[1:], axis=-1, keepdims=True)
   weights = jnp.where(moves[1:, None], w[1:] / jnp.where(moves[1:, None], z, 1.0), 0.0)

@@ -49,6 +49,7 @@ from flax import nnx
 
 import dennl_jax as dj
 from dennl_jax import loop
+from dennl_jax.baselines import best_of_restarts
 from dennl_jax import training as Tr
 from dennl_jax.recsys import metrics as rmetrics
 from dennl_jax.recsys.baselines import TIE_BREAK, popularity_vector
@@ -99,15 +100,8 @@ def _em_chunk(chunk, index, settings):
       dirichlet_restarts=s["dirichlet_restarts"],
       dirichlet_concentration=s["dirichlet_concentration"], kmeans_iters=s["kmeans_iters"],
       smoothing=s["start_smoothing"]))(keys, obs, mask)
-  size, restarts = mask.shape[0], s["kmeans_restarts"] + s["dirichlet_restarts"]
-  flat = jax.tree_util.tree_map(lambda x: x.reshape((size * restarts,) + x.shape[2:]), starts)
-  rep = lambda x: jnp.repeat(x, restarts, axis=0)
-  params, trace = dj.fit_em(flat, rep(obs), rep(mask), s["em_iters"])
-  ll = trace[:, -1].reshape(size, restarts)
-  best = jnp.argmax(jnp.where(jnp.isnan(ll), -jnp.inf, ll), axis=1)
-  pick = jnp.arange(size) * restarts + best
-  return (jax.tree_util.tree_map(lambda x: x[pick], params),
-          jnp.take_along_axis(ll, best[:, None], 1)[:, 0], ll)
+  params, trace, final = best_of_restarts(starts, obs, mask, s["em_iters"])
+  return params, trace[:, -1], final
 
 
 def conventional_em_fit(key, obs, mask, config=None):
