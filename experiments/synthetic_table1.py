@@ -85,12 +85,18 @@ def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: i
            learning_rate: float):
   # The rate lives in the optimiser state: one compiled step serves the whole sweep.
   optimizer = dj.make_optimizer(learning_rate, rate_in_state=True)
-  trained, history = dj.train(model, data, loss_fn=loss_fn, optimizer=optimizer,
-                              num_steps=num_steps, batch_size=s.config.batch_size, key=s.keys[5],
-                              log_every=s.config.log_every, log=common.log,
-                              name=f"{s.name}/{method}", workdir=common.subdir(s.workdir, method),
-                              progress=s.progress)
+  # Early stopping on the validation users (same criterion as the selection).
+  early = s.config.eval_every > 0 and s.val is not None
+  trained, history, fit = dj.train(
+      model, data, loss_fn=loss_fn, optimizer=optimizer, num_steps=num_steps,
+      batch_size=s.config.batch_size, key=s.keys[5], log_every=s.config.log_every,
+      log=common.log, name=f"{s.name}/{method}", workdir=common.subdir(s.workdir, method),
+      progress=s.progress, eval_fn=(lambda m: validation_score(s, m)) if early else None,
+      eval_every=s.config.eval_every if early else 0, mode="min", return_fit=True)
   s.curves[method] = {"step": history.step.tolist(), "loss": history.loss.tolist()}
+  if early:
+    s.curves[method].update(best_step=int(fit.best_step),
+                            validation=[[int(c[0]), float(c[2])] for c in fit.curve])
   return trained
 
 
@@ -121,8 +127,9 @@ def select_and_fit(s: Setting, method: str, build, losses, data: dj.Batch, num_s
   Returns ``{"selected": params of the held-out users, "by_loss": {loss:
   params}, "candidates": [...]}``: the best candidate overall and the best
   learning rate within each loss.  Every trained method gets the same grid
-  (EM Mapping has one loss).  Training length is fixed (no early stopping:
-  the shared loop's validation hook is not there yet).
+  (EM Mapping has one loss).  With ``eval_every > 0`` each candidate's
+  training length is chosen too: the step with the best validation score
+  (the start included) is kept (early stopping, :func:`dennl_jax.train`).
   """
   records, best = [], {}
   for loss in losses:

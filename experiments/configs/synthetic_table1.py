@@ -31,7 +31,7 @@ _FULL = dict(num_users=1000, num_val_users=200, num_test_users=200, train_steps=
              batch_size=16, em_iters=30, num_stages=3, noise_length=400, em_mapping_users=200,
              regression_steps=500, hidden=256, num_seeds=3, em_kmeans_restarts=4,
              em_random_restarts=4, select_learning_rates=(1e-3, 3e-3),
-             losses=("likelihood", "heldout"))
+             losses=("likelihood", "heldout"), eval_every=25)
 _VARIANTS = {
     "full": _FULL,
     # The README's main job: the headline settings only, both at T = 50 (noise
@@ -40,7 +40,7 @@ _VARIANTS = {
                   batch_size=16, em_iters=20, num_stages=2, noise_length=50,
                   em_mapping_users=128, regression_steps=150, hidden=64, num_seeds=2,
                   em_kmeans_restarts=2, em_random_restarts=2, select_learning_rates=(3e-3,),
-                  losses=("likelihood", "heldout"), settings=("T50", "noise20"),
+                  losses=("likelihood", "heldout"), settings=("T50", "noise20"), eval_every=10,
                   methods=("conventional_em", "mlp_mapper", "initial_fusion", "dennl")),
     # DENNL ablations on the headline settings (full-scale data, one switch each).
     "ablations": dict(_FULL, settings=("T50", "noise20"), num_seeds=1,
@@ -53,7 +53,7 @@ _VARIANTS = {
                  em_iters=2, num_stages=1, noise_length=10, em_mapping_users=4,
                  regression_steps=2, hidden=8, settings=("noise20",), log_every=1, num_seeds=1,
                  em_kmeans_restarts=1, em_random_restarts=1, select_learning_rates=(1e-3,),
-                 losses=("likelihood",), bootstrap=50),
+                 losses=("likelihood",), bootstrap=50, eval_every=1),
 }
 _MAX_DURATION = {"full": 20, "quick": 16, "ablations": 20, "tiny": 4}
 # The tiny world: 3 states in 2-D with a 4-dimensional embedding.
@@ -88,6 +88,10 @@ def get_config(arg=None):
   # randomly hidden steps given the rest (probabilities floored at 1e-6).
   config.losses = ("likelihood",)
   config.select_by = "heldout_nll"
+  # Early stopping: every candidate scored on the validation users every
+  # eval_every steps (and at the start); its best step is kept (0: train
+  # train_steps and keep the last step).
+  config.eval_every = 0
   config.em_iters = 0                  # conventional-EM iterations per restart
   config.em_kmeans_restarts = 1        # conventional EM: k-means++ starts per user
   config.em_random_restarts = 0        # ... and random starts; best final likelihood kept

@@ -179,13 +179,22 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
           optimizer: Optional[optax.GradientTransformation] = None, num_steps: int = 200,
           batch_size: int = 32, key, log_every: int = 25, log: Callable[[str], None] = print,
           name: str = "model", workdir: Optional[str] = None, progress: bool = False,
-          save_every: int = 0, keep: int = 3, mesh=None):
+          save_every: int = 0, keep: int = 3, mesh=None,
+          eval_fn: Optional[Callable[[nnx.Module], float]] = None, eval_every: int = 0,
+          mode: str = "min", return_fit: bool = False):
   """Minibatch training of ``model`` on users ``data`` (leading axis U).
 
   Each step draws ``batch_size`` users without replacement (a fresh
   permutation every epoch, :func:`dennl_jax.loop.epoch_batches`).  Returns
   ``(trained model, History)``; the model passed in is not modified.
   Progress lines ``name step loss elapsed`` every ``log_every`` steps.
+
+  Early stopping: with ``eval_fn(model) -> float`` (e.g. a validation loss,
+  ``mode="min"``, or accuracy, ``mode="max"``), the model is scored at the
+  start and every ``eval_every`` steps (0: after the last step only), and the
+  best-scoring model is returned instead of the last one.  ``return_fit``:
+  return ``(model, History, FitResult)`` (the validation curve, best step
+  and value are in the :class:`dennl_jax.loop.FitResult`).
   ``workdir``, ``progress``, ``save_every``, ``keep``, ``mesh``: checkpoints
   and resume, metrics, progress bar and data parallelism of
   :func:`dennl_jax.loop.fit` (the workdir's config records the loss, batch
@@ -205,12 +214,18 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
     from dennl_jax.checkpoint import fingerprint
     config = dict(trainer="dennl_jax.training.train", name=name, model=type(model).__name__,
                   loss=getattr(loss_fn, "__name__", repr(loss_fn)), batch_size=batch_size,
-                  key=fingerprint(key), data=fingerprint(tuple(data)))
+                  key=fingerprint(key), data=fingerprint(tuple(data)),
+                  early_stopping=None if eval_fn is None else dict(every=eval_every, mode=mode))
+  state_eval = None if eval_fn is None else (lambda st: eval_fn(nnx.merge(graphdef, st)))
   result = loop.fit(step_fn, state, optimizer.init(state), num_steps=num_steps,
                     batch_at=lambda i: _take(data, indices(i)), key=key_steps, workdir=workdir,
                     config=config, save_every=save_every, keep=keep, progress=progress,
-                    mesh=mesh, name=name, log=log, log_every=log_every)
-  return nnx.merge(graphdef, result.state), result.history
+                    mesh=mesh, name=name, log=log, log_every=log_every, eval_fn=state_eval,
+                    eval_every=eval_every, eval_at_start=eval_fn is not None, mode=mode)
+  trained = nnx.merge(graphdef, result.best_state if eval_fn is not None else result.state)
+  if return_fit:
+    return trained, result.history, result
+  return trained, result.history
 
 
 def predict(model: nnx.Module, data: Batch, key, *, chunk_size: int = 256):
@@ -221,10 +236,14 @@ def predict(model: nnx.Module, data: Batch, key, *, chunk_size: int = 256):
   ``fold_in(key, j)``.
   """
   graphdef, state = nnx.split(model)
+  return chunked_map(partial(_predict_chunk, graphdef, state, key),
+                     (data.embedding, data.obs, data.mask), chunk_size)
 
-  @jax.jit
-  def fn(state, chunk, index):
-    embedding, obs, mask = chunk
-    return nnx.merge(graphdef, state)(embedding, obs, mask, jax.random.fold_in(key, index))
 
-  return chunked_map(partial(fn, state), (data.embedding, data.obs, data.mask), chunk_size)
+# Module level with the graph definition static: every call on a model of the
+# same structure reuses one compiled program (validation during training
+# calls predict at every evaluation).
+@partial(jax.jit, static_argnums=0)
+def _predict_chunk(graphdef, state, key, chunk, index):
+  embedding, obs, mask = chunk
+  return nnx.merge(graphdef, state)(embedding, obs, mask, jax.random.fold_in(key, index))
