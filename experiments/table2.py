@@ -19,10 +19,6 @@ table2.json, table2.md, table2_buckets.json, table2_cold.json, plots, config.jso
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import pickle
 import time
 import zlib
 
@@ -36,6 +32,7 @@ from dennl_jax.recsys.baselines import active_history, category_embeddings, domi
 from dennl_jax.recsys.task import evaluated, make_tasks, training_task
 from experiments import common
 from experiments import table2_report as report
+from experiments.table2_cache import EMBEDDINGS, ResultCache
 
 NAME = "table2"
 
@@ -203,61 +200,6 @@ def true_hsmm_predictor(truth, seqs):
   return registry.Predictor(fit, predict, False, True, "the user's generating HSMM (oracle)")
 
 
-# ---------------------------------------------------------- result cache
-
-# Config fields that change nothing a finished method computed: reruns with a
-# different selection of methods/seeds or a different report reuse the cache.
-_REPORT_ONLY = ("preset", "methods", "seeds", "bootstrap", "reference", "fail_fast",
-                "method_config", "resume", "cached_only")
-_EMBEDDINGS = "_embeddings"
-
-
-class ResultCache:
-  """Per-seed GraphSAGE embeddings and per-(seed, method) results on disk.
-
-  A killed run keeps every finished method: ``<output_dir>/cache/<data
-  fingerprint>/seed<s>/`` holds ``_embeddings.pkl`` (GraphSAGE) and ``<method>-<method
-  fingerprint>.pkl``, written atomically as each finishes, and a rerun with
-  the same data/protocol settings and the same method settings loads them
-  instead of recomputing (results are deterministic given the keys).  The
-  data fingerprint covers every config field except :data:`_REPORT_ONLY`;
-  the method fingerprint covers ``method_config[name]``.  ``directory=None``
-  caches nothing.
-  """
-
-  def __init__(self, directory, config):
-    self.directory = None
-    if directory:
-      data = {k: v for k, v in config.to_dict().items() if k not in _REPORT_ONLY}
-      self.directory = os.path.join(directory, "cache", _digest(data))
-      self._method_config = config.method_config.to_dict()
-
-  def _path(self, seed, name):
-    if name != _EMBEDDINGS:
-      name = f"{name}-{_digest(self._method_config.get(name, {}))}"
-    return os.path.join(self.directory, f"seed{seed}", f"{name}.pkl")
-
-  def load(self, seed, name):
-    if self.directory is None or not os.path.exists(self._path(seed, name)):
-      return None
-    with open(self._path(seed, name), "rb") as f:
-      return pickle.load(f)
-
-  def save(self, seed, name, value):
-    if self.directory is None:
-      return
-    path = self._path(seed, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-      pickle.dump(jax.tree_util.tree_map(
-          lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, value), f)
-    os.replace(path + ".tmp", path)     # a kill mid-write never leaves a truncated result
-
-
-def _digest(obj) -> str:
-  return hashlib.sha1(json.dumps(common.to_jsonable(obj), sort_keys=True).encode()).hexdigest()[:12]
-
-
 # ------------------------------------------------------------------ run
 
 
@@ -277,14 +219,15 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, ca
              workdir=None, progress=False):
   """{method: {"main": per-user dict, "cold": {h: per-user dict}, "fit_seconds", ...}}.
 
-  ``cache`` (:class:`ResultCache`) supplies finished results and stores new ones.
+  ``cache`` (:class:`~experiments.table2_cache.ResultCache`) supplies finished results and
+  stores new ones.
   ``workdir``: checkpoints and metrics of GraphSAGE and of every trained
   method under ``workdir/seed<seed>/<method>`` (rerun to resume).
   """
   workdir = common.subdir(workdir, f"seed{seed}")
   cache = cache or ResultCache(None, config)
   k_graph, k_methods = jax.random.split(seed_key)
-  emb = cache.load(seed, _EMBEDDINGS)
+  emb = cache.load(seed, EMBEDDINGS)
   if emb is None:
     if config.cached_only:
       raise common.ConfigError(f"cached_only: seed {seed} has no cached GraphSAGE embeddings "
@@ -292,7 +235,7 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, ca
     common.log(f"[table2] seed {seed}: GraphSAGE on training events")
     emb = embeddings_for_seed(k_graph, log, seqs, split, roles, config,
                               extra.get("user_features"), workdir=workdir, progress=progress)
-    cache.save(seed, _EMBEDDINGS, emb)
+    cache.save(seed, EMBEDDINGS, emb)
   else:
     common.log(f"[table2] seed {seed}: GraphSAGE embeddings from the cache")
   train_users = roles == protocol.TRAIN
