@@ -16,6 +16,15 @@ iteration (E-step + M-step of every parameter), ``jit(vmap(...))``:
   ``config.expanded_users`` users (memory: a (K D)^2 matrix per user) and is
   skipped where K D exceeds ``config.max_expanded_states``.
 
+Batched kernel (issue 12).  ``jax.vmap`` of the HSMM smoother runs the
+users-minor kernel of ``dennl_jax._batched`` (so "structured" above is that
+kernel); a second table times, in the same process on the same data and
+interleaved, ``jit(vmap(dj.em_step))`` compiled with the kernels on and off
+(``_batched.batched_kernels``: off is the per-sequence vmap), at
+``config.kernel_users`` users, ``config.kernel_states`` states and each D of
+``config.kernel_durations``, with the load average before and after (the
+machine may be shared).
+
 Compile time is excluded (one warm-up call), every timing waits on
 ``block_until_ready``, the median of ``config.repeats`` is reported as
 microseconds per user-step.  The machine may be shared: timings are noisy
@@ -34,6 +43,7 @@ import numpy as np
 import dennl_jax as dj
 from dennl_jax import oracles
 from experiments import common
+from experiments.bench_em_step import both_paths
 
 
 def random_models(rng, num_users, num_states, num_symbols, max_duration):
@@ -74,6 +84,47 @@ def format_table(rows, num_states):
       ["D", "K·D", "structured µs/user-step", f"time / time at D={d0}", f"D / {d0}",
        f"(K+D) / (K+{d0})", "expanded (K·D)² µs/user-step", "expanded / structured"],
       cells, align="right")
+
+
+def kernel_rows(config, rng) -> list[dict]:
+  """em_step throughput, batched users-minor kernel vs per-sequence vmap, one row per D."""
+  num_users, num_steps = config.kernel_users, config.num_steps
+  obs = jnp.asarray(rng.randint(0, config.num_symbols, (num_users, num_steps)), jnp.int32)
+  mask = jnp.ones((num_users, num_steps), bool)
+  rows = []
+  for max_duration in (int(d) for d in config.kernel_durations):
+    params = random_models(rng, num_users, config.kernel_states, config.num_symbols,
+                           max_duration)
+    args = (params, obs, mask)
+    batched, per_sequence = both_paths(jax.vmap(dj.em_step), *args)
+    max_diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(
+        jax.tree_util.tree_leaves(batched(*args)), jax.tree_util.tree_leaves(per_sequence(*args))))
+    load_before = os.getloadavg()[0]
+    (fast_s, fast_all), (slow_s, slow_all) = common.interleaved_median_seconds(
+        [(batched, args), (per_sequence, args)], repeats=config.repeats)
+    user_steps = num_users * num_steps
+    row = {"max_duration": max_duration, "num_users": num_users,
+           "num_states": config.kernel_states,
+           "batched_user_steps_per_s": user_steps / fast_s,
+           "per_sequence_user_steps_per_s": user_steps / slow_s,
+           "ratio_batched_over_per_sequence": slow_s / fast_s,
+           "batched_raw_seconds": fast_all, "per_sequence_raw_seconds": slow_all,
+           "max_abs_param_diff_f32": max_diff,
+           "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
+    rows.append(row)
+    common.log(str(row))
+  return rows
+
+
+def format_kernel_table(rows):
+  return common.markdown_table(
+      ["D", "K", "U", "batched user-steps/s", "per-sequence user-steps/s", "batched / per-sequence",
+       "load avg (before, after)"],
+      [[r["max_duration"], r["num_states"], r["num_users"],
+        f"{r['batched_user_steps_per_s']:,.0f}", f"{r['per_sequence_user_steps_per_s']:,.0f}",
+        f"{r['ratio_batched_over_per_sequence']:.2f}×",
+        f"{r['load_average_before']:.1f}, {r['load_average_after']:.1f}"] for r in rows],
+      align="right")
 
 
 def run(config, output_dir: str | None = None) -> dict:
@@ -117,15 +168,22 @@ def run(config, output_dir: str | None = None) -> dict:
             f"jax {jax.__version__}, {jax.default_backend()} (shared machine: timings noisy)")
   table = format_table(rows, num_states)
   print(header + "\n\n" + "\n".join(table))
+  batched_rows = kernel_rows(config, rng)
+  kernel_header = (f"jit(vmap(dj.em_step)) of the HSMM, users-minor batched kernel vs "
+                   f"per-sequence vmap, same data, interleaved; T={num_steps}, Categorical "
+                   f"V={num_symbols}, Poisson durations, float32, median of {config.repeats}")
+  kernel_table = format_kernel_table(batched_rows)
+  print("\n" + kernel_header + "\n\n" + "\n".join(kernel_table))
   result = {"num_users": num_users, "expanded_users": config.expanded_users,
             "num_steps": num_steps, "num_states": num_states, "num_symbols": num_symbols,
             "repeats": config.repeats, "jax_version": jax.__version__,
             "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "rows": rows}
+            "machine": platform.machine(), "rows": rows, "batched_kernel_rows": batched_rows}
   if output_dir:
     common.save_config(config, output_dir)
     common.write_json(os.path.join(output_dir, "results.json"), result)
-    common.write_markdown(os.path.join(output_dir, "results.md"), header, table)
+    common.write_markdown(os.path.join(output_dir, "results.md"), header, table, kernel_header,
+                          kernel_table)
   return result
 
 

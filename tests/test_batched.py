@@ -15,20 +15,33 @@ import pytest
 
 import dennl_jax as dj
 from dennl_jax import _batched
-from conftest import FAMILIES, pad_sequence, random_hmm, random_obs, stack_trees, tree_allclose
+from conftest import (DURATIONS, FAMILIES, pad_sequence, random_emission, random_hmm, random_obs,
+                      stack_trees, tree_allclose)
 
 jax.config.update("jax_enable_x64", True)
 
 NUM_USERS, NUM_STATES, PADDED_LEN = 4, 2, 9
+HSMM_STATES, MAX_DURATION = 3, 5  # no per-sequence array has the batched carry's shape
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-def ragged_batch(family, seed, lengths=(6, 1, 4, 7)):
-  """Per-user HMMs and padded sequences of different lengths (garbage in the padding)."""
+def random_hsmm(family, rng, duration):
+  """A random HSMM (zero-diagonal transition) with numpy float64 leaves."""
+  off = rng.dirichlet(np.ones(HSMM_STATES - 1), HSMM_STATES)
+  transition = np.stack([np.insert(off[k], k, 0.0) for k in range(HSMM_STATES)])
+  return dj.HSMM(rng.dirichlet(np.ones(HSMM_STATES)), transition,
+                 DURATIONS[duration].make(rng, HSMM_STATES, MAX_DURATION),
+                 random_emission(family, rng, HSMM_STATES))
+
+
+def ragged_batch(family, seed, lengths=(6, 1, 4, 7), duration=None):
+  """Per-user HMMs (HSMMs with ``duration`` a duration family name) and padded sequences
+  of different lengths (garbage in the padding, leading, in between and trailing)."""
   rng = np.random.default_rng([seed, FAMILIES.index(family)])
   hmms, obs, masks = [], [], []
   for length in lengths:
-    hmms.append(random_hmm(family, rng, NUM_STATES))
+    hmms.append(random_hmm(family, rng, NUM_STATES) if duration is None
+                else random_hsmm(family, rng, duration))
     padded, mask, _ = pad_sequence(random_obs(family, rng, length), rng, PADDED_LEN, family)
     obs.append(padded)
     masks.append(mask)
@@ -48,9 +61,9 @@ def em_loss(params, obs, mask):
   """
   post = dj.posterior(params, obs, mask)
   weights = jnp.cos(jnp.arange(post.smoothed_probs.size)).reshape(post.smoothed_probs.shape)
+  counts = post[3:]  # transition, initial (and for HSMMs duration) counts
   value = (post.log_likelihood + jnp.sum(weights * post.smoothed_probs)
-           + jnp.sum(post.filtered_probs ** 2) + jnp.sum(jnp.sin(post.transition_counts))
-           + jnp.sum(jnp.sin(post.initial_probs)))
+           + jnp.sum(post.filtered_probs ** 2) + sum(jnp.sum(jnp.sin(c)) for c in counts))
   return value, dj.em_step_with_log_likelihood(params, obs, mask)
 
 
@@ -77,17 +90,26 @@ def per_user(fn, *batch):
   return stack_trees([fn(*(user(x, u) for x in batch)) for u in range(NUM_USERS)])
 
 
-def test_vmap_takes_the_users_minor_kernels():
-  hmms, obs, mask = ragged_batch("categorical", 0)
-  carry = f"f64[{NUM_STATES},{NUM_USERS}]"
+@pytest.mark.parametrize("duration", [None, "poisson"])
+def test_vmap_takes_the_users_minor_kernels(duration):
+  hmms, obs, mask = ragged_batch("categorical", 0, duration=duration)
+  # HMM carry (K, U); HSMM carry (D, K, U).
+  carry = (f"f64[{NUM_STATES},{NUM_USERS}]" if duration is None
+           else f"f64[{MAX_DURATION},{HSMM_STATES},{NUM_USERS}]")
   assert carry in str(jax.make_jaxpr(jax.vmap(dj.posterior))(hmms, obs, mask))
   with _batched.batched_kernels(False):
     assert carry not in str(jax.make_jaxpr(jax.vmap(dj.posterior))(hmms, obs, mask))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_em_step_and_gradient_equal_per_sequence(family):
-  hmms, obs, mask = ragged_batch(family, 1)
+# HMMs with every emission family and one HSMM: the HSMM kernel sees only
+# log-likelihoods and duration log-probabilities, so its derivative does not
+# depend on either family (all of them: test_hsmm_every_emission_family).
+MODELS = [(family, None) for family in FAMILIES] + [("categorical", "poisson")]
+
+
+@pytest.mark.parametrize("family,duration", MODELS)
+def test_em_step_and_gradient_equal_per_sequence(family, duration):
+  hmms, obs, mask = ragged_batch(family, 1, duration=duration)
   (value, aux), grad = batched_value_and_grad(hmms, obs, mask)
   (values, ref_aux), ref_grad = per_user(per_user_value_and_grad, hmms, obs, mask)
   np.testing.assert_allclose(value, np.sum(values), **TOL)
@@ -95,12 +117,26 @@ def test_em_step_and_gradient_equal_per_sequence(family):
   tree_allclose(grad, ref_grad, **TOL)
 
 
-def test_one_step_sequences_and_forecast():
+def test_hsmm_every_emission_family():
+  """HSMM EM steps (every posterior count, through each family's M-step) of every
+  emission family, the duration families taking turns; one program for all families
+  (compiles dominate)."""
+  batches = [ragged_batch(family, 2, duration=list(DURATIONS)[i % len(DURATIONS)])
+             for i, family in enumerate(FAMILIES)]
+  all_families = lambda fn: jax.jit(lambda batches: [fn(*batch) for batch in batches])
+  em_step = dj.em_step_with_log_likelihood
+  reference = per_user(all_families(em_step), batches)
+  tree_allclose(all_families(jax.vmap(em_step))(batches), reference, **TOL)
+
+
+@pytest.mark.parametrize("duration", [None, "categorical"])
+def test_one_step_sequences_and_forecast(duration):
   def summaries(p, o, m):
     return dj.posterior(p, o, m), dj.filtered_posteriors(p, o, m), dj.forecast(p, o, m, 2)
 
   rng = np.random.default_rng(3)
-  hmms = stack_trees([random_hmm("poisson", rng, NUM_STATES) for _ in range(NUM_USERS)])
+  hmms = stack_trees([random_hmm("poisson", rng, NUM_STATES) if duration is None
+                      else random_hsmm("poisson", rng, duration) for _ in range(NUM_USERS)])
   obs = np.stack([random_obs("poisson", rng, 1) for _ in range(NUM_USERS)])
   mask = np.ones((NUM_USERS, 1), bool)
   tree_allclose(jax.jit(jax.vmap(summaries))(hmms, obs, mask),
@@ -127,6 +163,16 @@ def test_gradient_compositions():
   tree_allclose(jac, user(reference, 0), **TOL)
 
 
+def test_hsmm_vmap_of_grad():
+  """vmap(grad) of an HSMM: per-sequence derivatives of the batched values (grad(vmap)
+  is the family test's batched_value_and_grad)."""
+  hsmms, obs, mask = ragged_batch("categorical", 1, duration="poisson")
+  loss = lambda p, o, m: em_loss(p, o, m)[0]
+  # The family test's batch: its compiled per-user gradient is reused.
+  reference = per_user(lambda *a: per_user_value_and_grad(*a)[1], hsmms, obs, mask)
+  tree_allclose(jax.jit(jax.vmap(jax.grad(loss)))(hsmms, obs, mask), reference, **TOL)
+
+
 @pytest.mark.parametrize("gradient", dj.GRADIENT_MODES)
 def test_em_layer_gradients(gradient):
   """The three EM-layer modes: vmapped over users (as the networks do) equals per user."""
@@ -144,8 +190,9 @@ def test_em_layer_gradients(gradient):
   tree_allclose(batched, reference, **tol)
 
 
-def test_fit_em_equals_per_user():
-  hmms, obs, mask = ragged_batch("multinomial", 6)
+@pytest.mark.parametrize("duration", [None, "poisson"])
+def test_fit_em_equals_per_user(duration):
+  hmms, obs, mask = ragged_batch("multinomial", 6, duration=duration)
   fitted, trace = dj.fit_em(hmms, obs, mask, num_iters=2)
   # fit_em is one jitted vmap: the reference is the same call with the kernels switched off.
   with _batched.batched_kernels(False):

@@ -6,7 +6,8 @@ Run from the repository root:
   python -m experiments.bench_hsmm --config=experiments/configs/bench_hsmm.py \
       --config.durations="(10, 30, 60, 120)" --config.num_users=300 --output_dir=/tmp/bench_hsmm
 
-Variants: ``full`` (default; the README's figures) and ``tiny`` (the smoke
+Variants: ``full`` (default; the README's figures, and the batched-kernel table at
+U = 1000, K = 10, D = 20 and 60) and ``tiny`` (the smoke
 test: a handful of users, T = 10, one D, one repeat -- timings mean nothing).
 """
 from ml_collections import config_dict
@@ -15,9 +16,11 @@ from experiments.configs import select_variant
 
 _VARIANTS = {
     "full": dict(num_users=300, expanded_users=40, num_steps=100, num_states=10, num_symbols=17,
-                 durations=(10, 30, 60, 120), repeats=5),
+                 durations=(10, 30, 60, 120), repeats=5, kernel_users=1000, kernel_states=10,
+                 kernel_durations=(20, 60)),
     "tiny": dict(num_users=4, expanded_users=2, num_steps=10, num_states=2, num_symbols=3,
-                 durations=(3,), repeats=1),
+                 durations=(3,), repeats=1, kernel_users=4, kernel_states=2,
+                 kernel_durations=(3,)),
 }
 
 
@@ -34,5 +37,9 @@ def get_config(arg=None):
   config.durations = ()            # maximum durations D, one row each
   config.max_expanded_states = 1200  # skip the expanded HMM when K * D exceeds this
   config.repeats = 0               # timed repeats; the median is reported
+  # Batched users-minor kernel vs per-sequence vmap (em_step, same data, interleaved):
+  config.kernel_users = 0          # users
+  config.kernel_states = 0         # hidden states K
+  config.kernel_durations = ()     # maximum durations D, one row each
   config.update(_VARIANTS[variant])
   return config

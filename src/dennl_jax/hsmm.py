@@ -34,6 +34,8 @@ float32).  Viterbi uses the equivalent *elapsed-time* representation (state,
 steps spent so far) in log space, where the censored last segment's survivor
 term falls out of the product of continuation probabilities, so it returns
 the exact most likely state path (= segmentation) of the right-censored model.
+Under ``jax.vmap`` the smoother and the filter run the same recursions with
+the user axis minor (:mod:`dennl_jax._batched`; equal values and derivatives).
 
 Masks behave exactly as for HMMs: a masked step is removed from the sequence
 (identity step: it neither emits nor consumes duration), so padding anywhere
@@ -51,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dennl_jax import _batched
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import (append_blank_steps, fill_leading, scaled_likelihoods,
                                  step_structure)
@@ -152,13 +155,7 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
   return smoothed, duration_counts, transition * jumps, first.sum(-1)
 
 
-def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask):
-  """Filtered state marginals and log-likelihood.
-
-  initial: (K,), transition: (K, K), dur_log_probs: (K, D), log_likes: (T, K),
-  mask: (T,) bool.  Returns (log_likelihood: (), filtered_probs: (T, K)).
-  """
-  mask = jnp.asarray(mask, bool)
+def _hsmm_filter_one(initial, transition, dur_log_probs, log_likes, mask):
   moves, _ = step_structure(mask)
   likes, shift = scaled_likelihoods(log_likes)
   filtered, _, ll = _forward(initial, transition, jnp.exp(dur_log_probs), likes, shift,
@@ -166,12 +163,7 @@ def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask):
   return ll, filtered
 
 
-def hsmm_smoother(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPosterior:
-  """Forward-backward on one masked sequence; see :class:`HSMMPosterior`.
-
-  Shapes as in :func:`hsmm_filter`.  Cost O(T K (K + D)).
-  """
-  mask = jnp.asarray(mask, bool)
+def _hsmm_smoother_one(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPosterior:
   moves, is_first = step_structure(mask)
   likes, shift = scaled_likelihoods(log_likes)
   dur_probs = jnp.exp(dur_log_probs)
@@ -181,6 +173,34 @@ def hsmm_smoother(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPo
       is_first.astype(alphas.dtype))
   return HSMMPosterior(ll, alphas.sum(-1), fill_leading(smoothed, mask), transition_counts,
                        initial_probs, duration_counts)
+
+
+# Under jax.vmap both run the users-minor kernels of dennl_jax._batched
+# (values and derivatives equal; see that module for which compositions).
+_hsmm_filter_dispatch = _batched.batched_dispatch(
+    _hsmm_filter_one, _batched.hsmm_filter_batched, num_diff=4)
+_hsmm_smoother_dispatch = _batched.batched_dispatch(
+    _hsmm_smoother_one, lambda *args: HSMMPosterior(*_batched.hsmm_smoother_batched(*args)),
+    num_diff=4)
+
+
+def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask):
+  """Filtered state marginals and log-likelihood.
+
+  initial: (K,), transition: (K, K), dur_log_probs: (K, D), log_likes: (T, K),
+  mask: (T,) bool.  Returns (log_likelihood: (), filtered_probs: (T, K)).
+  """
+  return _hsmm_filter_dispatch(initial, transition, dur_log_probs, log_likes,
+                               jnp.asarray(mask, bool))
+
+
+def hsmm_smoother(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPosterior:
+  """Forward-backward on one masked sequence; see :class:`HSMMPosterior`.
+
+  Shapes as in :func:`hsmm_filter`.  Cost O(T K (K + D)).
+  """
+  return _hsmm_smoother_dispatch(initial, transition, dur_log_probs, log_likes,
+                                 jnp.asarray(mask, bool))
 
 
 def hsmm_viterbi(initial, transition, dur_log_probs, log_likes, mask):
