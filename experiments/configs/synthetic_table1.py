@@ -81,13 +81,16 @@ def get_config(arg=None):
   config.batch_size = 0                # users per minibatch
   # Model selection on the validation users, the same grid for every trained
   # method: every loss x learning rate (Adam), train_steps each; the best by
-  # select_by (heldout_nll: NLL of hidden steps, label-free; accuracy: labelling
-  # accuracy of the validation users).  EM Mapping: regression loss x the rates.
+  # select_by (accuracy: labelling accuracy of the validation users, whose true
+  # states a synthetic benchmark has; heldout_nll: NLL of hidden steps, label-free,
+  # what a practitioner without labels would use).  EM Mapping: regression loss x the rates.
   config.select_learning_rates = (1e-3,)
   # likelihood = paper eq. 9 (in-sample NLL per step); heldout = NLL of
   # randomly hidden steps given the rest (probabilities floored at 1e-6).
   config.losses = ("likelihood",)
-  config.select_by = "heldout_nll"
+  # Default accuracy (stop 9, BUILD_NOTES "Issue 11"): validation held-out NLL
+  # chose candidates 2-5 points worse in labelling accuracy on the quick preset.
+  config.select_by = "accuracy"
   # Early stopping: every candidate scored on the validation users every
   # eval_every steps (and at the start); its best step is kept (0: train
   # train_steps and keep the last step).
