@@ -40,6 +40,11 @@ def get_config(name: str, variant: str | None = None) -> config_dict.ConfigDict:
   return importlib.import_module(f"experiments.configs.{name}").get_config(variant)
 
 
+# Default persistent XLA cache of the long-running binaries: a rerun skips
+# compilation (``--compilation_cache_dir=`` turns it off).
+XLA_CACHE_DIR = "~/.cache/dennl_jax/xla"
+
+
 class BinaryFlags:
   """The flags every binary shares, defined when the binary starts.
 

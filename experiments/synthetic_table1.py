@@ -432,5 +432,5 @@ def _write(output_dir, config, per_user, times, curves, selection, t_start):
 
 if __name__ == "__main__":
   common.app_main("synthetic_table1", run, output_dir="/tmp/dennl_table1",
-                  variants={"quick": "quick"}, compilation_cache_dir="~/.cache/dennl_jax_xla",
+                  variants={"quick": "quick"}, compilation_cache_dir=common.XLA_CACHE_DIR,
                   tracked=True)

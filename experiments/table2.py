@@ -378,7 +378,7 @@ def main():
   # A persistent XLA cache by default: most of a quick run's first minutes are
   # compilation, which a rerun then skips (--compilation_cache_dir= turns it off).
   binary = common.BinaryFlags(NAME, output_dir=None, variants={"quick": "quick", "tiny": "tiny"},
-                              compilation_cache_dir="~/.cache/dennl_jax/xla", tracked=True)
+                              compilation_cache_dir=common.XLA_CACHE_DIR, tracked=True)
   dataset = flags.DEFINE_string("dataset", None, "Shorthand for --config.dataset.")
   data_dir = flags.DEFINE_string("data_dir", None, "Shorthand for --config.data_dir.")
 
