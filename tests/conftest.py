@@ -22,20 +22,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(
       filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
-# One persistent compilation cache per test run, shared by both xdist workers
-# and every subprocess (notebook kernels, the 4-device run): a program one
-# process compiled is loaded, not recompiled, by the others and by tests that
-# rebuild an identical program.  Created by the first process (the xdist
-# controller) and removed when it exits; an explicit JAX_COMPILATION_CACHE_DIR wins.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import atexit
-  import shutil
-  import tempfile
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dennl_jax_tests_xla_")
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
-
 import jax  # noqa: E402  (after XLA_FLAGS: XLA reads it when the backend starts)
 import numpy as np
 import pytest
