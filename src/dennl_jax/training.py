@@ -214,8 +214,9 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
     from dennl_jax.checkpoint import fingerprint
     config = dict(trainer="dennl_jax.training.train", name=name, model=type(model).__name__,
                   loss=getattr(loss_fn, "__name__", repr(loss_fn)), batch_size=batch_size,
-                  key=fingerprint(key), data=fingerprint(tuple(data)),
-                  early_stopping=None if eval_fn is None else dict(every=eval_every, mode=mode))
+                  key=fingerprint(key), data=fingerprint(tuple(data)))
+    if eval_fn is not None:   # absent otherwise, so earlier workdirs still resume
+      config["early_stopping"] = dict(every=eval_every, mode=mode)
   state_eval = None if eval_fn is None else (lambda st: eval_fn(nnx.merge(graphdef, st)))
   result = loop.fit(step_fn, state, optimizer.init(state), num_steps=num_steps,
                     batch_at=lambda i: _take(data, indices(i)), key=key_steps, workdir=workdir,
