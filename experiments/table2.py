@@ -306,6 +306,8 @@ def _run_method(predictor, name, k_methods, train_task, val_task, main_task, col
   for k in ("alpha", "beta", "selected_steps", "validation"):
     if isinstance(fitted, dict) and k in fitted and np.isscalar(fitted[k]):
       res["selected"][k] = fitted[k]
+  if isinstance(fitted, dict) and "cold_start" in fitted:    # h = 0: g(e) or popularity
+    res["selected"]["cold_start"] = fitted["cold_start"]["choice"]
   common.log(f"[table2] seed {seed}: {name} top1 {100 * res['main']['top1'].mean():.1f} "
              f"top3 {100 * res['main']['top3'].mean():.1f} fit {fit_seconds:.1f}s")
   return res

@@ -6,6 +6,7 @@ indicator.  Every predictor must return (U, C) distributions, read only the
 history steps, and the trained DENNL must beat its own start on the
 validation targets.
 """
+import functools
 from types import SimpleNamespace
 
 import jax
@@ -195,6 +196,66 @@ def test_predictive_loss_scores_last_active_steps_against_forecasts():
     p = p[:3] / p[:3].sum()
     expected.append(-np.sum(obs[u, t, :3] * np.log(p + 1e-6)))
   np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+
+
+def test_predictive_loss_cold_term_scores_targets_under_the_start():
+  # lambda_0 (start_params) differs from the history model; the cold term is
+  # the cross-entropy of every user's last active step under lambda_0's
+  # first-step distribution -- user 2 too, though it has no step before it.
+  start_probs = np.array([[.7, .1, .1, .1], [.1, .3, .3, .3]], np.float32)
+  hist_probs = np.array([[.6, .2, .1, .1], [.1, .1, .2, .6]], np.float32)
+  make = lambda init, probs: hf.multinomial_hsmm(jnp.asarray(init), jnp.array([[0., 1.], [1., 0.]]),
+                                                 jnp.asarray(probs), jnp.array([1., 2.]), D)
+  start, params = make([.25, .75], start_probs), make([.5, .5], hist_probs)
+  batched = lambda p, n: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), p)
+
+  class Model:
+    def __init__(self, start):
+      self.start = start
+
+    def __call__(self, embedding, obs, mask, key):
+      return batched(params, obs.shape[0])
+
+    def start_params(self, embedding):
+      return batched(self.start, embedding.shape[0])
+
+  idle = np.array([0, 0, 0, 1], np.float32)
+  obs = np.array([[[1, 0, 0, 0], [0, .5, .5, 0], idle, idle],
+                  [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], idle],
+                  [[1, 0, 0, 0], idle, idle, idle]], np.float32)
+  batch = dj.Batch(jnp.zeros((3, 1)), jnp.asarray(obs), jnp.ones((3, 4), bool))
+  loss = jax.jit(lambda s, b, w: hf.predictive_loss(Model(s), b, None, idle_index=3,
+                                                    cold_weight=w), static_argnums=2)
+  warm, both = loss(start, batch, 0.0), loss(start, batch, 0.5)
+  first = (np.array([.25, .75]) @ start_probs)[:3]
+  first = first / first.sum()
+  cold = [-np.sum(obs[u, t, :3] * np.log(first + 1e-6)) for u, t in ((0, 1), (1, 2), (2, 0))]
+  np.testing.assert_allclose(both, warm + 0.5 * np.mean(cold), rtol=1e-5)
+  # The term reaches lambda_0's parameters (it trains g(e)).
+  grad = jax.grad(lambda s: loss(s, batch, 1.0))(start)
+  assert np.abs(np.asarray(grad.emission.probs)).max() > 1e-3
+
+
+def test_cold_start_uses_the_forecast_validation_prefers(tasks, fitted):
+  _, val, _ = tasks
+  f = fitted["dennl"]
+  choice = f["cold_start"]
+  assert set(choice["validation"]) == {"network", "popularity"}
+  better = max(choice["validation"], key=lambda k: (choice["validation"][k], k == "network"))
+  assert choice["choice"] == better
+  # Users with no history get exactly the chosen forecast.
+  empty = tk.evaluated(val) & (tk.history_length(val) == 0)
+  assert empty.any()
+  for pick in ("network", "popularity"):
+    scores = hp.predict_network(dict(f, cold_start=dict(choice, choice=pick)), val)
+    if pick == "popularity":
+      np.testing.assert_allclose(scores[empty], np.broadcast_to(
+          f["popularity"] * (1 + hp.TIE_BREAK), scores[empty].shape), rtol=1e-6)
+    else:
+      emb = f["embed"](val.embeddings)[empty]
+      first = hp.map_users(functools.partial(hp._first_step_chunk, f["graphdef"], f["state"]),
+                           emb, 64)
+      np.testing.assert_allclose(scores[empty], first + hp.TIE_BREAK * f["popularity"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ("initial_fusion", "dennl"))

@@ -73,7 +73,10 @@ def get_config(arg=None):
   seq = dict(num_steps=v["seq_steps"], eval_every=max(v["seq_steps"] // 6, 5), max_len=50)
   # Validation passes cost as much as training steps (every evaluated user,
   # every EM stage), so quick scores 4 candidates (steps 0, 20, 40, 60), full 7.
-  hsmm = dict(num_steps=v["hsmm_steps"], eval_every=max(v["hsmm_steps"] // v["hsmm_evals"], 2))
+  # cold_weight: the predictive loss also scores lambda_0 = g(e)'s forecast
+  # from no history (the cold users' h = 0); 0 switches the term off.
+  hsmm = dict(num_steps=v["hsmm_steps"], eval_every=max(v["hsmm_steps"] // v["hsmm_evals"], 2),
+              cold_weight=1.0)
   if variant != "full":
     # one training run per network (the default "predictive" loss) instead of
     # the predictors' grid of three losses: quick must take minutes

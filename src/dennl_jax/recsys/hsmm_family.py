@@ -70,8 +70,18 @@ def next_step_distribution(params, obs, mask):
   return jax.vmap(one)(params, obs, mask)
 
 
+def first_step_distribution(params):
+  """(U, C) category distribution of the first step: ``initial @ emission means``.
+
+  params: batched HSMM (leading U).  The forecast of a user with no history,
+  e.g. ``lambda_0 = g(e)`` of a cold user.
+  """
+  means = jax.vmap(lambda e: e.observation_mean())(params.emission)
+  return jnp.einsum("uk,ukc->uc", params.initial, means)
+
+
 def predictive_loss(model, batch: Tr.Batch, key, num_targets: int = 1, floor: float = 1e-6,
-                    idle_index: int | None = None):
+                    idle_index: int | None = None, cold_weight: float = 0.0):
   """Soft cross-entropy of each user's last ``num_targets`` active steps under their forecasts.
 
   Active steps are valid steps not on the idle ("no action") category
@@ -81,6 +91,12 @@ def predictive_loss(model, batch: Tr.Batch, key, num_targets: int = 1, floor: fl
   renormalised over the active categories.  Users with at most
   ``num_targets`` active steps, or nothing before them, score nothing.
   Mean over hidden steps of ``-sum_c s_c log(p_c + floor)``.
+
+  ``cold_weight > 0`` adds ``cold_weight`` times the same mean with every
+  hidden step forecast from no history at all -- the first-step
+  distribution of ``model.start_params(embedding)`` (``lambda_0 = g(e)``).
+  It asks the start the cold-user question (h = 0), which nothing else
+  trains it for; users with no step before their targets count here.
   """
   mask = jnp.asarray(batch.mask, bool)
   obs = batch.obs
@@ -106,6 +122,10 @@ def predictive_loss(model, batch: Tr.Batch, key, num_targets: int = 1, floor: fl
 
   params = model(batch.embedding, obs, keep_one(visible), key)
   total, count = 0.0, 0.0
+  cold_total, cold_count = 0.0, 0.0
+  if cold_weight:
+    cold = first_step_distribution(model.start_params(batch.embedding))
+    cold = cold * weights / jnp.sum(cold * weights, axis=-1, keepdims=True)
   for t_j in at:
     hidden = position == t_j[:, None]
     target = jnp.einsum("ut,utc->uc", hidden.astype(obs.dtype), obs) * weights
@@ -115,7 +135,15 @@ def predictive_loss(model, batch: Tr.Batch, key, num_targets: int = 1, floor: fl
     has = jnp.any(hidden, axis=1) & has_visible
     total = total + jnp.sum(jnp.where(has, ce, 0.0))
     count = count + jnp.sum(has)
-  return total / jnp.maximum(count, 1.0)
+    if cold_weight:
+      has_target = jnp.any(hidden, axis=1) & enough
+      cold_ce = -jnp.sum(target * jnp.log(cold + floor), axis=-1)
+      cold_total = cold_total + jnp.sum(jnp.where(has_target, cold_ce, 0.0))
+      cold_count = cold_count + jnp.sum(has_target)
+  loss = total / jnp.maximum(count, 1.0)
+  if cold_weight:
+    loss = loss + cold_weight * cold_total / jnp.maximum(cold_count, 1.0)
+  return loss
 
 
 def idle_index(task: NextStepTask, config=None):

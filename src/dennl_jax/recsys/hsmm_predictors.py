@@ -27,7 +27,12 @@ loss, learning rate and training length on the validation targets:
 * ``predictive``: the evaluation's own question -- hide each user's last
   ``predictive_targets`` history steps, fit on the rest, and score the soft
   cross-entropy of each hidden step's strength vector under the forecast
-  distribution (:func:`predictive_loss`).
+  distribution (:func:`predictive_loss`), plus ``cold_weight`` times the
+  same cross-entropy forecast from no history by ``lambda_0 = g(e)``.
+
+A user with no history gets ``lambda_0``'s first-step distribution, or global
+popularity where popularity scores better on the validation users treated as
+if they had no history (``fitted["cold_start"]``; h = 0 of the cold protocol).
 
 Emission tables are mixed with ``prob_floor`` of the uniform distribution
 before any scoring (losses and forecasts): a per-user M-step leaves exact
@@ -54,7 +59,8 @@ from dennl_jax import training as Tr
 from dennl_jax.recsys import metrics as rmetrics
 from dennl_jax.recsys.baselines import TIE_BREAK, popularity_vector
 # multinomial_hsmm is re-exported: experiments/table2.py builds its oracle row with it.
-from dennl_jax.recsys.hsmm_family import (floor_emission, history_inputs, idle_index, map_users,
+from dennl_jax.recsys.hsmm_family import (first_step_distribution, floor_emission,
+                                          history_inputs, idle_index, map_users,
                                           multinomial_hsmm, next_step_distribution,
                                           predictive_loss, rank_active, user_starts)
 from dennl_jax.recsys.registry import Predictor, register
@@ -67,7 +73,8 @@ DEFAULTS = dict(
     kmeans_iters=10, chunk_size=256,
     # networks
     num_stages=3, hidden=64, start_hidden=64, latent_dim=16, gradient="exact", spsa_samples=8,
-    loss="predictive", predictive_targets=1, learning_rate=3e-3, num_steps=150, eval_every=25,
+    loss="predictive", predictive_targets=1, cold_weight=1.0, learning_rate=3e-3,
+    num_steps=150, eval_every=25,
     batch_size=32, max_points=20000, select_by="mrr", log=None,
     workdir=None, progress=False)
 # Each entry overrides DEFAULTS for one training run; the best on validation is kept.
@@ -237,7 +244,7 @@ def _loss_fn(cfg):
     return Tr.heldout_step_loss
   if cfg["loss"] == "predictive":
     return functools.partial(predictive_loss, num_targets=cfg["predictive_targets"],
-                             idle_index=cfg.get("idle"))
+                             idle_index=cfg.get("idle"), cold_weight=cfg["cold_weight"])
   raise ValueError(f"unknown loss {cfg['loss']!r}; choose likelihood, heldout or predictive")
 
 
@@ -257,17 +264,17 @@ def _params_chunk(graphdef, state, key, chunk, index):
 @functools.partial(jax.jit, static_argnums=0)
 def _first_step_chunk(graphdef, state, chunk, index):
   del index
-  params = nnx.merge(graphdef, state).start_params(chunk)
-  return jnp.einsum("uk,ukc->uc", params.initial,
-                    jax.vmap(lambda e: e.observation_mean())(params.emission))
+  return first_step_distribution(nnx.merge(graphdef, state).start_params(chunk))
 
 
-def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int = 256):
+def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int = 256,
+                   empty_history=None):
   """(U, C) forecasts of a trained network for every user (numpy).
 
   A user with an empty history gets the first-step distribution of
   ``lambda_0 = g(e)`` (its initial distribution times the emission means):
-  an EM layer needs at least one valid step.
+  an EM layer needs at least one valid step.  ``empty_history`` (C,), if
+  given, replaces that forecast (the validated popularity fallback).
   """
   out = np.zeros((obs.shape[0], obs.shape[2]))
   empty = ~np.asarray(mask).any(1)
@@ -276,10 +283,33 @@ def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int =
     out[rows] = map_users(functools.partial(_network_chunk, graphdef, state, key),
                           (embedding[rows], obs[rows], mask[rows]), chunk_size, by_length=True)
   rows = np.flatnonzero(empty)
-  if rows.size:
+  if rows.size and empty_history is not None:
+    out[rows] = np.asarray(empty_history)
+  elif rows.size:
     out[rows] = map_users(functools.partial(_first_step_chunk, graphdef, state),
                           embedding[rows], chunk_size)
   return out
+
+
+def _cold_start_choice(best, val_task, pop, cfg) -> dict:
+  """Which forecast users with no history get: ``g(e)``'s or popularity, on validation.
+
+  Every evaluated validation user is scored as if it had no history (its
+  validation step forecast from the embedding alone) under both; the
+  better mean ``select_by`` wins, ties to the network.
+  """
+  rows = np.flatnonzero(evaluated(val_task))
+  emb = best["embed"](val_task.embeddings)[rows]
+  cold = map_users(functools.partial(_first_step_chunk, best["graphdef"], best["state"]), emb,
+                   cfg["chunk_size"])
+  full = np.broadcast_to(pop, (val_task.strengths.shape[0], pop.shape[0])).copy()
+  scores = {"network": full.copy(), "popularity": full}
+  scores["network"][rows] = cold
+  value = {name: float(np.mean(rmetrics.per_user_metrics(
+      rank_active(s + TIE_BREAK * pop, cfg.get("idle")), val_task)[cfg["select_by"]]))
+           for name, s in scores.items()}
+  choice = "network" if value["network"] >= value["popularity"] else "popularity"
+  return {"choice": choice, "validation": value}
 
 
 def _standardise(embeddings, mean, scale):
@@ -353,7 +383,8 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
     run = _train_one(kind, key_runs, run_cfg, data, val_task, codec, start, pop, embed)
     runs.append((run["value"], -j, run_cfg, run))
   _, _, best_cfg, best = max(runs, key=lambda r: r[:2])
-  return {"graphdef": best["graphdef"], "state": best["state"], "key": best["key"],
+  cold_start = _cold_start_choice(best, val_task, pop, cfg)
+  return {"cold_start": cold_start,"graphdef": best["graphdef"], "state": best["state"], "key": best["key"],
           "initial_state": best["initial_state"], "final_state": best["final_state"],
           "embed": embed, "popularity": pop, "chunk_size": cfg["chunk_size"], "start": start,
           "selected": {k: v for k, v in best_cfg.items()
@@ -366,8 +397,10 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
 
 def predict_network(fitted, task: NextStepTask):
   obs, hist = history_inputs(task)
+  fallback = fitted.get("cold_start", {}).get("choice") == "popularity"
   scores = network_scores(fitted["graphdef"], fitted["state"], fitted["embed"](task.embeddings),
-                          obs, hist, fitted["key"], fitted["chunk_size"])
+                          obs, hist, fitted["key"], fitted["chunk_size"],
+                          empty_history=fitted["popularity"] if fallback else None)
   return scores + TIE_BREAK * fitted["popularity"]
 
 
