@@ -208,8 +208,8 @@ def method_config(config, name, side, link, idle_index=None):
   cfg = dict(config.method_config[name]) if name in config.method_config else {}
   # ConfigDict turns nested dicts/lists into ConfigDicts/tuples; predictors take plain values.
   cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in cfg.items()}
-  if "grid" in cfg:
-    cfg["grid"] = [dict(g) for g in cfg["grid"]]
+  if "losses" in cfg:       # the networks: one training run per loss (hsmm_predictors grid)
+    cfg["grid"] = [{"loss": loss} for loss in cfg.pop("losses")]
   if name in ("last_step", "markov"):
     cfg["idle_index"] = idle_index
   return dict(cfg, **side, **(link if name == "graphsage" else {}))
