@@ -56,6 +56,9 @@ def _sample_observations(keys, truth, num_steps):
   return jax.vmap(lambda k, p: dj.sample(k, p, num_steps)[1])(keys, truth)
 
 
+# One program per problem size: run eagerly, every Dirichlet draw compiled its
+# own gamma-sampling loop (12 s of the tiny run's compilation).
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _make_problem(key, num_users, num_steps, num_states, num_symbols, embed_dim=8):
   """Users' sequences from per-user HMMs; a linear network W: embedding -> logits."""
   k_true, k_data, k_embed, k_w = jax.random.split(key, 4)

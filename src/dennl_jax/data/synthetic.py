@@ -232,12 +232,16 @@ def sample_user(key, params: UserParams, num_steps: int, max_duration: int):
   return states, obs.astype(jnp.float32)
 
 
+# One jitted sampler for the module: a jit built inside sample_sequences would
+# be a new function on every call and recompile every time.
+_sample_users = jax.jit(jax.vmap(sample_user, in_axes=(0, 0, None, None)), static_argnums=(2, 3))
+
+
 def sample_sequences(key, params: UserParams, num_steps: int, max_duration: int):
   """Sequences for every user: ``(states: (U, T) int32, obs: (U, T, O))``."""
   num_users = params.initial.shape[0]
   keys = jax.random.split(key, num_users)
-  return jax.jit(jax.vmap(sample_user, in_axes=(0, 0, None, None)),
-                 static_argnums=(2, 3))(keys, params, num_steps, max_duration)
+  return _sample_users(keys, params, num_steps, max_duration)
 
 
 def inject_noise(key, obs, fraction: float, mask=None):
