@@ -80,16 +80,29 @@ def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: i
   optimizer = dj.make_optimizer(learning_rate, rate_in_state=True)
   # Early stopping on the validation users (same criterion as the selection).
   early = s.config.eval_every > 0 and s.val is not None
+  # CPU seconds of this process (every thread) when each evaluation starts:
+  # time-to-accuracy that a shared machine's load does not inflate.
+  cpu_start, cpu_at = time.process_time(), []
+
+  def evaluate(m):
+    cpu_at.append(time.process_time() - cpu_start)
+    return validation_score(s, m)
+
   trained, history, fit = dj.train(
       model, data, loss_fn=loss_fn, optimizer=optimizer, num_steps=num_steps,
       batch_size=s.config.batch_size, key=s.keys[5], log_every=s.config.log_every,
       log=common.log, name=f"{s.name}/{method}", workdir=common.subdir(s.workdir, method),
-      progress=s.progress, eval_fn=(lambda m: validation_score(s, m)) if early else None,
+      progress=s.progress, eval_fn=evaluate if early else None,
       eval_every=s.config.eval_every if early else 0, mode="min", return_fit=True)
-  s.curves[method] = {"step": history.step.tolist(), "loss": history.loss.tolist()}
+  s.curves[method] = {"step": history.step.tolist(), "loss": history.loss.tolist(),
+                      "seconds": history.seconds.tolist()}
   if early:
+    # [updates done, validation score, CPU seconds]; a resumed run's CPU
+    # count restarts, so only the evaluations of this process have one.
+    cpu = [None] * (len(fit.curve) - len(cpu_at)) + cpu_at
     s.curves[method].update(best_step=int(fit.best_step),
-                            validation=[[int(c[0]), float(c[2])] for c in fit.curve])
+                            validation=[[int(c[0]), float(c[2]), t]
+                                        for c, t in zip(fit.curve, cpu)])
   return trained
 
 
