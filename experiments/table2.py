@@ -203,13 +203,25 @@ def true_hsmm_predictor(truth, seqs):
 # ------------------------------------------------------------------ run
 
 
+def loss_setting(name: str) -> dict:
+  """A network's grid entry from a loss name; ``+cold`` adds the h = 0 term.
+
+  ``"predictive+cold"``: the predictive loss plus lambda_0's no-history
+  forecast of the same targets (``cold_weight`` 1, hsmm_family.predictive_loss).
+  """
+  base, cold = name[:-len("+cold")] if name.endswith("+cold") else name, name.endswith("+cold")
+  if cold and base != "predictive":
+    raise common.ConfigError(f"loss {name!r}: '+cold' goes with the predictive loss only")
+  return {"loss": base, "cold_weight": 1.0 if cold else 0.0}
+
+
 def method_config(config, name, side, link, idle_index=None):
   """The plain dict passed to ``fit``: the method's config plus side information."""
   cfg = dict(config.method_config[name]) if name in config.method_config else {}
   # ConfigDict turns nested dicts/lists into ConfigDicts/tuples; predictors take plain values.
   cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in cfg.items()}
   if "losses" in cfg:       # the networks: one training run per loss (hsmm_predictors grid)
-    cfg["grid"] = [{"loss": loss} for loss in cfg.pop("losses")]
+    cfg["grid"] = [loss_setting(loss) for loss in cfg.pop("losses")]
   if name in ("last_step", "markov"):
     cfg["idle_index"] = idle_index
   return dict(cfg, **side, **(link if name == "graphsage" else {}))
@@ -306,8 +318,11 @@ def _run_method(predictor, name, k_methods, train_task, val_task, main_task, col
   for k in ("alpha", "beta", "selected_steps", "validation"):
     if isinstance(fitted, dict) and k in fitted and np.isscalar(fitted[k]):
       res["selected"][k] = fitted[k]
-  if isinstance(fitted, dict) and "cold_start" in fitted:    # h = 0: g(e) or popularity
-    res["selected"]["cold_start"] = fitted["cold_start"]["choice"]
+  if isinstance(fitted, dict) and "cold_start" in fitted:    # h = 0: which run's g(e), or popularity
+    run = fitted["cold_start"]["run"]
+    setting = {} if run is None else fitted["grid_results"][run]["setting"]
+    res["selected"]["cold_start"] = ("popularity" if run is None else
+                                     setting.get("loss", "default") + ("+cold" if setting.get("cold_weight") else ""))
   common.log(f"[table2] seed {seed}: {name} top1 {100 * res['main']['top1'].mean():.1f} "
              f"top3 {100 * res['main']['top3'].mean():.1f} fit {fit_seconds:.1f}s")
   return res

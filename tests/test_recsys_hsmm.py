@@ -78,8 +78,10 @@ def fitted(tasks):
     # Initial Fusion takes two steps: its EM-layer outputs hold exact zero
     # probabilities, which once made every gradient NaN (all updates skipped).
     steps = {"dennl": SMALL["num_steps"], "initial_fusion": 2}.get(name, 0)
+    # DENNL trains with the no-history term too (cold_weight), the others without.
+    grid = [{"loss": "predictive", "cold_weight": float(name == "dennl")}]
     out[name] = registry.get(name).fit(jax.random.PRNGKey(2), train, val,
-                                       dict(SMALL, num_steps=steps, grid=[{"loss": "predictive"}]))
+                                       dict(SMALL, num_steps=steps, grid=grid))
   return out
 
 
@@ -238,24 +240,30 @@ def test_predictive_loss_cold_term_scores_targets_under_the_start():
 
 def test_cold_start_uses_the_forecast_validation_prefers(tasks, fitted):
   _, val, _ = tasks
+  for name in NETWORKS:
+    f = fitted[name]
+    choice = f["cold_start"]
+    assert list(choice["validation"]) == ["run 0", "popularity"]
+    # The best validation value wins; ties go to the earlier candidate.
+    best = max(choice["validation"],
+               key=lambda k: (choice["validation"][k], -list(choice["validation"]).index(k)))
+    assert (choice["choice"], choice["run"]) == (
+        ("popularity", None) if best == "popularity" else ("network", 0))
+  # Users with no history get exactly the chosen forecast; users with one are untouched.
   f = fitted["dennl"]
-  choice = f["cold_start"]
-  assert set(choice["validation"]) == {"network", "popularity"}
-  better = max(choice["validation"], key=lambda k: (choice["validation"][k], k == "network"))
-  assert choice["choice"] == better
-  # Users with no history get exactly the chosen forecast.
   empty = tk.evaluated(val) & (tk.history_length(val) == 0)
+  warm = tk.evaluated(val) & ~empty
   assert empty.any()
-  for pick in ("network", "popularity"):
-    scores = hp.predict_network(dict(f, cold_start=dict(choice, choice=pick)), val)
-    if pick == "popularity":
-      np.testing.assert_allclose(scores[empty], np.broadcast_to(
-          f["popularity"] * (1 + hp.TIE_BREAK), scores[empty].shape), rtol=1e-6)
-    else:
-      emb = f["embed"](val.embeddings)[empty]
-      first = hp.map_users(functools.partial(hp._first_step_chunk, f["graphdef"], f["state"]),
-                           emb, 64)
-      np.testing.assert_allclose(scores[empty], first + hp.TIE_BREAK * f["popularity"], rtol=1e-5)
+  as_network = hp.predict_network(dict(f, cold_start={"choice": "network", "run": 0},
+                                       cold_state=f["state"]), val)
+  as_popularity = hp.predict_network(dict(f, cold_start={"choice": "popularity", "run": None},
+                                          cold_state=None), val)
+  np.testing.assert_allclose(as_popularity[empty], np.broadcast_to(
+      f["popularity"] * (1 + hp.TIE_BREAK), as_popularity[empty].shape), rtol=1e-6)
+  first = hp.map_users(functools.partial(hp._first_step_chunk, f["graphdef"], f["state"]),
+                       f["embed"](val.embeddings)[empty], 64)
+  np.testing.assert_allclose(as_network[empty], first + hp.TIE_BREAK * f["popularity"], rtol=1e-5)
+  np.testing.assert_array_equal(as_network[warm], as_popularity[warm])
 
 
 @pytest.mark.parametrize("name", ("initial_fusion", "dennl"))

@@ -107,3 +107,15 @@ def test_phase_accuracy_scores_relabelled_truth_as_perfect():
   noisy = registry.Predictor(None, None, False, False,
                              decode=lambda fitted, task: np.zeros_like(phases))
   assert table2.phase_accuracy(noisy, None, test, seqs, truth) < 100.0
+
+
+def test_network_losses_become_grid_entries():
+  config = common.get_config("table2", "full")
+  cfg = table2.method_config(config, "dennl", {}, {})
+  assert cfg["grid"] == [{"loss": "likelihood", "cold_weight": 0.0},
+                         {"loss": "heldout", "cold_weight": 0.0},
+                         {"loss": "predictive", "cold_weight": 0.0},
+                         {"loss": "predictive", "cold_weight": 1.0}]
+  assert "losses" not in cfg
+  with pytest.raises(common.ConfigError, match="predictive loss only"):
+    table2.loss_setting("heldout+cold")

@@ -73,16 +73,16 @@ def get_config(arg=None):
   seq = dict(num_steps=v["seq_steps"], eval_every=max(v["seq_steps"] // 6, 5), max_len=50)
   # Validation passes cost as much as training steps (every evaluated user,
   # every EM stage), so quick scores 4 candidates (steps 0, 20, 40, 60), full 7.
-  # cold_weight: the predictive loss also scores lambda_0 = g(e)'s forecast
-  # from no history (the cold users' h = 0); 0 switches the term off.
-  # losses: one training run per loss, the best on validation is kept (full:
-  # the paper's eq. 9, random held-out steps and the predictive loss; quick
-  # must take minutes, so the predictive loss only).  Override per network,
-  # e.g. --config.method_config.dennl.losses="('predictive',)".
+  # losses: one training run per loss; users with a history get the run best
+  # on validation, users without one the run whose lambda_0 = g(e) forecasts
+  # the validation step best from no history (or popularity).  Full: the
+  # paper's eq. 9, random held-out steps, the predictive loss, and the
+  # predictive loss plus lambda_0's no-history forecast ("+cold"); quick must
+  # take minutes: "predictive+cold" only.  Override per network, e.g.
+  # --config.method_config.dennl.losses="('predictive','predictive+cold')".
   hsmm = dict(num_steps=v["hsmm_steps"], eval_every=max(v["hsmm_steps"] // v["hsmm_evals"], 2),
-              cold_weight=1.0,
-              losses=("likelihood", "heldout", "predictive") if variant == "full"
-              else ("predictive",))
+              losses=("likelihood", "heldout", "predictive", "predictive+cold")
+              if variant == "full" else ("predictive+cold",))
   c.method_config = config_dict.ConfigDict(dict(
       gru=dict(seq), sasrec=dict(seq), graphsage_linear=dict(seq),
       conventional_em=dict(kmeans_restarts=v["em_restarts"], dirichlet_restarts=v["em_restarts"]),

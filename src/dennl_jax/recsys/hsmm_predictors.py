@@ -27,12 +27,16 @@ loss, learning rate and training length on the validation targets:
 * ``predictive``: the evaluation's own question -- hide each user's last
   ``predictive_targets`` history steps, fit on the rest, and score the soft
   cross-entropy of each hidden step's strength vector under the forecast
-  distribution (:func:`predictive_loss`), plus ``cold_weight`` times the
-  same cross-entropy forecast from no history by ``lambda_0 = g(e)``.
+  distribution (:func:`predictive_loss`); with ``cold_weight > 0`` plus
+  that weight times the same cross-entropy forecast from no history by
+  ``lambda_0 = g(e)`` (the cold users' question, h = 0).
 
-A user with no history gets ``lambda_0``'s first-step distribution, or global
-popularity where popularity scores better on the validation users treated as
-if they had no history (``fitted["cold_start"]``; h = 0 of the cold protocol).
+Users with a history get the run with the best validation score.  A user
+with no history gets the first-step distribution of ``lambda_0`` of the run
+whose ``lambda_0`` scores best on the validation users treated as if they had
+no history, or global popularity where popularity scores better
+(``fitted["cold_start"]``): the two questions are selected separately, so a
+run trained for the cold question never costs the warm users.
 
 Emission tables are mixed with ``prob_floor`` of the uniform distribution
 before any scoring (losses and forecasts): a per-user M-step leaves exact
@@ -73,7 +77,7 @@ DEFAULTS = dict(
     kmeans_iters=10, chunk_size=256,
     # networks
     num_stages=3, hidden=64, start_hidden=64, latent_dim=16, gradient="exact", spsa_samples=8,
-    loss="predictive", predictive_targets=1, cold_weight=1.0, learning_rate=3e-3,
+    loss="predictive", predictive_targets=1, cold_weight=0.0, learning_rate=3e-3,
     num_steps=150, eval_every=25,
     batch_size=32, max_points=20000, select_by="mrr", log=None,
     workdir=None, progress=False)
@@ -267,14 +271,12 @@ def _first_step_chunk(graphdef, state, chunk, index):
   return first_step_distribution(nnx.merge(graphdef, state).start_params(chunk))
 
 
-def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int = 256,
-                   empty_history=None):
+def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int = 256):
   """(U, C) forecasts of a trained network for every user (numpy).
 
   A user with an empty history gets the first-step distribution of
   ``lambda_0 = g(e)`` (its initial distribution times the emission means):
-  an EM layer needs at least one valid step.  ``empty_history`` (C,), if
-  given, replaces that forecast (the validated popularity fallback).
+  an EM layer needs at least one valid step.
   """
   out = np.zeros((obs.shape[0], obs.shape[2]))
   empty = ~np.asarray(mask).any(1)
@@ -283,33 +285,37 @@ def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int =
     out[rows] = map_users(functools.partial(_network_chunk, graphdef, state, key),
                           (embedding[rows], obs[rows], mask[rows]), chunk_size, by_length=True)
   rows = np.flatnonzero(empty)
-  if rows.size and empty_history is not None:
-    out[rows] = np.asarray(empty_history)
-  elif rows.size:
+  if rows.size:
     out[rows] = map_users(functools.partial(_first_step_chunk, graphdef, state),
                           embedding[rows], chunk_size)
   return out
 
 
-def _cold_start_choice(best, val_task, pop, cfg) -> dict:
-  """Which forecast users with no history get: ``g(e)``'s or popularity, on validation.
+def _cold_start_choice(runs, val_task, pop, cfg) -> dict:
+  """Which forecast users with no history get: some run's ``g(e)``, or popularity.
 
   Every evaluated validation user is scored as if it had no history (its
-  validation step forecast from the embedding alone) under both; the
-  better mean ``select_by`` wins, ties to the network.
+  validation step forecast from the embedding alone) under each run's
+  ``lambda_0`` and under popularity; the best mean ``select_by`` wins, ties
+  to the earlier candidate (runs in grid order, popularity last).
+  Returns ``{"choice": "network" | "popularity", "run": index or None,
+  "validation": {"run <j>": value, ..., "popularity": value}}``.
   """
   rows = np.flatnonzero(evaluated(val_task))
-  emb = best["embed"](val_task.embeddings)[rows]
-  cold = map_users(functools.partial(_first_step_chunk, best["graphdef"], best["state"]), emb,
-                   cfg["chunk_size"])
-  full = np.broadcast_to(pop, (val_task.strengths.shape[0], pop.shape[0])).copy()
-  scores = {"network": full.copy(), "popularity": full}
-  scores["network"][rows] = cold
-  value = {name: float(np.mean(rmetrics.per_user_metrics(
+  base = np.broadcast_to(pop, (val_task.strengths.shape[0], pop.shape[0]))
+  score = lambda s: float(np.mean(rmetrics.per_user_metrics(
       rank_active(s + TIE_BREAK * pop, cfg.get("idle")), val_task)[cfg["select_by"]]))
-           for name, s in scores.items()}
-  choice = "network" if value["network"] >= value["popularity"] else "popularity"
-  return {"choice": choice, "validation": value}
+  value = {}
+  for j, run in enumerate(runs):
+    scores = base.copy()
+    scores[rows] = map_users(functools.partial(_first_step_chunk, run["graphdef"], run["state"]),
+                             run["embed"](val_task.embeddings)[rows], cfg["chunk_size"])
+    value[f"run {j}"] = score(scores)
+  value["popularity"] = score(base.copy())
+  best = max(value, key=lambda k: (value[k], -list(value).index(k)))
+  if best == "popularity":
+    return {"choice": "popularity", "run": None, "validation": value}
+  return {"choice": "network", "run": int(best.split()[1]), "validation": value}
 
 
 def _standardise(embeddings, mean, scale):
@@ -383,8 +389,10 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
     run = _train_one(kind, key_runs, run_cfg, data, val_task, codec, start, pop, embed)
     runs.append((run["value"], -j, run_cfg, run))
   _, _, best_cfg, best = max(runs, key=lambda r: r[:2])
-  cold_start = _cold_start_choice(best, val_task, pop, cfg)
-  return {"cold_start": cold_start,"graphdef": best["graphdef"], "state": best["state"], "key": best["key"],
+  cold_start = _cold_start_choice([r[3] for r in runs], val_task, pop, cfg)
+  cold_state = runs[cold_start["run"]][3]["state"] if cold_start["run"] is not None else None
+  return {"cold_start": cold_start, "cold_state": cold_state,
+          "graphdef": best["graphdef"], "state": best["state"], "key": best["key"],
           "initial_state": best["initial_state"], "final_state": best["final_state"],
           "embed": embed, "popularity": pop, "chunk_size": cfg["chunk_size"], "start": start,
           "selected": {k: v for k, v in best_cfg.items()
@@ -397,10 +405,16 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
 
 def predict_network(fitted, task: NextStepTask):
   obs, hist = history_inputs(task)
-  fallback = fitted.get("cold_start", {}).get("choice") == "popularity"
-  scores = network_scores(fitted["graphdef"], fitted["state"], fitted["embed"](task.embeddings),
-                          obs, hist, fitted["key"], fitted["chunk_size"],
-                          empty_history=fitted["popularity"] if fallback else None)
+  emb = fitted["embed"](task.embeddings)
+  scores = network_scores(fitted["graphdef"], fitted["state"], emb, obs, hist, fitted["key"],
+                          fitted["chunk_size"])
+  empty = ~hist.any(1)
+  if empty.any() and fitted.get("cold_start", {}).get("choice") == "popularity":
+    scores[empty] = fitted["popularity"]
+  elif empty.any() and fitted.get("cold_state") is not None:
+    scores[empty] = map_users(functools.partial(_first_step_chunk, fitted["graphdef"],
+                                                fitted["cold_state"]),
+                              emb[empty], fitted["chunk_size"])
   return scores + TIE_BREAK * fitted["popularity"]
 
 
