@@ -271,12 +271,14 @@ def _first_step_chunk(graphdef, state, chunk, index):
   return first_step_distribution(nnx.merge(graphdef, state).start_params(chunk))
 
 
-def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int = 256):
+def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int = 256,
+                   start_state=None):
   """(U, C) forecasts of a trained network for every user (numpy).
 
   A user with an empty history gets the first-step distribution of
-  ``lambda_0 = g(e)`` (its initial distribution times the emission means):
-  an EM layer needs at least one valid step.
+  ``lambda_0 = g(e)`` (its initial distribution times the emission means)
+  of ``start_state`` (default ``state``): an EM layer needs at least one
+  valid step.
   """
   out = np.zeros((obs.shape[0], obs.shape[2]))
   empty = ~np.asarray(mask).any(1)
@@ -286,7 +288,8 @@ def network_scores(graphdef, state, embedding, obs, mask, key, chunk_size: int =
                           (embedding[rows], obs[rows], mask[rows]), chunk_size, by_length=True)
   rows = np.flatnonzero(empty)
   if rows.size:
-    out[rows] = map_users(functools.partial(_first_step_chunk, graphdef, state),
+    out[rows] = map_users(functools.partial(_first_step_chunk, graphdef,
+                                            state if start_state is None else start_state),
                           embedding[rows], chunk_size)
   return out
 
@@ -405,16 +408,11 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
 
 def predict_network(fitted, task: NextStepTask):
   obs, hist = history_inputs(task)
-  emb = fitted["embed"](task.embeddings)
-  scores = network_scores(fitted["graphdef"], fitted["state"], emb, obs, hist, fitted["key"],
-                          fitted["chunk_size"])
-  empty = ~hist.any(1)
-  if empty.any() and fitted.get("cold_start", {}).get("choice") == "popularity":
-    scores[empty] = fitted["popularity"]
-  elif empty.any() and fitted.get("cold_state") is not None:
-    scores[empty] = map_users(functools.partial(_first_step_chunk, fitted["graphdef"],
-                                                fitted["cold_state"]),
-                              emb[empty], fitted["chunk_size"])
+  scores = network_scores(fitted["graphdef"], fitted["state"], fitted["embed"](task.embeddings),
+                          obs, hist, fitted["key"], fitted["chunk_size"],
+                          start_state=fitted.get("cold_state"))
+  if fitted.get("cold_start", {}).get("choice") == "popularity":
+    scores[~hist.any(1)] = fitted["popularity"]
   return scores + TIE_BREAK * fitted["popularity"]
 
 
