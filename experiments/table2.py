@@ -209,7 +209,8 @@ def loss_setting(name: str) -> dict:
   ``"predictive+cold"``: the predictive loss plus lambda_0's no-history
   forecast of the same targets (``cold_weight`` 1, hsmm_family.predictive_loss).
   """
-  base, cold = name[:-len("+cold")] if name.endswith("+cold") else name, name.endswith("+cold")
+  cold = name.endswith("+cold")
+  base = name[:-len("+cold")] if cold else name
   if cold and base != "predictive":
     raise common.ConfigError(f"loss {name!r}: '+cold' goes with the predictive loss only")
   return {"loss": base, "cold_weight": 1.0 if cold else 0.0}
@@ -321,8 +322,8 @@ def _run_method(predictor, name, k_methods, train_task, val_task, main_task, col
   if isinstance(fitted, dict) and "cold_start" in fitted:    # h = 0: which run's g(e), or popularity
     run = fitted["cold_start"]["run"]
     setting = {} if run is None else fitted["grid_results"][run]["setting"]
-    res["selected"]["cold_start"] = ("popularity" if run is None else
-                                     setting.get("loss", "default") + ("+cold" if setting.get("cold_weight") else ""))
+    res["selected"]["cold_start"] = "popularity" if run is None else (
+        setting.get("loss", "default") + ("+cold" if setting.get("cold_weight") else ""))
   common.log(f"[table2] seed {seed}: {name} top1 {100 * res['main']['top1'].mean():.1f} "
              f"top3 {100 * res['main']['top3'].mean():.1f} fit {fit_seconds:.1f}s")
   return res

@@ -247,16 +247,15 @@ def test_cold_start_uses_the_forecast_validation_prefers(tasks, fitted):
     # The best validation value wins; ties go to the earlier candidate.
     best = max(choice["validation"],
                key=lambda k: (choice["validation"][k], -list(choice["validation"]).index(k)))
-    assert (choice["choice"], choice["run"]) == (
-        ("popularity", None) if best == "popularity" else ("network", 0))
+    assert choice["run"] == (None if best == "popularity" else 0)
   # Users with no history get exactly the chosen forecast; users with one are untouched.
   f = fitted["dennl"]
   empty = tk.evaluated(val) & (tk.history_length(val) == 0)
   warm = tk.evaluated(val) & ~empty
   assert empty.any()
-  as_network = hp.predict_network(dict(f, cold_start={"choice": "network", "run": 0},
+  as_network = hp.predict_network(dict(f, cold_start={"run": 0},
                                        cold_state=f["state"]), val)
-  as_popularity = hp.predict_network(dict(f, cold_start={"choice": "popularity", "run": None},
+  as_popularity = hp.predict_network(dict(f, cold_start={"run": None},
                                           cold_state=None), val)
   np.testing.assert_allclose(as_popularity[empty], np.broadcast_to(
       f["popularity"] * (1 + hp.TIE_BREAK), as_popularity[empty].shape), rtol=1e-6)

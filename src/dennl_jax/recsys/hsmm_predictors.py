@@ -301,36 +301,36 @@ def _cold_start_choice(runs, val_task, pop, cfg) -> dict:
   validation step forecast from the embedding alone) under each run's
   ``lambda_0`` and under popularity; the best mean ``select_by`` wins, ties
   to the earlier candidate (runs in grid order, popularity last).
-  Returns ``{"choice": "network" | "popularity", "run": index or None,
-  "validation": {"run <j>": value, ..., "popularity": value}}``.
+  Returns ``{"run": index, or None for popularity, "validation": {"run <j>":
+  value, ..., "popularity": value}}``.
   """
   rows = np.flatnonzero(evaluated(val_task))
   base = np.broadcast_to(pop, (val_task.strengths.shape[0], pop.shape[0]))
-  score = lambda s: float(np.mean(rmetrics.per_user_metrics(
-      rank_active(s + TIE_BREAK * pop, cfg.get("idle")), val_task)[cfg["select_by"]]))
   value = {}
   for j, run in enumerate(runs):
     scores = base.copy()
     scores[rows] = map_users(functools.partial(_first_step_chunk, run["graphdef"], run["state"]),
                              run["embed"](val_task.embeddings)[rows], cfg["chunk_size"])
-    value[f"run {j}"] = score(scores)
-  value["popularity"] = score(base.copy())
+    value[f"run {j}"] = _mean_metric(scores, val_task, pop, cfg)
+  value["popularity"] = _mean_metric(base, val_task, pop, cfg)
   best = max(value, key=lambda k: (value[k], -list(value).index(k)))
-  if best == "popularity":
-    return {"choice": "popularity", "run": None, "validation": value}
-  return {"choice": "network", "run": int(best.split()[1]), "validation": value}
+  return {"run": None if best == "popularity" else int(best.split()[1]), "validation": value}
 
 
 def _standardise(embeddings, mean, scale):
   return ((np.asarray(embeddings, np.float32) - mean) / scale).astype(np.float32)
 
 
+def _mean_metric(scores, task, pop, cfg) -> float:
+  """Mean ``select_by`` of forecasts ``scores`` (U, C) on ``task``'s evaluated users."""
+  ranked = rank_active(scores + TIE_BREAK * pop, cfg.get("idle"))
+  return float(np.mean(rmetrics.per_user_metrics(ranked, task)[cfg["select_by"]]))
+
+
 def _validation_score(run, task, pop, cfg):
   obs, hist = history_inputs(task)
-  scores = network_scores(run["graphdef"], run["state"], run["embed"](task.embeddings), obs, hist,
-                          run["key"], cfg["chunk_size"]) + TIE_BREAK * pop
-  scores = rank_active(scores, cfg.get("idle"))
-  return float(np.mean(rmetrics.per_user_metrics(scores, task)[cfg["select_by"]]))
+  return _mean_metric(network_scores(run["graphdef"], run["state"], run["embed"](task.embeddings),
+                                     obs, hist, run["key"], cfg["chunk_size"]), task, pop, cfg)
 
 
 def _train_one(kind, key, cfg, data: Tr.Batch, val_task, codec, start, pop, embed):
@@ -393,8 +393,8 @@ def fit_network(kind: str, key, train_task: NextStepTask, val_task: NextStepTask
     runs.append((run["value"], -j, run_cfg, run))
   _, _, best_cfg, best = max(runs, key=lambda r: r[:2])
   cold_start = _cold_start_choice([r[3] for r in runs], val_task, pop, cfg)
-  cold_state = runs[cold_start["run"]][3]["state"] if cold_start["run"] is not None else None
-  return {"cold_start": cold_start, "cold_state": cold_state,
+  return {"cold_start": cold_start,
+          "cold_state": None if cold_start["run"] is None else runs[cold_start["run"]][3]["state"],
           "graphdef": best["graphdef"], "state": best["state"], "key": best["key"],
           "initial_state": best["initial_state"], "final_state": best["final_state"],
           "embed": embed, "popularity": pop, "chunk_size": cfg["chunk_size"], "start": start,
@@ -411,7 +411,7 @@ def predict_network(fitted, task: NextStepTask):
   scores = network_scores(fitted["graphdef"], fitted["state"], fitted["embed"](task.embeddings),
                           obs, hist, fitted["key"], fitted["chunk_size"],
                           start_state=fitted.get("cold_state"))
-  if fitted.get("cold_start", {}).get("choice") == "popularity":
+  if "cold_start" in fitted and fitted["cold_start"]["run"] is None:   # popularity validated best
     scores[~hist.any(1)] = fitted["popularity"]
   return scores + TIE_BREAK * fitted["popularity"]
 
