@@ -12,15 +12,21 @@ import itertools
 import os
 from typing import Callable
 
-# The suite is compile-bound: most tests run a few small programs once, and
-# LLVM's optimisation passes were ~40% of a training test's wall time.  -O0
-# code generation changes speed, not semantics (the same HLO passes run, and
-# XLA:CPU does not use fast-math), so every assertion is unchanged.
-# Experiments and benchmarks are not affected; an XLA_FLAGS that already
-# chooses a level wins.  Subprocesses started by tests inherit it.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join(
-      filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+# The suite is compile-bound: most tests run a few small programs once.  Two
+# XLA:CPU settings halve the compile time and change speed, not semantics:
+# * -O0 code generation (LLVM's optimisation passes were ~40% of a training
+#   test's wall time);
+# * XLA:CPU's older IR emitters for fusions instead of the MLIR "fusion
+#   emitters" (--xla_cpu_use_fusion_emitters=false): test_em + test_layer
+#   took 145 CPU-s with them and 76 without (BUILD_NOTES "Dependencies and why").
+# The same HLO passes run and XLA:CPU does not use fast-math either way, so
+# every assertion is unchanged.  Experiments and benchmarks are not affected;
+# an XLA_FLAGS that already sets either flag wins.  Subprocesses started by
+# tests inherit them.
+_TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS")] + [
+    f"--{name}={value}" for name, value in _TEST_XLA_FLAGS.items()
+    if name not in os.environ.get("XLA_FLAGS", "")]))
 
 import jax  # noqa: E402  (after XLA_FLAGS: XLA reads it when the backend starts)
 import numpy as np
