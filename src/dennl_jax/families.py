@@ -215,9 +215,18 @@ class PositiveDefinite(Constraint):
   ``softplus(.) + CHOL_FLOOR`` on it, ``jitter`` a number or the name of a
   static field (``"min_covar"``).  The ``jitter / 2`` term bounds the
   smallest eigenvalue, which keeps the float32 Cholesky factorisations of the
-  next EM layer well conditioned (a floor on diag(L) alone does not);
-  encoding needs eigenvalues above it, which every EM output has (its M-step
-  adds ``min_covar`` to the diagonal).
+  next EM layer well conditioned (a floor on diag(L) alone does not).
+
+  Encoding factors ``x - (jitter / 2) I``, whose smallest eigenvalue may be
+  lost in rounding: a decoded ``x`` whose ``L L^T`` is (nearly) singular --
+  a small diagonal of ``L`` under large off-diagonal entries -- sits on the
+  floor up to the float rounding of ``x``, and an EM layer hands such a
+  covariance on unchanged for a state without posterior mass (its M-step
+  adds ``min_covar`` only to states it updates).  So the floor subtracted is
+  smaller by ``dim * eps * max(diag x)`` (a few ulps of ``x``, above the
+  backward error of a float Cholesky factorisation), the analogue of the
+  floor :class:`Positive` applies before ``inv_softplus``: encoding any
+  valid ``x`` is finite, and ``decode(encode(x)) = x`` up to that shift.
   """
   jitter: float | str = "min_covar"
 
@@ -238,7 +247,12 @@ class PositiveDefinite(Constraint):
 
   def to_preactivation(self, x, family):
     dim = x.shape[-1]
-    chol = jnp.linalg.cholesky(x - self._floor(family) * jnp.eye(dim))
+    # The floor less the rounding of x (see the class docstring): without it
+    # an x on the floor gives an indefinite x - floor I and a NaN factor.
+    rounding = dim * jnp.finfo(x.dtype).eps * jnp.max(
+        jnp.diagonal(x, axis1=-2, axis2=-1), axis=-1)
+    floor = self._floor(family) - rounding[..., None, None]
+    chol = jnp.linalg.cholesky(x - floor * jnp.eye(dim, dtype=x.dtype))
     eye = jnp.eye(dim, dtype=bool)
     diag = _encode_positive(jnp.diagonal(chol, axis1=-2, axis2=-1), CHOL_FLOOR)
     return jnp.where(eye, diag[..., None] * jnp.eye(dim), jnp.tril(chol, -1))
