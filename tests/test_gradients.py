@@ -72,3 +72,46 @@ def test_hsmm_em_step_gradient_finite_with_nearly_empty_state():
   layer_grads = jax.jit(jax.grad(lambda p: _leaf_sum(
       dj.em_layer(p, obs, mask, jax.random.PRNGKey(0), gradient="exact"))))(hsmm)
   assert _all_finite(layer_grads)
+
+
+def _tiny_normaliser_models():
+  # float32, state 1 has prior 1e-26 and is the only one likely to emit symbol 1:
+  # the first step's normaliser is ~1e-26, whose square underflows to 0 (the
+  # derivative of x / c in c is -x * c**-2 = inf * 0 = NaN) while the
+  # log-likelihood is finite.
+  f32 = jnp.float32
+  emission = dj.Categorical(jnp.array([[1.0, 1e-30], [1e-30, 1.0]], f32))
+  initial = jnp.array([1.0, 1e-26], f32)
+  hmm = dj.HMM(initial, jnp.array([[1 - 1e-7, 1e-7], [1e-7, 1 - 1e-7]], f32), emission)
+  hsmm = dj.HSMM(initial, jnp.array([[0.0, 1.0], [1.0, 0.0]], f32),
+                 dj.PoissonDuration(jnp.array([50.0, 50.0], f32), 4), emission)
+  return {"hmm": hmm, "hsmm": hsmm}
+
+
+@pytest.mark.parametrize("kind", ["hmm", "hsmm"])
+def test_gradient_finite_with_tiny_float32_normaliser(kind):
+  params = _tiny_normaliser_models()[kind]
+  obs = jnp.array([1, 1, 0])
+  mask = jnp.ones(3, bool)
+  ll = dj.log_likelihood(params, obs, mask)
+  assert ll.dtype == jnp.float32 and np.isfinite(float(ll))
+  grad = jax.jit(jax.grad(dj.log_likelihood))(params, obs, mask)
+  assert _all_finite(grad)
+  em_grad = jax.jit(jax.grad(lambda p: _leaf_sum(dj.em_step(p, obs, mask))))(params)
+  assert _all_finite(em_grad)
+  if kind == "hmm":
+    parallel_grad = jax.jit(jax.grad(
+        lambda p: _leaf_sum(dj.em_step(p, obs, mask, time_parallel=True))))(params)
+    assert _all_finite(parallel_grad)
+  # Under jax.vmap the users-minor batched kernels run.
+  batch = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), params)
+  obs_b, mask_b = jnp.stack([obs, obs]), jnp.stack([mask, mask])
+  grad_b = jax.jit(jax.grad(lambda p: jnp.sum(jax.vmap(dj.log_likelihood)(p, obs_b, mask_b))))(batch)
+  assert _all_finite(grad_b)
+  em_grad_b = jax.jit(jax.grad(lambda p: _leaf_sum(jax.vmap(dj.em_step)(p, obs_b, mask_b))))(batch)
+  assert _all_finite(em_grad_b)
+  # The finite gradient is the right one: the float64 model's, to float32 accuracy.
+  params64 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
+  grad64 = jax.grad(dj.log_likelihood)(params64, obs, mask)
+  for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(grad64)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b), rtol=1e-4, atol=1e-4)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
-from dennl_jax._numerics import scaled_likelihoods
+from dennl_jax._numerics import normalize, scaled_likelihoods
 
 try:  # private: only used to tell whether tangents are being batched
   from jax._src.interpreters.batching import BatchTracer as _BatchTracer
@@ -218,7 +218,7 @@ def _hmm_forward(initial, trans, likes, shift, mask):
     pred = jnp.where(moves_t, _mix(alpha_prev, trans), alpha_prev)
     unnorm = pred * b_t
     norm = jnp.where(valid_t, _sum_rows(unnorm), 1.0)
-    alpha = jnp.where(valid_t, unnorm / norm, pred)
+    alpha = jnp.where(valid_t, normalize(unnorm, norm), pred)
     ll = ll + jnp.where(valid_t, jnp.log(norm) + shift_t, 0.0)
     return (alpha, ll, seen | valid_t), (alpha, norm, moves_t, valid_t & ~seen)
 
@@ -250,10 +250,10 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
     pairs = pairs + alpha_t[:, None] * jnp.where(moves_next, msg_next, 0.0)[None]
     smoothed = alpha_t * beta
     first = first + jnp.where(is_first_t, smoothed, 0.0)
-    return (b_t * beta / norm_t, pairs, first), smoothed
+    return (normalize(b_t * beta, norm_t), pairs, first), smoothed
 
   num_states, num_users = alphas.shape[1:]
-  init = (likes[-1] / norms[-1],
+  init = (normalize(likes[-1], norms[-1]),
           jnp.zeros((num_states, num_states, num_users), alphas.dtype),
           jnp.where(is_first[-1], alphas[-1], 0.0))
   (_, pairs, first), smoothed = jax.lax.scan(
@@ -339,9 +339,9 @@ def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_joint=True):
     unnorm = pred * b_t[None]
     mass = _sum_leading(unnorm)                               # (K, U)
     norm = jnp.where(valid_t, _sum_rows(mass), 1.0)
-    alpha = jnp.where(valid_t, unnorm / norm, pred)
+    alpha = jnp.where(valid_t, normalize(unnorm, norm), pred)
     # A masked step keeps the joint, so its marginal is the previous one.
-    filtered = jnp.where(valid_t, mass / norm, filtered_prev)
+    filtered = jnp.where(valid_t, normalize(mass, norm), filtered_prev)
     seen_now = seen | valid_t
     # The next step's jump mass is computed here: a carry is materialised once,
     # whereas the K-term mat-vec written inside the next step's (D, K, U)
@@ -386,7 +386,7 @@ def _hsmm_backward(trans, dur, alphas, endings, entering, likes, norms, moves, i
     alpha_t, ending_t, entering_t, b_t, norm_t, moves_t, is_first_t = inputs
     smoothed = _sum_leading(alpha_t * beta)
     # A masked step has b = 1 and c = 1: msg = beta passes through.
-    msg = beta * (b_t / norm_t)[None]
+    msg = beta * normalize(b_t, norm_t)[None]
     entry = _sum_leading(dur * msg)                           # (K, U)
     entered = entered + entering_t[None] * msg
     jumps = jumps + ending_t[:, None] * entry[None]

@@ -73,6 +73,30 @@ def scaled_likelihoods(log_likes):
   return jnp.exp(log_likes - shift[:, None]), shift
 
 
+@jax.custom_jvp
+def normalize(unnorm, norm):
+  """``unnorm / norm`` whose derivative never squares the normaliser.
+
+  The scaled forward-backward recursions divide by per-step normalisers that
+  can be tiny (2.5e-25 was seen in float32 training) while every value stays
+  finite.  JAX differentiates ``x / y`` in ``y`` as ``-x * y**-2``: ``y**2``
+  underflows to 0, ``y**-2`` is inf and ``inf * 0`` is NaN -- a NaN gradient
+  with a finite loss.  The JVP here is ``(d_unnorm - p * d_norm) / norm`` with
+  ``p = unnorm / norm``: the same derivative, divided by ``norm`` once, and
+  linear in the tangents, so reverse mode transposes it.  ``norm`` broadcasts
+  against ``unnorm``; the value is exactly ``unnorm / norm``.
+  """
+  return unnorm / norm
+
+
+@normalize.defjvp
+def _normalize_jvp(primals, tangents):
+  unnorm, norm = primals
+  d_unnorm, d_norm = tangents
+  out = unnorm / norm
+  return out, (d_unnorm - out * d_norm) / norm
+
+
 def fill_masked(obs, mask):
   """``obs: (T, ...)`` with masked steps replaced by zeros.
 

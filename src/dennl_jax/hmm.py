@@ -28,7 +28,7 @@ from flax import struct
 
 from dennl_jax import _batched
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
-from dennl_jax._numerics import append_blank_steps, scaled_likelihoods, step_structure
+from dennl_jax._numerics import append_blank_steps, normalize, scaled_likelihoods, step_structure
 from dennl_jax.families import EmissionFamily, Simplex, param
 
 
@@ -57,7 +57,7 @@ def _forward(initial, transition, likes, shift, moves, mask):
     pred = jnp.where(moves_t, alpha_prev @ transition, alpha_prev)
     unnorm = pred * b_t
     norm = jnp.sum(unnorm)
-    alpha = jnp.where(valid_t, unnorm / norm, pred)
+    alpha = jnp.where(valid_t, normalize(unnorm, norm), pred)
     return alpha, (alpha, jnp.where(valid_t, norm, 1.0))
 
   _, (filtered, norms) = jax.lax.scan(step, initial, (likes, moves, mask))
@@ -70,7 +70,7 @@ def _backward(transition, likes, norms, moves):
 
   def step(beta_next, inputs):
     b_next, norm_next, moves_next = inputs
-    msg = b_next * beta_next / norm_next
+    msg = normalize(b_next * beta_next, norm_next)
     # A masked next step has b = 1 and c = 1, so msg = beta_next passes
     # through; the first valid step (no transition into it) contributes its
     # emission, so leading padded steps report the carried state's posterior.
@@ -97,7 +97,7 @@ def _hmm_smoother_one(initial, transition, log_likes, mask) -> HMMPosterior:
   smoothed = filtered * betas
   # sum_t alpha_{t-1}(i) A_ij b_t(j) beta_t(j) / c_t as one (K,T)x(T,K)
   # product rather than T outer products.
-  weights = jnp.where(moves[1:, None], likes[1:] * betas[1:] / norms[1:, None], 0.0)
+  weights = jnp.where(moves[1:, None], normalize(likes[1:] * betas[1:], norms[1:, None]), 0.0)
   counts = transition * (filtered[:-1].T @ weights)
   initial_probs = jnp.sum(jnp.where(is_first[:, None], smoothed, 0.0), axis=0)
   return HMMPosterior(ll, filtered, smoothed, counts, initial_probs)

@@ -55,7 +55,7 @@ from flax import struct
 
 from dennl_jax import _batched
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
-from dennl_jax._numerics import (append_blank_steps, fill_leading, scaled_likelihoods,
+from dennl_jax._numerics import (append_blank_steps, fill_leading, normalize, scaled_likelihoods,
                                  step_structure)
 from dennl_jax.families import DurationFamily, EmissionFamily, Simplex, param
 
@@ -104,7 +104,7 @@ def _forward(initial, transition, dur_probs, likes, shift, moves, mask, keep_joi
                      alpha_prev)
     unnorm = pred * b_t[:, None]
     norm = jnp.sum(unnorm)
-    alpha = jnp.where(valid_t, unnorm / norm, pred)
+    alpha = jnp.where(valid_t, normalize(unnorm, norm), pred)
     return alpha, (alpha if keep_joint else alpha.sum(-1), jnp.where(valid_t, norm, 1.0))
 
   start = initial[:, None] * dur_probs
@@ -130,7 +130,7 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
     # msg(j, d) = b_{t+1}(j) beta_{t+1}(j, d) / c_{t+1}: backward weight of
     # being in (j, d) at t+1.  A jump i -> j at t+1 with duration d has
     # posterior mass alpha_t(i, 1) A_ij p_j(d) msg(j, d).
-    msg = b_next[:, None] * beta_next / norm_next
+    msg = normalize(b_next[:, None] * beta_next, norm_next)
     entry = jnp.sum(dur_probs * msg, axis=1)                     # (K,)
     moved = jnp.concatenate([(transition @ entry)[:, None], msg[:, :-1]], axis=1)
     beta = jnp.where(moves_next, moved, beta_next)

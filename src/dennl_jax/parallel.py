@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dennl_jax._numerics import step_structure
+from dennl_jax._numerics import normalize, step_structure
 from dennl_jax.hmm import HMM, HMMPosterior
 
 
@@ -52,7 +52,7 @@ def _condition(base, log_likes):
   norm = jnp.sum(weighted, axis=-1)
   ok = norm > 0
   safe = jnp.where(ok, norm, 1.0)
-  probs = jnp.where(ok[..., None], weighted / safe[..., None], base)
+  probs = jnp.where(ok[..., None], normalize(weighted, safe[..., None]), base)
   return probs, jnp.where(ok, jnp.log(safe) + shift, -jnp.inf)
 
 
@@ -104,14 +104,14 @@ def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   _, suffix_log = jax.lax.associative_scan(lambda b, a: _combine(a, b), backward, reverse=True)
   log_beta = jnp.concatenate([suffix_log[1:], jnp.zeros_like(suffix_log[:1])], axis=0)
   smoothed = filtered * jnp.exp(log_beta - jax.lax.stop_gradient(jnp.max(log_beta, axis=-1, keepdims=True)))
-  smoothed = smoothed / jnp.sum(smoothed, axis=-1, keepdims=True)
+  smoothed = normalize(smoothed, jnp.sum(smoothed, axis=-1, keepdims=True))
   # Two-slice marginals summed over t, as one (K, T) x (T, K) product:
   # xi_t(i, j) = alpha_{t-1}(i) A_ij w_t(j) with w_t = b_t beta_t / Z_t.
   log_w = jnp.where(mask[:, None], log_likes, 0.0) + log_beta
   w = jnp.exp(log_w - jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True)))
   predicted = filtered[:-1] @ transition
   z = jnp.sum(predicted * w[1:], axis=-1, keepdims=True)
-  weights = jnp.where(moves[1:, None], w[1:] / jnp.where(moves[1:, None], z, 1.0), 0.0)
+  weights = jnp.where(moves[1:, None], normalize(w[1:], jnp.where(moves[1:, None], z, 1.0)), 0.0)
   counts = transition * (filtered[:-1].T @ weights)
   initial_probs = jnp.sum(jnp.where(is_first[:, None], smoothed, 0.0), axis=0)
   return HMMPosterior(log_likelihood, filtered, smoothed, counts, initial_probs)
