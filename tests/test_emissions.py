@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
+from dennl_jax import emissions
 from conftest import FAMILIES, random_emission, random_obs, reference_log_likelihoods
 
 jax.config.update("jax_enable_x64", True)
@@ -48,3 +49,15 @@ def test_multinomial_zero_probability():
   ll = emission.log_likelihoods(jnp.array([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]))
   np.testing.assert_allclose(ll[0], [3 * np.log(0.5), np.log(0.2) + 2 * np.log(0.3)])
   assert ll[1, 0] == -np.inf and np.isfinite(ll[1, 1])
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, emissions.MAX_SUBSTITUTION_DIM + 1])
+def test_gaussian_triangular_solve_matches_lapack(dim):
+  # Forward substitution up to MAX_SUBSTITUTION_DIM (it avoids a jaxlib trsm
+  # thread-pool deadlock), LAPACK beyond it; both against numpy's solver.
+  rng = np.random.default_rng([70, dim])
+  a = rng.normal(size=(3, dim, dim))
+  chol = np.linalg.cholesky(a @ np.swapaxes(a, 1, 2) + dim * np.eye(dim))
+  rhs = rng.normal(size=(3, dim, 7))
+  z = jax.jit(emissions._solve_lower)(jnp.asarray(chol), jnp.asarray(rhs))
+  np.testing.assert_allclose(z, np.linalg.solve(chol, rhs), rtol=1e-10, atol=1e-12)

@@ -249,6 +249,31 @@ class _RealVectorFamily(EmissionFamily):
     return mass, shift, self.mean + shift, safe_div(stats["second"], mass)
 
 
+# Up to this dimension the triangular solve of the Gaussian log-density is written
+# as forward substitution in plain ops instead of LAPACK's trsm.  Why: jaxlib's
+# CPU trsm splits a large batch into tasks on XLA's intra-op thread pool and
+# blocks its own pool thread until they finish.  When two such solves run at
+# once (the held-out loss evaluates two log-likelihoods of every user) and the
+# pool has two threads (2 cores), both block on tasks no thread is free to run:
+# the process hangs at 0 % CPU (gdb stacks in BUILD_NOTES, Table 1 "Known
+# limits").  D^2 / 2 fused multiply-adds are cheap for the small D of HMMs.
+MAX_SUBSTITUTION_DIM = 16
+
+
+def _solve_lower(chol, rhs):
+  """``chol^{-1} rhs`` for lower-triangular ``chol: (..., D, D)``, ``rhs: (..., D, N)``."""
+  dim = chol.shape[-1]
+  if dim > MAX_SUBSTITUTION_DIM:
+    return jax.scipy.linalg.solve_triangular(chol, rhs, lower=True)
+  rows = []
+  for i in range(dim):
+    acc = rhs[..., i, :]
+    for j in range(i):
+      acc = acc - chol[..., i, j, None] * rows[j]
+    rows.append(acc / chol[..., i, i, None])
+  return jnp.stack(rows, axis=-2)
+
+
 @struct.dataclass
 class Gaussian(_RealVectorFamily):
   """Real vectors ``obs: (T, D)`` with a full covariance per state.
@@ -264,8 +289,7 @@ class Gaussian(_RealVectorFamily):
   def log_likelihoods(self, obs):
     chol = jnp.linalg.cholesky(self.cov)                      # (K, D, D)
     diff = obs[None, :, :] - self.mean[:, None, :]            # (K, T, D)
-    z = jax.scipy.linalg.solve_triangular(
-        chol, jnp.swapaxes(diff, 1, 2), lower=True)          # (K, D, T)
+    z = _solve_lower(chol, jnp.swapaxes(diff, 1, 2))          # (K, D, T)
     maha = jnp.sum(z * z, axis=1)                              # (K, T)
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=1, axis2=2)), -1)
     dim = self.mean.shape[1]
