@@ -18,7 +18,7 @@ from typing import Callable
 #   test's wall time);
 # * XLA:CPU's older IR emitters for fusions instead of the MLIR "fusion
 #   emitters" (--xla_cpu_use_fusion_emitters=false): test_em + test_layer
-#   took 145 CPU-s with them and 76 without (BUILD_NOTES "Dependencies and why").
+#   took ~150 CPU-s with them and ~80 without (BUILD_NOTES "Dependencies and why").
 # The same HLO passes run and XLA:CPU does not use fast-math either way, so
 # every assertion is unchanged.  Experiments and benchmarks are not affected;
 # an XLA_FLAGS that already sets either flag wins.  Subprocesses started by
