@@ -338,7 +338,8 @@ def run_setting(name, key, populations, config, synthetic, *, workdir=None, prog
   return results, times, s.curves, selection
 
 
-def _label(row: str) -> str:
+def row_label(row: str) -> str:
+  """A Table 1 row's name in reports: ``method`` or ``method@loss``."""
   base, _, loss = row.partition("@")
   label = REFERENCE_ROWS.get(base) or METHODS[base].label
   return f"{label} [{loss} loss]" if loss else label
@@ -434,7 +435,7 @@ def _write(output_dir, config, per_user, times, curves, selection, t_start):
                     {"seconds": times, "total_seconds": time.time() - t_start})
   common.write_json(os.path.join(output_dir, "curves.json"), curves, indent=None)
   text = common.write_markdown(os.path.join(output_dir, "table1.md"),
-                               report.table_markdown(summary, times, config, settings, _label))
+                               report.table_markdown(summary, times, config, settings, row_label))
   report.plot_curves(os.path.join(output_dir, "training_curves.png"),
                      curves[str(config.seeds[0])], settings,
                      lambda m: METHODS[m.partition("[")[0]].label)

@@ -1,0 +1,156 @@
+r"""One Table 1 from several ``experiments.synthetic_table1`` runs of the same protocol.
+
+Full-scale Table 1 costs hours on 2 CPU cores, so it is run in pieces: seeds
+in separate processes, a method added to a seed later, a setting at a time.
+This pools the pieces by (seed, setting, method) and writes the same report
+files a single run writes (``table1.json``, ``table1_stats.json``,
+``table1.md``), each setting summarised over the seeds that have it.
+
+  python -m experiments.table1_pool --output_dir=/tmp/t1_noise20 \
+      --runs=/work/results/t1_s12/noise20_exact_s12,/work/results/t1_noise20_s11/exact_fixed
+
+Refuses, naming the problem: runs whose protocols differ (any config field
+besides seeds, methods and settings: the gradient mode, the grid, the user
+counts, ...), and a (seed, setting, method) present in two runs with
+different per-user accuracies (the same seed must give the same result;
+rows computed in both, such as the oracle, are checked, not trusted).
+Within a setting, a method missing from some of its seeds is left out of
+that setting's summary and named in the output.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from experiments import common
+from experiments import table1_report as report
+from experiments.synthetic_table1 import SETTINGS, row_label
+
+# Fields that may differ between pooled runs: which pieces each run computed.
+PIECE_FIELDS = ("seed", "num_seeds", "seeds", "methods", "settings", "log_every", "preset")
+
+
+class PoolError(ValueError):
+  """Runs that cannot be pooled into one table."""
+
+
+def _protocol(config: dict) -> dict:
+  return {k: v for k, v in config.items() if k not in PIECE_FIELDS}
+
+
+def read_runs(directories) -> tuple[dict, dict, dict]:
+  """(per_user, times, config) pooled over run directories.
+
+  per_user: ``{seed: {setting: {row: (U,) accuracies}}}``; times:
+  ``{method: {setting: [wall s per seed]}}``; config: the shared protocol.
+  """
+  per_user, times, protocol, first = {}, {}, None, None
+  for directory in directories:
+    config = common.read_json(os.path.join(directory, "config.json"))
+    if protocol is None:
+      protocol, first = _protocol(config), directory
+    else:
+      diff = sorted(k for k in set(protocol) | set(_protocol(config))
+                    if protocol.get(k) != config.get(k))
+      if diff:
+        raise PoolError(f"{directory} ran a different protocol from {first}: config field(s) "
+                        f"{diff} differ ({[(protocol.get(k), config.get(k)) for k in diff]})")
+    seeds = config.get("seeds") or list(range(config["seed"], config["seed"] + config["num_seeds"]))
+    # A run stopped early holds fewer seeds than it planned; zip keeps the finished ones.
+    for seed, rows in zip(seeds, common.read_json(os.path.join(directory, "per_user.json"))):
+      for row, cells in rows.items():
+        for setting, acc in cells.items():
+          acc = np.asarray(acc, np.float64)
+          slot = per_user.setdefault(seed, {}).setdefault(setting, {})
+          if row in slot and (slot[row].shape != acc.shape or not np.allclose(slot[row], acc)):
+            raise PoolError(f"seed {seed}, {setting}, {row}: two runs disagree (mean accuracy "
+                            f"{slot[row].mean():.4f} vs {acc.mean():.4f} in {directory}); the "
+                            "same seed must give the same result")
+          slot[row] = acc
+    timing = os.path.join(directory, "timings.json")
+    if os.path.exists(timing):
+      for method, cells in common.read_json(timing)["seconds"].items():
+        for setting, secs in cells.items():
+          times.setdefault(method, {}).setdefault(setting, []).extend(secs)
+  if protocol is None:
+    raise PoolError("no runs given")
+  return per_user, times, protocol
+
+
+def pool(per_user: dict, key, num_bootstrap: int = 2000) -> tuple[dict, dict]:
+  """(summary, left_out): ``table1_report.summarize`` per setting over the seeds
+  that have it, merged into one ``{"rows", "paired"}``; left_out:
+  ``{setting: [rows missing from some of its seeds]}``."""
+  settings = sorted({s for cells in per_user.values() for s in cells}, key=SETTINGS.index)
+  summary, left_out = {"rows": {}, "paired": {}}, {}
+  for setting in settings:
+    seeds = sorted(s for s in per_user if setting in per_user[s])
+    rows = set.intersection(*(set(per_user[s][setting]) for s in seeds))
+    missing = sorted(set.union(*(set(per_user[s][setting]) for s in seeds)) - rows)
+    if missing:
+      left_out[setting] = missing
+    order = [r for r in per_user[seeds[0]][setting] if r in rows]
+    part = report.summarize([{r: {setting: per_user[s][setting][r]} for r in order}
+                             for s in seeds],
+                            jax.random.fold_in(key, SETTINGS.index(setting)), num_bootstrap)
+    for kind in ("rows", "paired"):
+      for row, cells in part[kind].items():
+        summary[kind].setdefault(row, {}).update(cells)
+  return summary, left_out
+
+
+def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: dict) -> list:
+  settings = sorted({s for cells in summary["rows"].values() for s in cells}, key=SETTINGS.index)
+  seeds = {s: next(iter(summary["rows"].values()))[s]["n_seeds"] for s in settings
+           if s in next(iter(summary["rows"].values()))}
+  labels = {r: row_label(r) for r in summary["rows"]}
+  methods = [m for m in times if m in summary["rows"]]
+  timing = common.markdown_table(
+      ["Method", *settings],
+      [[row_label(m), *[f"{np.mean(times[m][s]):.0f}" if s in times[m] else "—"
+                        for s in settings]] for m in methods])
+  gradient = protocol.get("gradient")
+  if gradient != "exact":
+    gradient = f"{gradient} (S = {protocol.get('spsa_samples')}, {protocol.get('spsa_perturbation')})"
+  lines = ["# Table 1 pooled from several runs", "",
+           f"Runs: {', '.join(f'`{d}`' for d in directories)}.", "",
+           f"Gradient mode `{gradient}`, preset `{protocol.get('preset')}`, select by "
+           f"`{protocol.get('select_by')}`, losses {protocol.get('losses')} x learning rates "
+           f"{protocol.get('select_learning_rates')}; seeds per setting: "
+           + ", ".join(f"{s}: {n}" for s, n in seeds.items()) + ".", ""]
+  lines += report.markdown(summary, settings, labels, report.PAPER)
+  if left_out:
+    lines += ["", "Left out (missing from some seeds of the setting): "
+              + "; ".join(f"{s}: {', '.join(r)}" for s, r in left_out.items())]
+  lines += ["", "Wall seconds to fit (mean over the pooled seeds):", "", *timing, "",
+            "Headline:", "", *[f"- {line}" for line in report.headline(summary, settings)]]
+  return lines
+
+
+def main():
+  from absl import app, flags
+  runs = flags.DEFINE_list("runs", None, "output directories of synthetic_table1 to pool")
+  output_dir = flags.DEFINE_string("output_dir", None, "where the pooled report goes")
+  bootstrap = flags.DEFINE_integer("bootstrap", 2000, "resamples of the paired intervals")
+  flags.mark_flags_as_required(["runs", "output_dir"])
+
+  def _main(argv):
+    del argv
+    per_user, times, protocol = read_runs(runs.value)
+    summary, left_out = pool(per_user, jax.random.PRNGKey(protocol.get("bootstrap_seed", 0)),
+                             bootstrap.value)
+    os.makedirs(output_dir.value, exist_ok=True)
+    common.write_json(os.path.join(output_dir.value, "table1.json"), report.means_table(summary))
+    common.write_json(os.path.join(output_dir.value, "table1_stats.json"),
+                      dict(summary, left_out=left_out, runs=list(runs.value)))
+    text = common.write_markdown(os.path.join(output_dir.value, "table1.md"),
+                                 markdown(summary, times, left_out, runs.value, protocol))
+    print(text)
+
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()
