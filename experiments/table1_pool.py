@@ -28,8 +28,10 @@ from experiments import common
 from experiments import table1_report as report
 from experiments.synthetic_table1 import SETTINGS, row_label
 
-# Fields that may differ between pooled runs: which pieces each run computed.
-PIECE_FIELDS = ("seed", "num_seeds", "seeds", "methods", "settings", "log_every", "preset")
+# Fields that may differ between pooled runs: which pieces each run computed,
+# and the preset's name (the ablations variant is the full protocol).
+PIECE_FIELDS = ("seed", "num_seeds", "seeds", "methods", "settings", "log_every")
+NAME_FIELDS = ("preset",)
 
 
 class PoolError(ValueError):
@@ -53,7 +55,7 @@ def read_runs(directories) -> tuple[dict, dict, dict]:
       protocol, first = _protocol(config), directory
     else:
       diff = sorted(k for k in set(protocol) | set(_protocol(config))
-                    if protocol.get(k) != config.get(k))
+                    if k not in NAME_FIELDS and protocol.get(k) != config.get(k))
       if diff:
         raise PoolError(f"{directory} ran a different protocol from {first}: config field(s) "
                         f"{diff} differ ({[(protocol.get(k), config.get(k)) for k in diff]})")
