@@ -35,7 +35,7 @@ steps spent so far) in log space, where the censored last segment's survivor
 term falls out of the product of continuation probabilities, so it returns
 the exact most likely state path (= segmentation) of the right-censored model.
 Under ``jax.vmap`` the smoother and the filter run the same recursions with
-the user axis minor (:mod:`dennl_jax._batched`; equal values and derivatives).
+the user axis minor (:mod:`dennl_jax._batched_hsmm`; equal values and derivatives).
 
 Masks behave exactly as for HMMs: a masked step is removed from the sequence
 (identity step: it neither emits nor consumes duration), so padding anywhere
@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dennl_jax import _batched
+from dennl_jax import _batched, _batched_hsmm
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import (append_blank_steps, fill_leading, normalize, scaled_likelihoods,
                                  step_structure)
@@ -175,12 +175,12 @@ def _hsmm_smoother_one(initial, transition, dur_log_probs, log_likes, mask) -> H
                        initial_probs, duration_counts)
 
 
-# Under jax.vmap both run the users-minor kernels of dennl_jax._batched
-# (values and derivatives equal; see that module for which compositions).
+# Under jax.vmap both run the users-minor kernels of dennl_jax._batched_hsmm
+# (values and derivatives equal; dennl_jax._batched says which compositions).
 _hsmm_filter_dispatch = _batched.batched_dispatch(
-    _hsmm_filter_one, _batched.hsmm_filter_batched, num_diff=4)
+    _hsmm_filter_one, _batched_hsmm.hsmm_filter_batched, num_diff=4)
 _hsmm_smoother_dispatch = _batched.batched_dispatch(
-    _hsmm_smoother_one, lambda *args: HSMMPosterior(*_batched.hsmm_smoother_batched(*args)),
+    _hsmm_smoother_one, lambda *args: HSMMPosterior(*_batched_hsmm.hsmm_smoother_batched(*args)),
     num_diff=4)
 
 
