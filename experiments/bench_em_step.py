@@ -23,7 +23,10 @@ may be shared), and the median of ``config.repeats`` is reported.  With
 Batched kernels (issue 12).  ``jax.vmap`` of the engine runs the users-minor
 kernels of ``dennl_jax._batched``; the same function compiled with them
 switched off (``_batched.batched_kernels(False)``) is the per-sequence vmap.
-Both are timed in the same process, interleaved with dynamax, and so are:
+By default the vmapped step runs in blocks of ``_batched.users_per_block()``
+users (``lax.map`` over blocks); the kernels on all users at once are timed too,
+so the gain of the blocks shows as a ratio.
+All are timed in the same process, interleaved with dynamax, and so are:
 a DENNL training step with exact gradients (``config.dennl_users`` users,
 skipped at 0), the cost growth over U, T and K (``config.growth`` rows), and
 the compiled temporary memory of an exact gradient at ``config.memory_steps``
@@ -44,9 +47,10 @@ from dennl_jax import _batched
 from experiments import common
 
 
-def compiled(fn, *args, batched: bool):
-  """``fn`` (a jitted function) compiled ahead of time with the batched kernels on or off."""
-  with _batched.batched_kernels(batched):
+def compiled(fn, *args, batched: bool, users_per_block: int | None = None):
+  """``fn`` (a jitted function) compiled ahead of time with the batched kernels on or off
+  (and blocks of users as :func:`dennl_jax._batched.batched_kernels` takes them)."""
+  with _batched.batched_kernels(batched, users_per_block):
     return fn.lower(*args).compile()
 
 
@@ -90,18 +94,22 @@ def time_dennl_step(config):
 
 
 def growth_rows(config):
-  """User-steps/s of vmap(em_step), batched and per-sequence, for each (U, T, K)."""
+  """User-steps/s of vmap(em_step) for each (U, T, K): batched kernels in blocks of users
+  (the default), the kernels on all users at once, and the per-sequence vmap."""
   rows = []
-  em = jax.vmap(dj.em_step)
+  em = jax.jit(jax.vmap(dj.em_step))
   for num_users, num_steps, num_states in config.growth:
     args = random_batch(config.seed, num_users, num_steps, num_states, config.num_symbols)
     fast, slow = both_paths(em, *args)
-    (fast_s, _), (slow_s, _) = common.interleaved_median_seconds(
-        [(fast, args), (slow, args)], max(1, config.repeats // 2))
+    one_block = compiled(em, *args, batched=True, users_per_block=0)
+    (fast_s, _), (slow_s, _), (one_s, _) = common.interleaved_median_seconds(
+        [(fast, args), (slow, args), (one_block, args)], max(1, config.repeats // 2))
+    per_step = lambda seconds: 1e6 * seconds / (num_users * num_steps)
     rows.append({"U": num_users, "T": num_steps, "K": num_states,
-                 "batched_us_per_user_step": 1e6 * fast_s / (num_users * num_steps),
-                 "per_sequence_us_per_user_step": 1e6 * slow_s / (num_users * num_steps),
-                 "speedup": slow_s / fast_s})
+                 "batched_us_per_user_step": per_step(fast_s),
+                 "one_block_us_per_user_step": per_step(one_s),
+                 "per_sequence_us_per_user_step": per_step(slow_s),
+                 "speedup": slow_s / fast_s, "speedup_from_blocks": one_s / fast_s})
     common.log(str(rows[-1]))
   return rows
 
@@ -162,9 +170,11 @@ def _describe_dennl(d):
 
 def _describe_growth(rows):
   return "\n".join(common.markdown_table(
-      ["U", "T", "K", "batched µs/user-step", "per-sequence µs/user-step", "speedup"],
+      ["U", "T", "K", "batched µs/user-step", "kernels, one block", "per-sequence",
+       "batched / per-sequence", "blocks / one block"],
       [(r["U"], r["T"], r["K"], f"{r['batched_us_per_user_step']:.3f}",
-        f"{r['per_sequence_us_per_user_step']:.3f}", f"{r['speedup']:.2f}x") for r in rows],
+        f"{r['one_block_us_per_user_step']:.3f}", f"{r['per_sequence_us_per_user_step']:.3f}",
+        f"{r['speedup']:.2f}x", f"{r['speedup_from_blocks']:.2f}x") for r in rows],
       align="right"))
 
 
@@ -191,6 +201,8 @@ def run(config, output_dir: str | None = None) -> dict:
   user_steps = num_users * num_steps
 
   ours, per_sequence = both_paths(jax.vmap(dj.em_step), params, obs, mask)
+  one_block = compiled(jax.jit(jax.vmap(dj.em_step)), params, obs, mask, batched=True,
+                       users_per_block=0)
 
   from dynamax.hidden_markov_model import hmm_smoother as dynamax_smoother
 
@@ -199,20 +211,33 @@ def run(config, output_dir: str | None = None) -> dict:
     return dynamax_smoother(p.initial, p.transition, log_likes)
 
   dynamax = jax.jit(jax.vmap(dynamax_one))
+  # The same blocks of users as ours (lax.map with batch_size), so the ratio against it
+  # shows what the kernels add beyond the blocking, which any vmapped function can use.
+  block = _batched.users_per_block() or num_users
+  dynamax_blocks = jax.jit(lambda p, o: jax.lax.map(lambda a: dynamax_one(*a), (p, o),
+                                                    batch_size=block))
 
-  (ours_s, ours_all), (seq_s, seq_all), (dyn_s, dyn_all) = common.interleaved_median_seconds(
+  timed = common.interleaved_median_seconds(
       [(ours, (params, obs, mask)), (per_sequence, (params, obs, mask)),
-       (dynamax, (params, obs))], config.repeats)
+       (dynamax, (params, obs)), (one_block, (params, obs, mask)),
+       (dynamax_blocks, (params, obs))], config.repeats)
+  (ours_s, ours_all), (seq_s, seq_all), (dyn_s, dyn_all), (one_s, one_all) = timed[:4]
+  dyn_blocks_s, dyn_blocks_all = timed[4]
   hl_users = min(config.hmmlearn_users, num_users)
   hl_s, hl_all = time_hmmlearn(params, obs, hl_users, max(1, min(3, config.repeats)))
 
   rows = [
-      ("dennl_jax em_step (full EM iteration), batched kernels", user_steps / ours_s, ours_s),
+      (f"dennl_jax em_step (full EM iteration), batched kernels, blocks of "
+       f"{_batched.users_per_block()} users", user_steps / ours_s, ours_s),
       ("dynamax hmm_smoother (E-step only)", user_steps / dyn_s, dyn_s),
       (f"hmmlearn score_samples ({hl_users} users, scaled)", hl_users * num_steps / hl_s,
        hl_s * num_users / hl_users),
   ]
   rows.append(("dennl_jax em_step, per-sequence vmap", user_steps / seq_s, seq_s))
+  rows.append(("dennl_jax em_step, batched kernels on all users at once", user_steps / one_s,
+               one_s))
+  rows.append((f"dynamax hmm_smoother in blocks of {block} users (lax.map)",
+               user_steps / dyn_blocks_s, dyn_blocks_s))
   ratio_dyn = rows[0][1] / rows[1][1]
   ratio_hl = rows[0][1] / rows[2][1]
   ratio_seq = seq_s / ours_s
@@ -226,7 +251,10 @@ def run(config, output_dir: str | None = None) -> dict:
       align=["left", "right", "right"])
   footer = (f"ours / dynamax = {ratio_dyn:.2f}x; ours / hmmlearn = {ratio_hl:.1f}x; "
             f"batched / per-sequence = {ratio_seq:.2f}x; "
-            f"per-sequence / dynamax = {dyn_s / seq_s:.2f}x; load average {load:.1f}")
+            f"per-sequence / dynamax = {dyn_s / seq_s:.2f}x; "
+            f"blocks / one block = {one_s / ours_s:.2f}x; "
+            f"ours / dynamax in the same blocks = {dyn_blocks_s / ours_s:.2f}x; "
+            f"load average {load:.1f}")
   blocks = [header, "\n".join(table), footer]
   extra = {}
   for key, enabled, compute, describe in _SECTIONS:
@@ -245,7 +273,12 @@ def run(config, output_dir: str | None = None) -> dict:
       "ratio_ours_over_dynamax": ratio_dyn, "ratio_ours_over_hmmlearn": ratio_hl,
       "per_sequence_user_steps_per_s": user_steps / seq_s,
       "ratio_batched_over_per_sequence": ratio_seq, "load_average_start": load,
+      "users_per_block": _batched.users_per_block(),
+      "one_block_user_steps_per_s": user_steps / one_s, "ratio_blocks_over_one_block": one_s / ours_s,
+      "dynamax_blocks_user_steps_per_s": user_steps / dyn_blocks_s,
+      "ratio_ours_over_dynamax_blocks": dyn_blocks_s / ours_s,
       "raw_seconds": {"ours": ours_all, "per_sequence": seq_all, "dynamax": dyn_all,
+                      "one_block": one_all, "dynamax_blocks": dyn_blocks_all,
                       "hmmlearn_subset": hl_all},
       **extra,
   }

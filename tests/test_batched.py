@@ -199,3 +199,51 @@ def test_fit_em_equals_per_user(duration):
     ref, ref_trace = dj.fit_em(hmms, obs, mask, num_iters=2)
   tree_allclose(fitted, ref, **TOL)
   np.testing.assert_allclose(trace, ref_trace, **TOL)
+
+
+@pytest.mark.parametrize("duration", [None, "poisson"])
+def test_user_blocks_equal_per_user(duration):
+  """Blocks of users under vmap (``USERS_PER_BLOCK``; 3 here, so 7 users run as 3 blocks
+  of 3 with 2 padding copies): EM steps, posteriors, their gradient and fit_em equal
+  per-user calls."""
+  lengths = (6, 1, 4, 7, 2, 5, 3)
+  hmms, obs, mask = ragged_batch("categorical", 7, lengths=lengths, duration=duration)
+  users = len(lengths)
+  loss = lambda p, o, m: em_loss(p, o, m)[0]
+
+  def batched(p, o, m):
+    value, grad = jax.value_and_grad(lambda q: jnp.sum(jax.vmap(loss)(q, o, m)))(p)
+    return (value, grad, jax.vmap(dj.em_step_with_log_likelihood)(p, o, m),
+            jax.vmap(dj.posterior)(p, o, m))
+
+  def one(p, o, m):
+    value, grad = jax.value_and_grad(loss)(p, o, m)
+    return value, grad, dj.em_step_with_log_likelihood(p, o, m), dj.posterior(p, o, m)
+
+  with _batched.batched_kernels(True, users_per_block=3):
+    carry = (f"f64[{NUM_STATES},3]" if duration is None
+             else f"f64[{MAX_DURATION},{HSMM_STATES},3]")
+    assert carry in str(jax.make_jaxpr(jax.vmap(dj.em_step))(hmms, obs, mask))
+    value, grad, steps, posts = jax.jit(batched)(hmms, obs, mask)
+    fitted, trace = dj.fit_em(hmms, obs, mask, num_iters=2)
+  values, ref_grad, ref_steps, ref_posts = stack_trees(
+      [jax.jit(one)(*(user(x, u) for x in (hmms, obs, mask))) for u in range(users)])
+  np.testing.assert_allclose(value, np.sum(values), **TOL)
+  tree_allclose(grad, ref_grad, **TOL)
+  tree_allclose(steps, ref_steps, **TOL)
+  tree_allclose(posts, ref_posts, **TOL)
+  ref_fitted = [dj.fit_em(user_batch(hmms, u), obs[u:u + 1], mask[u:u + 1], num_iters=2)
+                for u in range(users)]
+  tree_allclose(fitted, jax.tree_util.tree_map(lambda *x: np.concatenate(x),
+                                               *[f for f, _ in ref_fitted]), **TOL)
+  np.testing.assert_allclose(trace, np.concatenate([t for _, t in ref_fitted]), **TOL)
+
+
+def user_batch(tree, u):
+  return jax.tree_util.tree_map(lambda x: x[u:u + 1], tree)
+
+
+def test_users_per_block_is_checked():
+  with pytest.raises(ValueError, match="users_per_block"):
+    with _batched.batched_kernels(True, users_per_block=-1):
+      pass

@@ -58,29 +58,57 @@ except ImportError:  # pragma: no cover - a JAX without it keeps per-sequence ta
 BATCHED_BACKENDS = {"cpu": True, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
 BATCHED_GRADIENT_BACKENDS = {"cpu": False, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
 
+# Backend -> users per block of a vmapped EM step or chain recursion (0: the
+# whole batch at once).  On CPU a vmapped em_step over thousands of users has
+# tens of MB of temporaries: glibc serves allocations over 32 MB with fresh
+# mmap pages on every call (11,300 page faults per call at U = 2000, T = 100,
+# K = 10) and the (T, K, U) arrays leave the cache.  Blocks of 512 users run
+# one after another (``lax.map``) halved em_step's time there and at T = 400,
+# K = 20 and U = 8000 (BUILD_NOTES "Stop 14").  Accelerators want the whole
+# batch at once; their entries are unmeasured (no GPU was lent), hence 0.
+USERS_PER_BLOCK = {"cpu": 512}
 
-_FORCED = []  # innermost override of BATCHED_BACKENDS, see batched_kernels
+
+_FORCED = []  # innermost (kernels enabled, users per block or None), see batched_kernels
 
 
 def use_batched(table=BATCHED_BACKENDS) -> bool:
   """Whether vmapped chain recursions run the users-minor kernels on this backend."""
   if _FORCED:
-    return _FORCED[-1]
+    return _FORCED[-1][0]
   return table.get(jax.default_backend(), False)
 
 
+def users_per_block() -> int:
+  """Users per block of a vmapped EM step on this backend (0: no blocks)."""
+  if _FORCED:
+    enabled, block = _FORCED[-1]
+    if block is not None:
+      return block
+    if not enabled:
+      return 0
+  return USERS_PER_BLOCK.get(jax.default_backend(), 0)
+
+
 @contextlib.contextmanager
-def batched_kernels(enabled: bool):
+def batched_kernels(enabled: bool, users_per_block: int | None = None):
   """Within the block, functions *traced* use (or not) the users-minor kernels under vmap
   for values and derivatives alike, whatever the backend tables say.
+
+  ``users_per_block``: blocks of users under vmap (0: none); by default the
+  backend's :data:`USERS_PER_BLOCK` when enabled and none when not, so
+  ``batched_kernels(False)`` is the plain ``jax.vmap`` of the per-sequence code.
 
   For benchmarks and tests that compare both paths in one process.  The
   choice is made at trace time, and JAX caches traces (jit, and the batched
   jaxprs of ``jax.checkpoint``), so the caches are cleared on entry and exit:
   trace and compile inside the block.
   """
+  if users_per_block is not None and (not isinstance(users_per_block, int)
+                                      or users_per_block < 0):
+    raise ValueError(f"users_per_block must be a non-negative int, got {users_per_block!r}")
   jax.clear_caches()
-  _FORCED.append(bool(enabled))
+  _FORCED.append((bool(enabled), users_per_block))
   try:
     yield
   finally:
@@ -111,9 +139,68 @@ def _vmap_rule(per_sequence, batched):
     # Every chain function's first argument is the initial distribution (U, K).
     small = jax.tree_util.tree_leaves(args[0])[0].shape[-1] <= MAX_UNROLLED_STATES
     impl = batched if use_batched() and small else jax.vmap(per_sequence)
-    out = impl(*args)
+    out = _in_user_blocks(impl, args, num_users)
     return out, _all_batched(out)
   return rule
+
+
+def _in_user_blocks(impl, args, num_users):
+  """``impl(*args)`` (leading U on every leaf in and out), run block by block.
+
+  Blocks of at most :func:`users_per_block` users go through ``lax.map``;
+  U is padded up to equal blocks with copies of user 0, whose results are
+  dropped.  Users are independent, so the result equals one ``impl`` call.
+  """
+  block = users_per_block()
+  if not block or num_users <= block:
+    return impl(*args)
+  num_blocks = -(-num_users // block)
+  size = -(-num_users // num_blocks)
+  padded = num_blocks * size
+
+  def split(x):
+    if padded > num_users:
+      x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (padded - num_users,) + x.shape[1:])])
+    return x.reshape((num_blocks, size) + x.shape[1:])
+
+  out = jax.lax.map(lambda block_args: impl(*block_args),
+                    jax.tree_util.tree_map(split, tuple(args)))
+  return jax.tree_util.tree_map(lambda x: x.reshape((padded,) + x.shape[2:])[:num_users], out)
+
+
+def _as_jax_values(args):
+  # A numpy array closed over by jit and batched by vmap reaches a custom
+  # rule as a raw numpy value, which jit's tracer rejects; a copy (free
+  # after XLA) makes every argument a JAX value first.
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tuple(args))
+
+
+def in_user_blocks(per_sequence):
+  """``per_sequence(*args)`` that, under ``jax.vmap``, runs in blocks of users.
+
+  For a whole EM step: the blocks bound its temporaries (see
+  :data:`USERS_PER_BLOCK`), and inside each block the chain recursions
+  dispatch to the kernels as usual.  Derivatives are those of
+  ``per_sequence`` (``jax.jvp`` of it, batched by JAX as any function).
+  Arguments may be pytrees (a model, observations, a mask).
+  """
+  primal = custom_vmap(per_sequence)
+
+  @primal.def_vmap
+  def rule(num_users, in_batched, *args):
+    args = _broadcast_users(args, in_batched, num_users)
+    out = _in_user_blocks(jax.vmap(per_sequence), args, num_users)
+    return out, _all_batched(out)
+
+  @jax.custom_jvp
+  def dispatch(*args):
+    return primal(*args)
+
+  @dispatch.defjvp
+  def dispatch_jvp(args, tangents):
+    return jax.jvp(per_sequence, args, tangents)
+
+  return lambda *args: dispatch(*_as_jax_values(args))
 
 
 def _is_batched(tree) -> bool:
@@ -155,10 +242,7 @@ def batched_dispatch(per_sequence, batched, num_diff: int):
     return primal(*args)
 
   def fn(*args):
-    # A numpy array closed over by jit and batched by vmap reaches a custom
-    # rule as a raw numpy value, which jit's tracer rejects; a copy (free
-    # after XLA) makes every argument a JAX value first.
-    return dispatch(*(jnp.array(x, copy=True) for x in args))
+    return dispatch(*_as_jax_values(args))
 
   @dispatch.defjvp
   def dispatch_jvp(args, tangents):

@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dennl_jax import _checks
+from dennl_jax import _batched, _checks
 from dennl_jax._numerics import fill_masked, normalize_counts
 from dennl_jax.families import Parameterised
 
@@ -29,6 +29,15 @@ def masked_log_likelihoods(emission, obs, mask):
   """
   mask = jnp.asarray(mask, bool)
   return jnp.where(mask[:, None], emission.log_likelihoods(fill_masked(obs, mask)), 0.0)
+
+
+def _em_step_one(params, obs, mask):
+  post = params.posterior(obs, mask)
+  return params.m_step(post, obs, mask), post.log_likelihood
+
+
+# Under jax.vmap: blocks of users (dennl_jax._batched.USERS_PER_BLOCK).
+_em_step_in_user_blocks = _batched.in_user_blocks(_em_step_one)
 
 
 class ChainModel(Parameterised):
@@ -58,9 +67,7 @@ class ChainModel(Parameterised):
     log_likelihood_before)``: the M-step of the posterior under ``self`` and
     the log-likelihood () of the valid steps under ``self``.
     """
-    mask = jnp.asarray(mask, bool)
-    post = self.posterior(obs, mask)
-    return self.m_step(post, obs, mask), post.log_likelihood
+    return _em_step_in_user_blocks(self, obs, jnp.asarray(mask, bool))
 
   def m_step(self, post, obs, mask):
     """New parameters from posterior summaries ``post`` of ``(obs, mask)``.
