@@ -204,8 +204,8 @@ def test_fit_em_equals_per_user(duration):
 @pytest.mark.parametrize("duration", [None, "poisson"])
 def test_user_blocks_equal_per_user(duration):
   """Blocks of users under vmap (``USERS_PER_BLOCK``; 3 here, so 7 users run as 3 blocks
-  of 3 with 2 padding copies): EM steps, posteriors, their gradient and fit_em equal
-  per-user calls."""
+  of 3 with 2 padding copies; HSMMs opt out): EM steps, posteriors, their gradient and
+  fit_em equal per-user calls."""
   lengths = (6, 1, 4, 7, 2, 5, 3)
   hmms, obs, mask = ragged_batch("categorical", 7, lengths=lengths, duration=duration)
   users = len(lengths)
@@ -221,8 +221,9 @@ def test_user_blocks_equal_per_user(duration):
     return value, grad, dj.em_step_with_log_likelihood(p, o, m), dj.posterior(p, o, m)
 
   with _batched.batched_kernels(True, users_per_block=3):
+    # HMMs run in blocks; HSMMs in one batch (ChainModel.em_step_in_user_blocks).
     carry = (f"f64[{NUM_STATES},3]" if duration is None
-             else f"f64[{MAX_DURATION},{HSMM_STATES},3]")
+             else f"f64[{MAX_DURATION},{HSMM_STATES},{users}]")
     assert carry in str(jax.make_jaxpr(jax.vmap(dj.em_step))(hmms, obs, mask))
     value, grad, steps, posts = jax.jit(batched)(hmms, obs, mask)
     fitted, trace = dj.fit_em(hmms, obs, mask, num_iters=2)

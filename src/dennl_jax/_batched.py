@@ -58,14 +58,15 @@ except ImportError:  # pragma: no cover - a JAX without it keeps per-sequence ta
 BATCHED_BACKENDS = {"cpu": True, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
 BATCHED_GRADIENT_BACKENDS = {"cpu": False, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
 
-# Backend -> users per block of a vmapped EM step or chain recursion (0: the
-# whole batch at once).  On CPU a vmapped em_step over thousands of users has
+# Backend -> users per block of a vmapped HMM EM step or chain recursion (0:
+# the whole batch at once).  On CPU a vmapped em_step over thousands of users has
 # tens of MB of temporaries: glibc serves allocations over 32 MB with fresh
 # mmap pages on every call (11,300 page faults per call at U = 2000, T = 100,
 # K = 10) and the (T, K, U) arrays leave the cache.  Blocks of 512 users run
 # one after another (``lax.map``) halved em_step's time there and at T = 400,
-# K = 20 and U = 8000 (BUILD_NOTES "Stop 14").  Accelerators want the whole
-# batch at once; their entries are unmeasured (no GPU was lent), hence 0.
+# K = 20 and U = 8000 (BUILD_NOTES "Stop 14").  HSMMs do not use blocks
+# (``ChainModel.em_step_in_user_blocks``: no gain measured).  Accelerators want
+# the whole batch at once; their entries are unmeasured (no GPU was lent), hence 0.
 USERS_PER_BLOCK = {"cpu": 512}
 
 
@@ -133,13 +134,13 @@ def _all_batched(out):
 MAX_UNROLLED_STATES = 64
 
 
-def _vmap_rule(per_sequence, batched):
+def _vmap_rule(per_sequence, batched, user_blocks: bool):
   def rule(num_users, in_batched, *args):
     args = _broadcast_users(args, in_batched, num_users)
     # Every chain function's first argument is the initial distribution (U, K).
     small = jax.tree_util.tree_leaves(args[0])[0].shape[-1] <= MAX_UNROLLED_STATES
     impl = batched if use_batched() and small else jax.vmap(per_sequence)
-    out = _in_user_blocks(impl, args, num_users)
+    out = _in_user_blocks(impl, args, num_users) if user_blocks else impl(*args)
     return out, _all_batched(out)
   return rule
 
@@ -207,15 +208,16 @@ def _is_batched(tree) -> bool:
   return any(isinstance(x, _BatchTracer) for x in jax.tree_util.tree_leaves(tree))
 
 
-def batched_dispatch(per_sequence, batched, num_diff: int):
+def batched_dispatch(per_sequence, batched, num_diff: int, user_blocks: bool = False):
   """``per_sequence(*diff_args, *other_args)`` that runs ``batched`` under ``jax.vmap``.
 
   per_sequence: function of one sequence; its first ``num_diff`` arguments are
     float arrays that may be differentiated, the rest (masks) are not.
   batched: the same function on a leading user axis of every argument and output.
+  user_blocks: run the vmapped values in blocks of :func:`users_per_block` users.
   """
   primal = custom_vmap(per_sequence)
-  primal.def_vmap(_vmap_rule(per_sequence, batched))
+  primal.def_vmap(_vmap_rule(per_sequence, batched, user_blocks))
 
   def jvp_one(primals, tangents, *other):
     return jax.jvp(lambda *p: per_sequence(*p, *other), primals, tangents)
@@ -230,7 +232,7 @@ def batched_dispatch(per_sequence, batched, num_diff: int):
     # Batched tangents of unbatched primals (jacfwd, vmap over directions):
     # the primal output must come back unbatched.
     primal_batched = any(jax.tree_util.tree_leaves((in_batched[0], in_batched[2:])))
-    (out, out_tangents), _ = _vmap_rule(jvp_one, jvp_batched)(
+    (out, out_tangents), _ = _vmap_rule(jvp_one, jvp_batched, user_blocks)(
         num_users, in_batched, primals, tangents, *other)
     if not primal_batched:
       out = jax.tree_util.tree_map(lambda x: x[0], out)

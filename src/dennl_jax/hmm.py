@@ -106,10 +106,10 @@ def _hmm_smoother_one(initial, transition, log_likes, mask) -> HMMPosterior:
 # Under jax.vmap both run the users-minor kernels of dennl_jax._batched
 # (values and derivatives equal; see that module for which compositions).
 _hmm_filter_dispatch = _batched.batched_dispatch(
-    _hmm_filter_one, _batched.hmm_filter_batched, num_diff=3)
+    _hmm_filter_one, _batched.hmm_filter_batched, num_diff=3, user_blocks=True)
 _hmm_smoother_dispatch = _batched.batched_dispatch(
     _hmm_smoother_one, lambda *args: HMMPosterior(*_batched.hmm_smoother_batched(*args)),
-    num_diff=3)
+    num_diff=3, user_blocks=True)
 
 
 def hmm_filter(initial, transition, log_likes, mask):
@@ -168,6 +168,7 @@ class HMM(ChainModel):
   initial: jax.Array = param(Simplex())
   transition: jax.Array = param(Simplex())
   emission: EmissionFamily
+  em_step_in_user_blocks = True
 
   def _log_likelihoods(self, obs, mask):
     return masked_log_likelihoods(self.emission, obs, mask)
