@@ -7,7 +7,8 @@ comparison runs in a subprocess started with
 unsharded arrays (one device) and on arrays placed by ``shard_users`` /
 ``replicate`` (four devices), with U = 5 users (padded to 8).  The compiled
 training step must be partitioned: per-device batch shapes and an all-reduce
-for the gradient, never the whole batch gathered on one device.
+for the gradient, never the whole batch gathered on one device; so must a
+vmapped em_step that runs in blocks of users.
 """
 from __future__ import annotations
 
@@ -98,7 +99,30 @@ def _worker():
   assert per_device in hlo, "the train step's batch is not sharded per device"
   assert f"s32[8,{NUM_STEPS}]" not in hlo, "the whole batch is materialised on a device"
   assert "all-reduce" in hlo, "no cross-device reduction of the loss/gradient"
+  _check_user_blocks(mesh)
   print("SHARDING-OK")
+
+
+def _check_user_blocks(mesh):
+  """A vmapped em_step in blocks of users (4 here: the 8 padded users are 2 blocks) stays
+  partitioned: every block is spread over the devices, nothing is gathered."""
+  import jax
+  import dennl_jax as dj
+  from dennl_jax import _batched, sharding
+  hmms, obs, mask, _ = _data()
+  em = jax.jit(jax.vmap(dj.em_step))
+  with _batched.batched_kernels(True, users_per_block=4):
+    expected = em(hmms, obs, mask)
+    placed = sharding.shard_users((hmms, obs, mask), mesh)
+    compiled = em.lower(*placed).compile()
+    out = compiled(*placed)
+  hlo = compiled.as_text()
+  assert "while" in hlo, "no loop over blocks of users"
+  assert "all-gather" not in hlo, "blocks of users gathered across devices"
+  assert out.transition.sharding.spec == sharding.shard_users(obs, mesh).sharding.spec
+  for a, b in zip(jax.tree_util.tree_leaves(expected),
+                  jax.tree_util.tree_leaves(sharding.unpad_users(out, NUM_USERS))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
 
 
 def test_four_devices_equal_one():

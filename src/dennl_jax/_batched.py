@@ -151,6 +151,10 @@ def _in_user_blocks(impl, args, num_users):
   Blocks of at most :func:`users_per_block` users go through ``lax.map``;
   U is padded up to equal blocks with copies of user 0, whose results are
   dropped.  Users are independent, so the result equals one ``impl`` call.
+  Block j holds users j, j + B, j + 2B, ... (B blocks): a batch sharded over
+  users (``dennl_jax.sharding``) then has every block spread over the devices.
+  Contiguous blocks would each sit on one device: XLA gathered them (15
+  all-gathers, 3x slower on 4 forced host devices, measured).
   """
   block = users_per_block()
   if not block or num_users <= block:
@@ -162,11 +166,14 @@ def _in_user_blocks(impl, args, num_users):
   def split(x):
     if padded > num_users:
       x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (padded - num_users,) + x.shape[1:])])
-    return x.reshape((num_blocks, size) + x.shape[1:])
+    return jnp.swapaxes(x.reshape((size, num_blocks) + x.shape[1:]), 0, 1)
+
+  def merge(x):
+    return jnp.swapaxes(x, 0, 1).reshape((padded,) + x.shape[2:])[:num_users]
 
   out = jax.lax.map(lambda block_args: impl(*block_args),
                     jax.tree_util.tree_map(split, tuple(args)))
-  return jax.tree_util.tree_map(lambda x: x.reshape((padded,) + x.shape[2:])[:num_users], out)
+  return jax.tree_util.tree_map(merge, out)
 
 
 def _as_jax_values(args):
