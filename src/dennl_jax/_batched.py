@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
+from dennl_jax import batching
 from dennl_jax._numerics import normalize, scaled_likelihoods
 
 try:  # private: only used to tell whether tangents are being batched
@@ -164,15 +165,13 @@ def _in_user_blocks(impl, args, num_users):
   padded = num_blocks * size
 
   def split(x):
-    if padded > num_users:
-      x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (padded - num_users,) + x.shape[1:])])
     return jnp.swapaxes(x.reshape((size, num_blocks) + x.shape[1:]), 0, 1)
 
   def merge(x):
     return jnp.swapaxes(x, 0, 1).reshape((padded,) + x.shape[2:])[:num_users]
 
-  out = jax.lax.map(lambda block_args: impl(*block_args),
-                    jax.tree_util.tree_map(split, tuple(args)))
+  blocks = jax.tree_util.tree_map(split, batching._pad_leading(tuple(args), padded))
+  out = jax.lax.map(lambda block_args: impl(*block_args), blocks)
   return jax.tree_util.tree_map(merge, out)
 
 
