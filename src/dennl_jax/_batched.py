@@ -64,8 +64,8 @@ BATCHED_GRADIENT_BACKENDS = {"cpu": False, "gpu": True, "cuda": True, "rocm": Tr
 # tens of MB of temporaries: glibc serves allocations over 32 MB with fresh
 # mmap pages on every call (11,300 page faults per call at U = 2000, T = 100,
 # K = 10) and the (T, K, U) arrays leave the cache.  Blocks of 512 users run
-# one after another (``lax.map``) halved em_step's time there and at T = 400,
-# K = 20 and U = 8000 (BUILD_NOTES "Stop 14").  HSMMs do not use blocks
+# one after another (``lax.map``) made em_step 1.4-2x faster there and at
+# T = 400, K = 20 and U = 8000 (BUILD_NOTES "Stop 14").  HSMMs do not use blocks
 # (``ChainModel.em_step_in_user_blocks``: no gain measured).  Accelerators want
 # the whole batch at once; their entries are unmeasured (no GPU was lent), hence 0.
 USERS_PER_BLOCK = {"cpu": 512}
