@@ -344,8 +344,9 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
 
   alphas and likes (T, K, U) as from :func:`_hmm_forward`.  Returns smoothed
   (T, K, U), two-slice sums sum_t alpha_t(i) msg_{t+1}(j) (K, K, U) (times the
-  transition they are the transition counts) and the smoothed marginal at the
-  first valid step (K, U).  The carry is the message
+  transition they are the transition counts; they are d ll / d transition) and
+  the message at the first valid step f, msg_f = b_f beta_f / c_f (K, U) (times
+  the initial distribution it is the smoothed marginal at f; it is d ll / d initial).  The carry is the message
   ``msg_{t+1} = b_{t+1} beta_{t+1} / c_{t+1}`` rather than beta: the K-sum
   then reads a materialised carry, as in the forward pass, instead of
   recomputing the message from sliced inputs K times per element (25 % of the
@@ -359,14 +360,14 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
   trans_by_target = jnp.swapaxes(trans, 0, 1)          # [j, i, u] = A[i, j, u]
 
   def step(carry, inputs):
-    msg_next, pairs, first = carry
+    msg_next, pairs, first_msg = carry
     alpha_t, b_t, norm_t, moves_next, is_first_t = inputs
     # A masked next step has b = 1 and c = 1, so its message passes through.
     beta = jnp.where(moves_next, _mix(msg_next, trans_by_target), msg_next)
     pairs = pairs + alpha_t[:, None] * jnp.where(moves_next, msg_next, 0.0)[None]
-    smoothed = alpha_t * beta
-    first = first + jnp.where(is_first_t, smoothed, 0.0)
-    return (normalize(b_t * beta, norm_t), pairs, first), smoothed
+    msg = normalize(b_t * beta, norm_t)
+    first_msg = jnp.where(is_first_t, msg, first_msg)
+    return (msg, pairs, first_msg), alpha_t * beta
 
   num_states, num_users = alphas.shape[1:]
   dtype = alphas.dtype
@@ -374,9 +375,9 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
           jnp.zeros((num_states, num_states, num_users), dtype),
           jnp.zeros((num_states, num_users), dtype))
   moves_next = jnp.concatenate([moves[1:], jnp.zeros_like(moves[:1])])
-  (_, pairs, first), smoothed = jax.lax.scan(
+  (_, pairs, first_msg), smoothed = jax.lax.scan(
       step, init, (alphas, likes, norms, moves_next, is_first), reverse=True)
-  return smoothed, pairs, first
+  return smoothed, pairs, first_msg
 
 
 def hmm_filter_batched(initial, transition, log_likes, mask):
@@ -394,6 +395,17 @@ def hmm_smoother_batched(initial, transition, log_likes, mask):
   trans = _users_minor(transition)
   filtered, norms, ll, moves, is_first = _hmm_forward(_users_minor(initial), trans, likes, shift,
                                                       mask_t)
-  smoothed, pairs, first = _hmm_backward(trans, filtered, likes, norms, moves, is_first)
+  smoothed, pairs, first_msg = _hmm_backward(trans, filtered, likes, norms, moves, is_first)
   return (ll, _users_first(filtered), _users_first(smoothed), _users_first(trans * pairs),
-          _users_first(first))
+          initial * _users_first(first_msg))
+
+
+def hmm_score_batched(initial, transition, log_likes, mask):
+  """:func:`dennl_jax.hmm.hmm_score` for U sequences: leading U on every input and output."""
+  likes, shift, mask_t = _chain_inputs(log_likes, mask)
+  trans = _users_minor(transition)
+  filtered, norms, ll, moves, is_first = _hmm_forward(_users_minor(initial), trans, likes, shift,
+                                                      mask_t)
+  smoothed, pairs, first_msg = _hmm_backward(trans, filtered, likes, norms, moves, is_first)
+  d_log_likes = jnp.where(mask_t[:, None], smoothed, 0.0)
+  return ll, (_users_first(first_msg), _users_first(pairs), _users_first(d_log_likes))

@@ -144,6 +144,19 @@ def hsmm_filter_batched(initial, transition, dur_log_probs, log_likes, mask):
   return ll, _users_first(filtered)
 
 
+def hsmm_score_batched(initial, transition, dur_log_probs, log_likes, mask):
+  """:func:`dennl_jax.hsmm.hsmm_score` for U sequences: leading U on every input and output."""
+  initial, trans, dur, likes, shift, mask_t = _hsmm_inputs(
+      initial, transition, dur_log_probs, log_likes, mask)
+  ll, _, _, norms, moves, is_first, _, alphas, endings, entering = _hsmm_forward(
+      initial, trans, dur, likes, shift, mask_t)
+  smoothed, duration_counts, jumps, first_entry = _hsmm_backward(
+      trans, dur, alphas, endings, entering, likes, norms, moves, is_first)
+  d_log_likes = jnp.where(mask_t[:, None], smoothed, 0.0)
+  return ll, (_users_first(first_entry), _users_first(jumps),
+              jnp.transpose(duration_counts, (2, 1, 0)), _users_first(d_log_likes))
+
+
 def hsmm_smoother_batched(initial, transition, dur_log_probs, log_likes, mask):
   """:func:`dennl_jax.hsmm.hsmm_smoother` for U sequences: the ``HSMMPosterior`` fields
   (log-likelihood, filtered, smoothed, transition counts, initial, duration counts),

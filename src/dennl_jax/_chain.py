@@ -48,6 +48,12 @@ def _em_step_one(params, obs, mask):
 _em_step_in_user_blocks = _batched.in_user_blocks(_em_step_one)
 
 
+def _em_step_by_score(params, obs, mask):
+  # No user blocks: their derivative is a JVP, which a custom_vjp score cannot have.
+  post = params._score_posterior(obs, mask)
+  return params.m_step(post, obs, mask), post.log_likelihood
+
+
 class ChainModel(Parameterised):
   """Base of :class:`~dennl_jax.HMM` and :class:`~dennl_jax.HSMM` (one sequence, no user axis).
 
@@ -73,14 +79,18 @@ class ChainModel(Parameterised):
     return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), Parameterised)]
 
-  def em_step(self, obs, mask):
+  def em_step(self, obs, mask, score_vjp: bool = False):
     """One EM iteration on one sequence.
 
     obs: (T, ...); mask: (T,) bool.  Returns ``(new_params,
     log_likelihood_before)``: the M-step of the posterior under ``self`` and
     the log-likelihood () of the valid steps under ``self``.
+    score_vjp: take the E-step from the score with the symmetric VJP of
+    :mod:`dennl_jax._score` (same values; faster reverse mode, no forward mode).
     """
     mask = jnp.asarray(mask, bool)
+    if score_vjp:
+      return _em_step_by_score(self, obs, mask)
     if self.em_step_in_user_blocks:
       return _em_step_in_user_blocks(self, obs, mask)
     return _em_step_one(self, obs, mask)
@@ -106,6 +116,11 @@ class ChainModel(Parameterised):
   def _extra_m_step(self, post) -> dict:
     """Model-specific M-step terms, as ``{field: new value}``."""
     return {}
+
+  def _score_posterior(self, obs, mask):
+    """What :meth:`m_step` reads of ``posterior(obs, mask)``, from the model's score
+    function (``filtered_probs`` None, ``smoothed_probs`` zero on masked steps)."""
+    raise NotImplementedError
 
   def _sample_states(self, key, num_steps: int):
     """(states: (T,) int32, key for the observations)."""

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from dennl_jax import inference, parallel
 
 
-def em_step(params, obs, mask, *, time_parallel: bool = False):
+def em_step(params, obs, mask, *, time_parallel: bool = False, score_vjp: bool = False):
   """One EM iteration on one sequence.
 
   Args:
@@ -29,6 +29,11 @@ def em_step(params, obs, mask, *, time_parallel: bool = False):
     time_parallel: HMMs only: smooth with associative scans over time
       (:mod:`dennl_jax.parallel`; same result, O(log T) depth) instead of
       the sequential scan.  For long sequences on wide devices.
+    score_vjp: reverse mode (``jax.grad``, ``jax.vjp``) through the E-step as
+      one forward-mode pass, by the symmetry of the log-likelihood's Hessian
+      (:mod:`dennl_jax._score`): same values and gradients, 2-3x faster
+      reverse mode through long HSMMs.  Forward mode (``jax.jvp``,
+      ``jax.jacfwd``) is then unavailable.  Used by ``em_layer(gradient="exact")``.
 
   Returns:
     The updated parameters, same pytree type and shapes as ``params``.
@@ -39,9 +44,11 @@ def em_step(params, obs, mask, *, time_parallel: bool = False):
     batched = jax.vmap(dj.em_step)(hmms, obs_batch, mask_batch)   # (U, ...) leaves
   """
   inference._validate_if_concrete(params, obs, mask)
+  if time_parallel and score_vjp:
+    raise ValueError("time_parallel and score_vjp cannot be combined")
   if time_parallel:
     return parallel.em_step(params, obs, mask)[0]
-  return params.em_step(obs, jnp.asarray(mask, bool))[0]
+  return params.em_step(obs, jnp.asarray(mask, bool), score_vjp=score_vjp)[0]
 
 
 def em_step_with_log_likelihood(params, obs, mask):

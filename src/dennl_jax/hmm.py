@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dennl_jax import _batched
+from dennl_jax import _batched, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import append_blank_steps, normalize, scaled_likelihoods, step_structure
 from dennl_jax.families import EmissionFamily, Simplex, param
@@ -103,6 +103,18 @@ def _hmm_smoother_one(initial, transition, log_likes, mask) -> HMMPosterior:
   return HMMPosterior(ll, filtered, smoothed, counts, initial_probs)
 
 
+def _hmm_score_one(initial, transition, log_likes, mask):
+  moves, is_first = step_structure(mask)
+  likes, shift = scaled_likelihoods(log_likes)
+  filtered, norms, ll = _forward(initial, transition, likes, shift, moves, mask)
+  betas = _backward(transition, likes, norms, moves)
+  msgs = normalize(likes * betas, norms[:, None])
+  d_initial = jnp.sum(jnp.where(is_first[:, None], msgs, 0.0), axis=0)
+  d_transition = filtered[:-1].T @ jnp.where(moves[1:, None], msgs[1:], 0.0)
+  d_log_likes = jnp.where(mask[:, None], filtered * betas, 0.0)
+  return ll, (d_initial, d_transition, d_log_likes)
+
+
 # Under jax.vmap both run the users-minor kernels of dennl_jax._batched
 # (values and derivatives equal; see that module for which compositions).
 _hmm_filter_dispatch = _batched.batched_dispatch(
@@ -110,6 +122,10 @@ _hmm_filter_dispatch = _batched.batched_dispatch(
 _hmm_smoother_dispatch = _batched.batched_dispatch(
     _hmm_smoother_one, lambda *args: HMMPosterior(*_batched.hmm_smoother_batched(*args)),
     num_diff=3, user_blocks=True)
+
+
+_hmm_score = _score.with_symmetric_vjp(_batched.batched_dispatch(
+    _hmm_score_one, _batched.hmm_score_batched, num_diff=3, user_blocks=True), num_diff=3)
 
 
 def hmm_filter(initial, transition, log_likes, mask):
@@ -124,6 +140,20 @@ def hmm_filter(initial, transition, log_likes, mask):
 def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   """Forward-backward on one masked sequence; see :class:`HMMPosterior`."""
   return _hmm_smoother_dispatch(initial, transition, log_likes, jnp.asarray(mask, bool))
+
+
+def hmm_score(initial, transition, log_likes, mask):
+  """The log-likelihood and its gradient, with a VJP through the Hessian's symmetry.
+
+  Shapes as in :func:`hmm_filter`.  Returns ``(log_likelihood, (d_initial: (K,),
+  d_transition: (K, K), d_log_likes: (T, K)))``, the derivatives of the
+  log-likelihood (zero on masked steps).  Times ``initial`` / ``transition``
+  they are the initial probabilities and transition counts of
+  :func:`hmm_smoother`, and ``d_log_likes`` is its smoothed marginals on valid
+  steps.  Reverse mode runs one forward-mode pass (:mod:`dennl_jax._score`);
+  forward mode (``jax.jvp``) is not available.
+  """
+  return _hmm_score(initial, transition, log_likes, jnp.asarray(mask, bool))
 
 
 def hmm_viterbi(initial, transition, log_likes, mask):
@@ -175,6 +205,12 @@ class HMM(ChainModel):
 
   def posterior(self, obs, mask) -> HMMPosterior:
     return hmm_smoother(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)
+
+  def _score_posterior(self, obs, mask) -> HMMPosterior:
+    ll, (d_initial, d_transition, d_log_likes) = hmm_score(
+        self.initial, self.transition, self._log_likelihoods(obs, mask), mask)
+    return HMMPosterior(ll, None, d_log_likes, self.transition * d_transition,
+                        self.initial * d_initial)
 
   def log_likelihood(self, obs, mask):
     return hmm_filter(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)[0]

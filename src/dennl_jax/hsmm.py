@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dennl_jax import _batched, _batched_hsmm
+from dennl_jax import _batched, _batched_hsmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import (append_blank_steps, fill_leading, normalize, scaled_likelihoods,
                                  step_structure)
@@ -117,16 +117,18 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
   """Scaled backward pass fused with every expectation the M-step needs.
 
   Consumes the stored forward messages ``alphas: (T, K, D)`` and returns only
-  reductions -- smoothed state marginals (T, K) and (K, D)/(K, K) count
-  accumulators -- so no other (T, K, D) array is materialised (on CPU the
-  cost of the pass is memory traffic, not arithmetic).  beta_T = 1 for every
+  reductions -- smoothed state marginals (T, K), duration counts (K, D), the
+  jump sums (K, K) (d ll / d transition; times the transition, the transition
+  counts), the initial probabilities (K,) and d ll / d initial (K,) -- so no
+  other (T, K, D) array is materialised (on CPU the cost of the pass is
+  memory traffic, not arithmetic).  beta_T = 1 for every
   (k, r): the last segment may continue past T with any remaining duration,
   which is what makes it right-censored.
   """
 
   def step(carry, inputs):
-    beta_next, entered, jumps, first = carry
-    alpha_t, b_next, norm_next, moves_next, is_first_t = inputs
+    beta_next, entered, jumps, first, first_entry = carry
+    alpha_t, b_next, norm_next, moves_next, is_first_t, is_first_next = inputs
     # msg(j, d) = b_{t+1}(j) beta_{t+1}(j, d) / c_{t+1}: backward weight of
     # being in (j, d) at t+1.  A jump i -> j at t+1 with duration d has
     # posterior mass alpha_t(i, 1) A_ij p_j(d) msg(j, d).
@@ -139,20 +141,27 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
     jumps = jumps + ending[:, None] * entry[None, :]
     joint = alpha_t * beta
     first = first + is_first_t * joint
-    return (beta, entered, jumps, first), joint.sum(-1)
+    first_entry = jnp.where(is_first_next > 0, entry, first_entry)
+    return (beta, entered, jumps, first, first_entry), joint.sum(-1)
 
   num_states, max_duration = dur_probs.shape
   dtype = alphas.dtype
   init = (jnp.ones((num_states, max_duration), dtype),
           jnp.zeros((num_states, max_duration), dtype),
           jnp.zeros((num_states, num_states), dtype),
-          is_first[-1] * alphas[-1])
-  (_, entered, jumps, first), smoothed = jax.lax.scan(
-      step, init, (alphas[:-1], likes[1:], norms[1:], moves[1:], is_first[:-1]),
+          is_first[-1] * alphas[-1],
+          jnp.zeros(num_states, dtype))
+  (beta_0, entered, jumps, first, first_entry), smoothed = jax.lax.scan(
+      step, init,
+      (alphas[:-1], likes[1:], norms[1:], moves[1:], is_first[:-1], is_first[1:]),
       reverse=True)
   smoothed = jnp.concatenate([smoothed, alphas[-1].sum(-1)[None]], axis=0)
   duration_counts = first + dur_probs * entered
-  return smoothed, duration_counts, transition * jumps, first.sum(-1)
+  # The entry weight sum_d p(d) msg_f(d) at the first valid step f is d ll / d initial;
+  # the scan forms it for f >= 1, step 0 here.
+  entry_0 = jnp.sum(dur_probs * normalize(likes[0][:, None] * beta_0, norms[0]), axis=1)
+  d_initial = jnp.where(is_first[0] > 0, entry_0, first_entry)
+  return smoothed, duration_counts, jumps, first.sum(-1), d_initial
 
 
 def _hsmm_filter_one(initial, transition, dur_log_probs, log_likes, mask):
@@ -168,11 +177,20 @@ def _hsmm_smoother_one(initial, transition, dur_log_probs, log_likes, mask) -> H
   likes, shift = scaled_likelihoods(log_likes)
   dur_probs = jnp.exp(dur_log_probs)
   alphas, norms, ll = _forward(initial, transition, dur_probs, likes, shift, moves, mask)
-  smoothed, duration_counts, transition_counts, initial_probs = _backward(
-      transition, dur_probs, alphas, likes, norms, moves,
-      is_first.astype(alphas.dtype))
-  return HSMMPosterior(ll, alphas.sum(-1), fill_leading(smoothed, mask), transition_counts,
+  smoothed, duration_counts, jumps, initial_probs, _ = _backward(
+      transition, dur_probs, alphas, likes, norms, moves, is_first.astype(alphas.dtype))
+  return HSMMPosterior(ll, alphas.sum(-1), fill_leading(smoothed, mask), transition * jumps,
                        initial_probs, duration_counts)
+
+
+def _hsmm_score_one(initial, transition, dur_log_probs, log_likes, mask):
+  moves, is_first = step_structure(mask)
+  likes, shift = scaled_likelihoods(log_likes)
+  dur_probs = jnp.exp(dur_log_probs)
+  alphas, norms, ll = _forward(initial, transition, dur_probs, likes, shift, moves, mask)
+  smoothed, duration_counts, jumps, _, d_initial = _backward(
+      transition, dur_probs, alphas, likes, norms, moves, is_first.astype(alphas.dtype))
+  return ll, (d_initial, jumps, duration_counts, jnp.where(mask[:, None], smoothed, 0.0))
 
 
 # Under jax.vmap both run the users-minor kernels of dennl_jax._batched_hsmm
@@ -182,6 +200,10 @@ _hsmm_filter_dispatch = _batched.batched_dispatch(
 _hsmm_smoother_dispatch = _batched.batched_dispatch(
     _hsmm_smoother_one, lambda *args: HSMMPosterior(*_batched_hsmm.hsmm_smoother_batched(*args)),
     num_diff=4)
+
+
+_hsmm_score = _score.with_symmetric_vjp(_batched.batched_dispatch(
+    _hsmm_score_one, _batched_hsmm.hsmm_score_batched, num_diff=4), num_diff=4)
 
 
 def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask):
@@ -201,6 +223,20 @@ def hsmm_smoother(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPo
   """
   return _hsmm_smoother_dispatch(initial, transition, dur_log_probs, log_likes,
                                  jnp.asarray(mask, bool))
+
+
+def hsmm_score(initial, transition, dur_log_probs, log_likes, mask):
+  """The log-likelihood and its gradient, with a VJP through the Hessian's symmetry.
+
+  Shapes as in :func:`hsmm_filter`.  Returns ``(log_likelihood, (d_initial: (K,),
+  d_transition: (K, K), d_dur_log_probs: (K, D), d_log_likes: (T, K)))``, the
+  derivatives of the log-likelihood (zero on masked steps).  Times ``initial``
+  / ``transition`` the first two are the initial probabilities and transition
+  counts of :func:`hsmm_smoother`; the others are its duration counts and its
+  smoothed marginals on valid steps.  Reverse mode runs one forward-mode pass
+  (:mod:`dennl_jax._score`); forward mode (``jax.jvp``) is not available.
+  """
+  return _hsmm_score(initial, transition, dur_log_probs, log_likes, jnp.asarray(mask, bool))
 
 
 def hsmm_viterbi(initial, transition, dur_log_probs, log_likes, mask):
@@ -310,6 +346,12 @@ class HSMM(ChainModel):
 
   def posterior(self, obs, mask) -> HSMMPosterior:
     return hsmm_smoother(*self._inputs(obs, mask))
+
+  def _score_posterior(self, obs, mask) -> HSMMPosterior:
+    ll, (d_initial, d_transition, duration_counts, d_log_likes) = hsmm_score(
+        *self._inputs(obs, mask))
+    return HSMMPosterior(ll, None, d_log_likes, self.transition * d_transition,
+                         self.initial * d_initial, duration_counts)
 
   def log_likelihood(self, obs, mask):
     return hsmm_filter(*self._inputs(obs, mask))[0]

@@ -1,0 +1,142 @@
+"""The score functions and their symmetric VJP (dennl_jax._score) against JAX's autodiff.
+
+``hmm_score`` / ``hsmm_score`` must be the exact gradient of the
+log-likelihood (checked against ``jax.grad`` of the filter's
+log-likelihood), and reverse mode through ``em_step(..., score_vjp=True)``
+must equal reverse-mode autodiff through the plain ``em_step``: per user, and
+vmapped (``grad(vmap)``, ``vmap(grad)``, batched kernels on and off), on
+ragged batches with garbage in the padding, for every emission family and
+every duration family, with the log-likelihood output in the loss too.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dennl_jax as dj
+from dennl_jax import _batched
+from dennl_jax.hmm import hmm_filter, hmm_score
+from dennl_jax.hsmm import hsmm_filter, hsmm_score
+from conftest import (DURATIONS, FAMILIES, pad_sequence, random_emission, random_hmm, random_obs,
+                      stack_trees, tree_allclose)
+
+jax.config.update("jax_enable_x64", True)
+
+NUM_STATES, HSMM_STATES, MAX_DURATION, PADDED_LEN = 3, 3, 4, 11
+LENGTHS = (6, 1, 9, 3)   # T = 1, odd, even, heavily padded
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+def random_hsmm(family, rng, duration):
+  off = rng.dirichlet(np.ones(HSMM_STATES - 1), HSMM_STATES)
+  transition = np.stack([np.insert(off[k], k, 0.0) for k in range(HSMM_STATES)])
+  return dj.HSMM(rng.dirichlet(np.ones(HSMM_STATES)), transition,
+                 DURATIONS[duration].make(rng, HSMM_STATES, MAX_DURATION),
+                 random_emission(family, rng, HSMM_STATES))
+
+
+def ragged_batch(family, seed, duration=None):
+  rng = np.random.default_rng([seed, FAMILIES.index(family)])
+  models, obs, masks = [], [], []
+  for length in LENGTHS:
+    models.append(random_hmm(family, rng, NUM_STATES) if duration is None
+                  else random_hsmm(family, rng, duration))
+    padded, mask, _ = pad_sequence(random_obs(family, rng, length), rng, PADDED_LEN, family)
+    obs.append(padded)
+    masks.append(mask)
+  return stack_trees(models), np.stack(obs), np.stack(masks)
+
+
+def user(tree, u):
+  return jax.tree_util.tree_map(lambda x: x[u], tree)
+
+
+def em_loss(params, obs, mask, score_vjp):
+  """A scalar of every output of one EM step, the log-likelihood included."""
+  new, log_likelihood = params.em_step(obs, jnp.asarray(mask), score_vjp=score_vjp)
+  leaves = jax.tree_util.tree_leaves(new)
+  return 0.3 * log_likelihood + sum(jnp.sum(jnp.sin(1.0 + 0.7 * leaf)) for leaf in leaves)
+
+
+def _grads_by_route(params, obs, mask, score_vjp):
+  per_user_grad = jax.jit(jax.grad(functools.partial(em_loss, score_vjp=score_vjp)))
+  return stack_trees([per_user_grad(user(params, u), obs[u], mask[u])
+                      for u in range(len(LENGTHS))])
+
+
+MODELS = ([(family, None) for family in FAMILIES]
+          + [("gaussian", duration) for duration in DURATIONS]
+          + [(family, "poisson") for family in FAMILIES if family != "gaussian"])
+
+
+@pytest.mark.parametrize("family,duration", MODELS)
+def test_score_vjp_equals_autodiff(family, duration):
+  params, obs, mask = ragged_batch(family, 0, duration)
+  reference = _grads_by_route(params, obs, mask, score_vjp=False)
+  tree_allclose(_grads_by_route(params, obs, mask, score_vjp=True), reference, **TOL)
+
+  def total(p, score_vjp):
+    return jnp.sum(jax.vmap(functools.partial(em_loss, score_vjp=score_vjp))(p, obs, mask))
+
+  tree_allclose(jax.jit(jax.grad(total), static_argnums=1)(params, True), reference, **TOL)
+  vmap_of_grad = jax.vmap(jax.grad(functools.partial(em_loss, score_vjp=True)))
+  tree_allclose(jax.jit(vmap_of_grad)(params, obs, mask), reference, **TOL)
+
+
+@pytest.mark.parametrize("duration", [None, "poisson"])
+def test_score_vjp_with_batched_derivatives(duration):
+  """The backward pass's JVP through the users-minor kernels (the GPU setting) and
+  through plain vmap (no kernels) equals autodiff too."""
+  params, obs, mask = ragged_batch("categorical", 1, duration)
+  reference = _grads_by_route(params, obs, mask, score_vjp=False)
+
+  def total(p):
+    return jnp.sum(jax.vmap(functools.partial(em_loss, score_vjp=True))(p, obs, mask))
+
+  for enabled in (True, False):
+    with _batched.batched_kernels(enabled):
+      tree_allclose(jax.jit(jax.grad(total))(params), reference, **TOL)
+
+
+@pytest.mark.parametrize("duration", [None, "poisson"])
+def test_score_is_the_gradient_of_the_log_likelihood(duration):
+  params, obs, mask = ragged_batch("gaussian", 2, duration)
+  for u in range(len(LENGTHS)):
+    p, o, m = user(params, u), obs[u], jnp.asarray(mask[u])
+    log_likes = dj._chain.masked_log_likelihoods(p.emission, o, m)
+    if duration is None:
+      args, score, filt = (p.initial, p.transition, log_likes), hmm_score, hmm_filter
+    else:
+      args = (p.initial, p.transition, p.duration.log_probs(), log_likes)
+      score, filt = hsmm_score, hsmm_filter
+    ll, grads = jax.jit(score)(*args, m)
+    ref_ll, ref_grads = jax.jit(jax.value_and_grad(
+        lambda *a: filt(*a, m)[0], argnums=tuple(range(len(args)))))(*args)
+    np.testing.assert_allclose(ll, ref_ll, **TOL)
+    tree_allclose(grads, ref_grads, **TOL)
+    # ... and the E-step's counts, from the smoother.
+    post = dj.posterior(p, o, m)
+    np.testing.assert_allclose(p.initial * grads[0], post.initial_probs, **TOL)
+    np.testing.assert_allclose(p.transition * grads[1], post.transition_counts, **TOL)
+    np.testing.assert_allclose(grads[-1], np.where(m[:, None], post.smoothed_probs, 0.0), **TOL)
+    if duration is not None:
+      np.testing.assert_allclose(grads[2], post.duration_counts, **TOL)
+
+
+def test_exact_layer_uses_the_score_vjp():
+  params, obs, mask = ragged_batch("categorical", 3, "poisson")
+  p, o, m = user(params, 0), obs[0], mask[0]
+
+  def layer_loss(q):
+    return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(
+        dj.em_layer(q, o, m, gradient="exact")))
+
+  assert "custom_vjp_call" in str(jax.make_jaxpr(layer_loss)(p))
+  # Forward mode is what the option gives up; JAX says so.
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(layer_loss, (p,), (p,))
+  with pytest.raises(ValueError, match="time_parallel and score_vjp"):
+    dj.em_step(user(ragged_batch("categorical", 3)[0], 0), o, m, time_parallel=True,
+               score_vjp=True)
