@@ -25,6 +25,15 @@ interleaved, ``jit(vmap(dj.em_step))`` compiled with the kernels on and off
 ``config.kernel_durations``, with the load average before and after (the
 machine may be shared).
 
+Exact gradient (stop 15).  A third table times the gradient of
+``config.gradient_stages`` stacked vmapped EM layers at
+``config.gradient_users`` users and T = ``config.gradient_steps`` (Table 1's
+shape: 16 users, T = 400, 3 stages) with ``gradient="exact"`` (the E-step's
+VJP as one forward-mode pass, :mod:`dennl_jax._score`) and
+``"exact_autodiff"`` (checkpointed autodiff through the scans), interleaved,
+with each compiled program's temporary memory and the largest gradient
+difference.
+
 Compile time is excluded (one warm-up call), every timing waits on
 ``block_until_ready``, the median of ``config.repeats`` is reported as
 microseconds per user-step.  The machine may be shared: timings are noisy
@@ -33,6 +42,7 @@ results.json, results.md and config.json.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
@@ -127,6 +137,67 @@ def format_kernel_table(rows):
       align="right")
 
 
+def gradient_rows(config, rng) -> list[dict]:
+  """Exact gradient of a stack of vmapped EM layers: the score VJP vs autodiff, one row per D.
+
+  ``em_layer(gradient="exact")`` (the E-step's VJP as one forward-mode pass,
+  dennl_jax._score) against ``gradient="exact_autodiff"`` (checkpointed
+  reverse mode through the scans, the exact mode before stop 15), same data,
+  interleaved, with XLA's temporary bytes of each compiled gradient.
+  """
+  num_users, num_steps = config.gradient_users, config.gradient_steps
+  obs = jnp.asarray(rng.randint(0, config.num_symbols, (num_users, num_steps)), jnp.int32)
+  mask = jnp.ones((num_users, num_steps), bool)
+
+  def stack_gradient(mode):
+    layer = jax.vmap(functools.partial(dj.em_layer, gradient=mode))
+
+    def loss(params):
+      for _ in range(config.gradient_stages):
+        params = layer(params, obs, mask)
+      return jnp.sum(jax.vmap(lambda p, o, m: p.log_likelihood(o, m))(params, obs, mask))
+    return jax.jit(jax.grad(loss))
+
+  rows = []
+  for max_duration in (int(d) for d in config.gradient_durations):
+    params = random_models(rng, num_users, config.gradient_states, config.num_symbols,
+                           max_duration)
+    score, autodiff = (stack_gradient(mode).lower(params).compile()
+                       for mode in ("exact", "exact_autodiff"))
+    leaves = lambda tree: jax.tree_util.tree_leaves(tree)
+    max_rel_diff = max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
+                       for x, y in zip(leaves(score(params)), leaves(autodiff(params))))
+    load_before = os.getloadavg()[0]
+    (score_s, score_all), (auto_s, auto_all) = common.interleaved_median_seconds(
+        [(score, (params,)), (autodiff, (params,))], repeats=config.repeats)
+    row = {"max_duration": max_duration, "num_users": num_users, "num_steps": num_steps,
+           "num_states": config.gradient_states, "stages": config.gradient_stages,
+           "score_vjp_seconds": score_s, "autodiff_seconds": auto_s,
+           "ratio_autodiff_over_score_vjp": auto_s / score_s,
+           "score_vjp_temp_bytes": int(score.memory_analysis().temp_size_in_bytes),
+           "autodiff_temp_bytes": int(autodiff.memory_analysis().temp_size_in_bytes),
+           "max_rel_grad_diff_f32": max_rel_diff,
+           "score_vjp_raw_seconds": score_all, "autodiff_raw_seconds": auto_all,
+           "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
+    rows.append(row)
+    common.log(str(row))
+  return rows
+
+
+def format_gradient_table(rows):
+  mib = lambda b: f"{b / 2**20:.1f}"
+  return common.markdown_table(
+      ["D", "K", "U", "T", "stages", "score VJP ms", "autodiff ms", "autodiff / score VJP",
+       "temp MiB (score, autodiff)", "max rel. grad diff (f32)", "load avg (before, after)"],
+      [[r["max_duration"], r["num_states"], r["num_users"], r["num_steps"], r["stages"],
+        f"{1e3 * r['score_vjp_seconds']:.1f}", f"{1e3 * r['autodiff_seconds']:.1f}",
+        f"{r['ratio_autodiff_over_score_vjp']:.2f}×",
+        f"{mib(r['score_vjp_temp_bytes'])}, {mib(r['autodiff_temp_bytes'])}",
+        f"{r['max_rel_grad_diff_f32']:.1e}",
+        f"{r['load_average_before']:.1f}, {r['load_average_after']:.1f}"] for r in rows],
+      align="right")
+
+
 def run(config, output_dir: str | None = None) -> dict:
   """One row per D; prints the table, writes it with ``output_dir``."""
   num_users, num_steps = config.num_users, config.num_steps
@@ -174,16 +245,25 @@ def run(config, output_dir: str | None = None) -> dict:
                    f"V={num_symbols}, Poisson durations, float32, median of {config.repeats}")
   kernel_table = format_kernel_table(batched_rows)
   print("\n" + kernel_header + "\n\n" + "\n".join(kernel_table))
+  grad_rows = gradient_rows(config, rng) if config.gradient_users else []
+  grad_header = (f"Exact gradient of {config.gradient_stages} stacked vmapped EM layers "
+                 f"(jit(grad)), em_layer(gradient='exact') (score VJP) vs "
+                 f"'exact_autodiff', same data, interleaved; Categorical V={num_symbols}, "
+                 f"Poisson durations, float32, median of {config.repeats}")
+  grad_table = format_gradient_table(grad_rows)
+  if grad_rows:
+    print("\n" + grad_header + "\n\n" + "\n".join(grad_table))
   result = {"num_users": num_users, "expanded_users": config.expanded_users,
             "num_steps": num_steps, "num_states": num_states, "num_symbols": num_symbols,
             "repeats": config.repeats, "jax_version": jax.__version__,
             "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "rows": rows, "batched_kernel_rows": batched_rows}
+            "machine": platform.machine(), "rows": rows, "batched_kernel_rows": batched_rows,
+            "gradient_rows": grad_rows}
   if output_dir:
     common.save_config(config, output_dir)
     common.write_json(os.path.join(output_dir, "results.json"), result)
     common.write_markdown(os.path.join(output_dir, "results.md"), header, table, kernel_header,
-                          kernel_table)
+                          kernel_table, grad_header, grad_table)
   return result
 
 

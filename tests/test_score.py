@@ -129,14 +129,18 @@ def test_exact_layer_uses_the_score_vjp():
   params, obs, mask = ragged_batch("categorical", 3, "poisson")
   p, o, m = user(params, 0), obs[0], mask[0]
 
-  def layer_loss(q):
+  def layer_loss(q, gradient="exact"):
     return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(
-        dj.em_layer(q, o, m, gradient="exact")))
+        dj.em_layer(q, o, m, gradient=gradient)))
 
   assert "custom_vjp_call" in str(jax.make_jaxpr(layer_loss)(p))
-  # Forward mode is what the option gives up; JAX says so.
+  tree_allclose(jax.jit(jax.grad(layer_loss))(p),
+                jax.jit(jax.grad(functools.partial(layer_loss, gradient="exact_autodiff")))(p),
+                **TOL)
+  # Forward mode is what the option gives up (JAX says so); exact_autodiff keeps it.
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(layer_loss, (p,), (p,))
+  jax.jvp(functools.partial(layer_loss, gradient="exact_autodiff"), (p,), (p,))
   with pytest.raises(ValueError, match="time_parallel and score_vjp"):
     dj.em_step(user(ragged_batch("categorical", 3)[0], 0), o, m, time_parallel=True,
                score_vjp=True)

@@ -39,19 +39,16 @@ def masked_log_likelihoods(emission, obs, mask):
   return jnp.where(log_likes == -jnp.inf, jnp.log1p(-valid), log_likes * valid)
 
 
-def _em_step_one(params, obs, mask):
-  post = params.posterior(obs, mask)
+def _em_step_one(params, obs, mask, symmetric_vjp: bool):
+  post = params._e_step(obs, mask, symmetric_vjp)
   return params.m_step(post, obs, mask), post.log_likelihood
 
 
-# Under jax.vmap: blocks of users (dennl_jax._batched.USERS_PER_BLOCK).
-_em_step_in_user_blocks = _batched.in_user_blocks(_em_step_one)
-
-
-def _em_step_by_score(params, obs, mask):
-  # No user blocks: their derivative is a JVP, which a custom_vjp score cannot have.
-  post = params._score_posterior(obs, mask)
-  return params.m_step(post, obs, mask), post.log_likelihood
+# Under jax.vmap: blocks of users (dennl_jax._batched.USERS_PER_BLOCK).  Not with the
+# symmetric VJP: the blocks' derivative is a JVP, which a custom_vjp cannot have.
+# (custom_vmap binds every parameter, defaults included, as an array: hence the lambda.)
+_em_step_in_user_blocks = _batched.in_user_blocks(
+    lambda params, obs, mask: _em_step_one(params, obs, mask, False))
 
 
 class ChainModel(Parameterised):
@@ -90,10 +87,10 @@ class ChainModel(Parameterised):
     """
     mask = jnp.asarray(mask, bool)
     if score_vjp:
-      return _em_step_by_score(self, obs, mask)
+      return _em_step_one(self, obs, mask, True)
     if self.em_step_in_user_blocks:
       return _em_step_in_user_blocks(self, obs, mask)
-    return _em_step_one(self, obs, mask)
+    return _em_step_one(self, obs, mask, False)
 
   def m_step(self, post, obs, mask):
     """New parameters from posterior summaries ``post`` of ``(obs, mask)``.
@@ -117,9 +114,10 @@ class ChainModel(Parameterised):
     """Model-specific M-step terms, as ``{field: new value}``."""
     return {}
 
-  def _score_posterior(self, obs, mask):
+  def _e_step(self, obs, mask, symmetric_vjp: bool):
     """What :meth:`m_step` reads of ``posterior(obs, mask)``, from the model's score
-    function (``filtered_probs`` None, ``smoothed_probs`` zero on masked steps)."""
+    function (``filtered_probs`` None, ``smoothed_probs`` zero on masked steps);
+    ``symmetric_vjp`` as in ``hmm_score``."""
     raise NotImplementedError
 
   def _sample_states(self, key, num_steps: int):

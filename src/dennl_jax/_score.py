@@ -21,7 +21,13 @@ which stores every step's intermediates and runs the transposed recursions
 "Stop 15").  The elementwise products and the M-step stay ordinary JAX, so
 their derivatives are autodiff's.
 
-The price: a ``jax.custom_vjp`` function has no forward mode (``jax.jvp`` of
+The log-likelihood itself (:func:`with_score_jvp`) needs no such trade: its
+JVP is the inner product of the score with the tangents, a linear map whose
+transpose is a product, so reverse mode through it costs one forward-backward
+pass in the primal computation and no reverse scan, and forward mode and
+higher derivatives keep working.
+
+The price of the symmetric VJP: a ``jax.custom_vjp`` function has no forward mode (``jax.jvp`` of
 it raises).  Hence it is an option (``em_step(..., score_vjp=True)``, used by
 the exact EM layer), and the forward-gradient estimator and every other path
 keep plain autodiff.
@@ -29,6 +35,7 @@ keep plain autodiff.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def with_symmetric_vjp(score, num_diff: int):
@@ -61,4 +68,31 @@ def with_symmetric_vjp(score, num_diff: int):
     return vjp + (None,) * len(other)
 
   fn.defvjp(fwd, bwd)
+  return fn
+
+
+def with_score_jvp(log_likelihood, score, num_diff: int):
+  """``log_likelihood(*args)`` whose JVP is ``sum_i <grads[i], tangents[i]>``.
+
+  log_likelihood: ``(*diff_args, *other) -> ()``, the value (a forward filter).
+  score: as for :func:`with_symmetric_vjp`, the same log-likelihood and its
+    exact gradient in the first ``num_diff`` arguments.
+
+  Values run ``log_likelihood`` alone; differentiated, the primal pass runs
+  ``score`` (forward and backward recursions) and the tangent map is a sum of
+  products, so reverse mode stores the gradient instead of every step of the
+  filter and runs no transposed scan.  ``score`` is differentiable, so
+  Hessians work.
+  """
+
+  @jax.custom_jvp
+  def fn(*args):
+    return log_likelihood(*args)
+
+  @fn.defjvp
+  def fn_jvp(primals, tangents):
+    value, grads = score(*primals)
+    tangent = sum(jnp.sum(g * t) for g, t in zip(grads, tangents[:num_diff]))
+    return value, tangent
+
   return fn

@@ -124,8 +124,11 @@ _hmm_smoother_dispatch = _batched.batched_dispatch(
     num_diff=3, user_blocks=True)
 
 
-_hmm_score = _score.with_symmetric_vjp(_batched.batched_dispatch(
-    _hmm_score_one, _batched.hmm_score_batched, num_diff=3, user_blocks=True), num_diff=3)
+_hmm_score_dispatch = _batched.batched_dispatch(
+    _hmm_score_one, _batched.hmm_score_batched, num_diff=3, user_blocks=True)
+_hmm_score_symmetric = _score.with_symmetric_vjp(_hmm_score_dispatch, num_diff=3)
+_hmm_log_likelihood = _score.with_score_jvp(
+    lambda *args: _hmm_filter_dispatch(*args)[0], _hmm_score_dispatch, num_diff=3)
 
 
 def hmm_filter(initial, transition, log_likes, mask):
@@ -142,18 +145,19 @@ def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   return _hmm_smoother_dispatch(initial, transition, log_likes, jnp.asarray(mask, bool))
 
 
-def hmm_score(initial, transition, log_likes, mask):
-  """The log-likelihood and its gradient, with a VJP through the Hessian's symmetry.
+def hmm_score(initial, transition, log_likes, mask, symmetric_vjp: bool = False):
+  """The log-likelihood and its gradient (the score): what an EM step needs of the E-step.
 
   Shapes as in :func:`hmm_filter`.  Returns ``(log_likelihood, (d_initial: (K,),
   d_transition: (K, K), d_log_likes: (T, K)))``, the derivatives of the
   log-likelihood (zero on masked steps).  Times ``initial`` / ``transition``
   they are the initial probabilities and transition counts of
   :func:`hmm_smoother`, and ``d_log_likes`` is its smoothed marginals on valid
-  steps.  Reverse mode runs one forward-mode pass (:mod:`dennl_jax._score`);
-  forward mode (``jax.jvp``) is not available.
+  steps.  ``symmetric_vjp``: reverse mode runs one forward-mode pass
+  (:mod:`dennl_jax._score`); forward mode (``jax.jvp``) is then not available.
   """
-  return _hmm_score(initial, transition, log_likes, jnp.asarray(mask, bool))
+  score = _hmm_score_symmetric if symmetric_vjp else _hmm_score_dispatch
+  return score(initial, transition, log_likes, jnp.asarray(mask, bool))
 
 
 def hmm_viterbi(initial, transition, log_likes, mask):
@@ -206,14 +210,16 @@ class HMM(ChainModel):
   def posterior(self, obs, mask) -> HMMPosterior:
     return hmm_smoother(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)
 
-  def _score_posterior(self, obs, mask) -> HMMPosterior:
+  def _e_step(self, obs, mask, symmetric_vjp: bool) -> HMMPosterior:
     ll, (d_initial, d_transition, d_log_likes) = hmm_score(
-        self.initial, self.transition, self._log_likelihoods(obs, mask), mask)
+        self.initial, self.transition, self._log_likelihoods(obs, mask), mask, symmetric_vjp)
     return HMMPosterior(ll, None, d_log_likes, self.transition * d_transition,
                         self.initial * d_initial)
 
   def log_likelihood(self, obs, mask):
-    return hmm_filter(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)[0]
+    # Differentiated through the score (dennl_jax._score.with_score_jvp).
+    return _hmm_log_likelihood(self.initial, self.transition, self._log_likelihoods(obs, mask),
+                               jnp.asarray(mask, bool))
 
   def filtered_posteriors(self, obs, mask):
     return hmm_filter(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)[1]

@@ -202,8 +202,11 @@ _hsmm_smoother_dispatch = _batched.batched_dispatch(
     num_diff=4)
 
 
-_hsmm_score = _score.with_symmetric_vjp(_batched.batched_dispatch(
-    _hsmm_score_one, _batched_hsmm.hsmm_score_batched, num_diff=4), num_diff=4)
+_hsmm_score_dispatch = _batched.batched_dispatch(
+    _hsmm_score_one, _batched_hsmm.hsmm_score_batched, num_diff=4)
+_hsmm_score_symmetric = _score.with_symmetric_vjp(_hsmm_score_dispatch, num_diff=4)
+_hsmm_log_likelihood = _score.with_score_jvp(
+    lambda *args: _hsmm_filter_dispatch(*args)[0], _hsmm_score_dispatch, num_diff=4)
 
 
 def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask):
@@ -225,18 +228,20 @@ def hsmm_smoother(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPo
                                  jnp.asarray(mask, bool))
 
 
-def hsmm_score(initial, transition, dur_log_probs, log_likes, mask):
-  """The log-likelihood and its gradient, with a VJP through the Hessian's symmetry.
+def hsmm_score(initial, transition, dur_log_probs, log_likes, mask, symmetric_vjp: bool = False):
+  """The log-likelihood and its gradient (the score): what an EM step needs of the E-step.
 
   Shapes as in :func:`hsmm_filter`.  Returns ``(log_likelihood, (d_initial: (K,),
   d_transition: (K, K), d_dur_log_probs: (K, D), d_log_likes: (T, K)))``, the
   derivatives of the log-likelihood (zero on masked steps).  Times ``initial``
   / ``transition`` the first two are the initial probabilities and transition
   counts of :func:`hsmm_smoother`; the others are its duration counts and its
-  smoothed marginals on valid steps.  Reverse mode runs one forward-mode pass
-  (:mod:`dennl_jax._score`); forward mode (``jax.jvp``) is not available.
+  smoothed marginals on valid steps.  ``symmetric_vjp``: reverse mode runs one
+  forward-mode pass (:mod:`dennl_jax._score`); forward mode (``jax.jvp``) is then
+  not available.
   """
-  return _hsmm_score(initial, transition, dur_log_probs, log_likes, jnp.asarray(mask, bool))
+  score = _hsmm_score_symmetric if symmetric_vjp else _hsmm_score_dispatch
+  return score(initial, transition, dur_log_probs, log_likes, jnp.asarray(mask, bool))
 
 
 def hsmm_viterbi(initial, transition, dur_log_probs, log_likes, mask):
@@ -347,14 +352,16 @@ class HSMM(ChainModel):
   def posterior(self, obs, mask) -> HSMMPosterior:
     return hsmm_smoother(*self._inputs(obs, mask))
 
-  def _score_posterior(self, obs, mask) -> HSMMPosterior:
+  def _e_step(self, obs, mask, symmetric_vjp: bool) -> HSMMPosterior:
     ll, (d_initial, d_transition, duration_counts, d_log_likes) = hsmm_score(
-        *self._inputs(obs, mask))
+        *self._inputs(obs, mask), symmetric_vjp)
     return HSMMPosterior(ll, None, d_log_likes, self.transition * d_transition,
                          self.initial * d_initial, duration_counts)
 
   def log_likelihood(self, obs, mask):
-    return hsmm_filter(*self._inputs(obs, mask))[0]
+    # Differentiated through the score (dennl_jax._score.with_score_jvp).
+    *inputs, mask = self._inputs(obs, mask)
+    return _hsmm_log_likelihood(*inputs, jnp.asarray(mask, bool))
 
   def filtered_posteriors(self, obs, mask):
     return hsmm_filter(*self._inputs(obs, mask))[1]
