@@ -48,9 +48,14 @@ from dennl_jax import _batched
 from experiments import common
 
 
-def compiled(fn, *args, batched: bool, users_per_block: int | None = None):
+def compiled(fn, *args, batched: bool | None, users_per_block: int | None = None):
   """``fn`` (a jitted function) compiled ahead of time with the batched kernels on or off
-  (and blocks of users as :func:`dennl_jax._batched.batched_kernels` takes them)."""
+  for values and derivatives (and blocks of users as
+  :func:`dennl_jax._batched.batched_kernels` takes them); ``batched=None``: the
+  backend's defaults (``_batched.BATCHED_BACKENDS`` / ``BATCHED_GRADIENT_BACKENDS``)."""
+  if batched is None:
+    jax.clear_caches()  # traces made inside a batched_kernels block must not be reused
+    return fn.lower(*args).compile()
   with _batched.batched_kernels(batched, users_per_block):
     return fn.lower(*args).compile()
 
@@ -91,17 +96,20 @@ def time_dennl_step(config):
 
   step, args = train_step("exact")
   autodiff_step, autodiff_args = train_step("exact_autodiff")
+  default = compiled(step, *args, batched=None)
   fast = compiled(step, *args, batched=True)
   slow = compiled(step, *args, batched=False)
-  autodiff = compiled(autodiff_step, *autodiff_args, batched=True)
-  (fast_s, fast_all), (slow_s, slow_all), (auto_s, auto_all) = (
+  autodiff = compiled(autodiff_step, *autodiff_args, batched=None)
+  (default_s, default_all), (fast_s, fast_all), (slow_s, slow_all), (auto_s, auto_all) = (
       common.interleaved_median_seconds(
-          [(fast, args), (slow, args), (autodiff, autodiff_args)], config.repeats))
+          [(default, args), (fast, args), (slow, args), (autodiff, autodiff_args)],
+          config.repeats))
   return {"users": config.dennl_users, "stages": config.dennl_stages, "steps": config.num_steps,
-          "batched_seconds": fast_s, "per_sequence_seconds": slow_s,
+          "default_seconds": default_s, "batched_seconds": fast_s, "per_sequence_seconds": slow_s,
           "exact_autodiff_seconds": auto_s, "speedup": slow_s / fast_s,
-          "speedup_over_autodiff": auto_s / fast_s,
-          "raw": {"batched": fast_all, "per_sequence": slow_all, "exact_autodiff": auto_all}}
+          "speedup_over_autodiff": auto_s / default_s,
+          "raw": {"default": default_all, "batched": fast_all, "per_sequence": slow_all,
+                  "exact_autodiff": auto_all}}
 
 
 def growth_rows(config):
@@ -176,10 +184,12 @@ def time_hmmlearn(params, obs, num_users, repeats):
 
 def _describe_dennl(d):
   return (f"DENNL exact-gradient training step ({d['users']} users, {d['stages']} stages, "
-          f"T={d['steps']}): batched {d['batched_seconds']:.3f} s, per-sequence "
-          f"{d['per_sequence_seconds']:.3f} s, speedup {d['speedup']:.2f}x; "
-          f"autodiff through the scans ('exact_autodiff') {d['exact_autodiff_seconds']:.3f} s, "
-          f"score VJP speedup {d['speedup_over_autodiff']:.2f}x")
+          f"T={d['steps']}): backend defaults {d['default_seconds']:.3f} s; batched kernels "
+          f"forced for values and derivatives {d['batched_seconds']:.3f} s, per-sequence "
+          f"{d['per_sequence_seconds']:.3f} s (batched / per-sequence {d['speedup']:.2f}x); "
+          f"autodiff through the scans ('exact_autodiff', backend defaults) "
+          f"{d['exact_autodiff_seconds']:.3f} s: score VJP speedup "
+          f"{d['speedup_over_autodiff']:.2f}x")
 
 
 def _describe_growth(rows):
