@@ -1,4 +1,4 @@
-"""Reverse mode through an E-step by the symmetry of the log-likelihood's Hessian.
+"""Derivatives of the E-step and the log-likelihood through the score.
 
 Every expected count an E-step returns is a derivative of the log-likelihood
 ``ll`` of the sequence: with linear-domain ``initial`` and ``transition`` and
@@ -17,8 +17,8 @@ product in the direction c.  :func:`with_symmetric_vjp` gives a score
 function that custom VJP: one forward-mode pass through the two scans
 (``jax.jvp``, no stored residuals) instead of reverse mode through them,
 which stores every step's intermediates and runs the transposed recursions
-(2.4x the time for a T = 400, K = 10, D = 20 HSMM, measured; BUILD_NOTES
-"Stop 15").  The elementwise products and the M-step stay ordinary JAX, so
+(2.4x the time of the JVP for a T = 400, K = 10, D = 20 HSMM, measured;
+BUILD_NOTES "Stop 15").  The elementwise products and the M-step stay ordinary JAX, so
 their derivatives are autodiff's.
 
 The log-likelihood itself (:func:`with_score_jvp`) needs no such trade: its
@@ -27,10 +27,10 @@ transpose is a product, so reverse mode through it costs one forward-backward
 pass in the primal computation and no reverse scan, and forward mode and
 higher derivatives keep working.
 
-The price of the symmetric VJP: a ``jax.custom_vjp`` function has no forward mode (``jax.jvp`` of
-it raises).  Hence it is an option (``em_step(..., score_vjp=True)``, used by
-the exact EM layer), and the forward-gradient estimator and every other path
-keep plain autodiff.
+The price of the symmetric VJP: a ``jax.custom_vjp`` function has no forward
+mode (``jax.jvp`` of it raises).  Hence it is an option (``em_step(...,
+score_vjp=True)``, used by the exact EM layer), and the forward-gradient
+estimator and every other path keep plain autodiff.
 """
 from __future__ import annotations
 

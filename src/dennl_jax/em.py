@@ -31,8 +31,8 @@ def em_step(params, obs, mask, *, time_parallel: bool = False, score_vjp: bool =
       the sequential scan.  For long sequences on wide devices.
     score_vjp: reverse mode (``jax.grad``, ``jax.vjp``) through the E-step as
       one forward-mode pass, by the symmetry of the log-likelihood's Hessian
-      (:mod:`dennl_jax._score`): same values and gradients, 2-3x faster
-      reverse mode through long HSMMs.  Forward mode (``jax.jvp``,
+      (:mod:`dennl_jax._score`): same values and gradients, reverse mode
+      1.4-2.2x faster through a T = 400 HSMM (BUILD_NOTES "Stop 15").  Forward mode (``jax.jvp``,
       ``jax.jacfwd``) is then unavailable.  Used by ``em_layer(gradient="exact")``.
 
   Returns:

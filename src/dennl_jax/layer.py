@@ -80,7 +80,7 @@ def em_layer(params, obs, mask, key=None, *, gradient: str = "spsa", num_samples
       ``"exact_autodiff"`` -- the same gradient by plain reverse-mode autodiff
                       through the scans, wrapped in ``jax.checkpoint`` (only the
                       layer's inputs are kept between forward and backward).
-                      Slower (2x for a T = 400 HSMM) but forward mode works too
+                      1.4-2.2x slower (T = 400 HSMMs) but forward mode works too
                       (``jax.jvp``, ``jax.jacfwd``, Hessians).
     num_samples, step, perturbation: settings of the estimators (see
       :func:`dennl_jax.spsa`).
