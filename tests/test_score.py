@@ -19,38 +19,19 @@ import dennl_jax as dj
 from dennl_jax import _batched
 from dennl_jax.hmm import hmm_filter, hmm_score
 from dennl_jax.hsmm import hsmm_filter, hsmm_score
-from conftest import (DURATIONS, FAMILIES, pad_sequence, random_emission, random_hmm, random_obs,
-                      stack_trees, tree_allclose)
+import test_batched
+from conftest import DURATIONS, FAMILIES, stack_trees, tree_allclose
+from test_batched import user
 
 jax.config.update("jax_enable_x64", True)
 
-NUM_STATES, HSMM_STATES, MAX_DURATION, PADDED_LEN = 3, 3, 4, 11
-LENGTHS = (6, 1, 9, 3)   # T = 1, odd, even, heavily padded
+# The ragged batches of the kernel tests: T = 1, odd, even and heavily padded in 9 steps.
+LENGTHS = (6, 1, 7, 3)
 TOL = dict(rtol=1e-9, atol=1e-11)
 
 
-def random_hsmm(family, rng, duration):
-  off = rng.dirichlet(np.ones(HSMM_STATES - 1), HSMM_STATES)
-  transition = np.stack([np.insert(off[k], k, 0.0) for k in range(HSMM_STATES)])
-  return dj.HSMM(rng.dirichlet(np.ones(HSMM_STATES)), transition,
-                 DURATIONS[duration].make(rng, HSMM_STATES, MAX_DURATION),
-                 random_emission(family, rng, HSMM_STATES))
-
-
 def ragged_batch(family, seed, duration=None):
-  rng = np.random.default_rng([seed, FAMILIES.index(family)])
-  models, obs, masks = [], [], []
-  for length in LENGTHS:
-    models.append(random_hmm(family, rng, NUM_STATES) if duration is None
-                  else random_hsmm(family, rng, duration))
-    padded, mask, _ = pad_sequence(random_obs(family, rng, length), rng, PADDED_LEN, family)
-    obs.append(padded)
-    masks.append(mask)
-  return stack_trees(models), np.stack(obs), np.stack(masks)
-
-
-def user(tree, u):
-  return jax.tree_util.tree_map(lambda x: x[u], tree)
+  return test_batched.ragged_batch(family, seed, lengths=LENGTHS, duration=duration)
 
 
 def em_loss(params, obs, mask, score_vjp):

@@ -89,30 +89,32 @@ def _hmm_filter_one(initial, transition, log_likes, mask):
   return ll, filtered
 
 
-def _hmm_smoother_one(initial, transition, log_likes, mask) -> HMMPosterior:
+def _forward_backward(initial, transition, log_likes, mask):
+  """(log-likelihood, filtered (T, K), smoothed (T, K), d ll / d initial (K,),
+  d ll / d transition (K, K))."""
   moves, is_first = step_structure(mask)
   likes, shift = scaled_likelihoods(log_likes)
   filtered, norms, ll = _forward(initial, transition, likes, shift, moves, mask)
   betas = _backward(transition, likes, norms, moves)
-  smoothed = filtered * betas
-  # sum_t alpha_{t-1}(i) A_ij b_t(j) beta_t(j) / c_t as one (K,T)x(T,K)
-  # product rather than T outer products.
-  weights = jnp.where(moves[1:, None], normalize(likes[1:] * betas[1:], norms[1:, None]), 0.0)
-  counts = transition * (filtered[:-1].T @ weights)
-  initial_probs = jnp.sum(jnp.where(is_first[:, None], smoothed, 0.0), axis=0)
-  return HMMPosterior(ll, filtered, smoothed, counts, initial_probs)
-
-
-def _hmm_score_one(initial, transition, log_likes, mask):
-  moves, is_first = step_structure(mask)
-  likes, shift = scaled_likelihoods(log_likes)
-  filtered, norms, ll = _forward(initial, transition, likes, shift, moves, mask)
-  betas = _backward(transition, likes, norms, moves)
+  # msg_t = b_t beta_t / c_t: d ll / d initial is msg at the first valid step, and
+  # d ll / d transition sums alpha_{t-1}(i) msg_t(j) -- one (K,T)x(T,K) product
+  # rather than T outer products.
   msgs = normalize(likes * betas, norms[:, None])
   d_initial = jnp.sum(jnp.where(is_first[:, None], msgs, 0.0), axis=0)
   d_transition = filtered[:-1].T @ jnp.where(moves[1:, None], msgs[1:], 0.0)
-  d_log_likes = jnp.where(mask[:, None], filtered * betas, 0.0)
-  return ll, (d_initial, d_transition, d_log_likes)
+  return ll, filtered, filtered * betas, d_initial, d_transition
+
+
+def _hmm_smoother_one(initial, transition, log_likes, mask) -> HMMPosterior:
+  ll, filtered, smoothed, d_initial, d_transition = _forward_backward(
+      initial, transition, log_likes, mask)
+  return HMMPosterior(ll, filtered, smoothed, transition * d_transition, initial * d_initial)
+
+
+def _hmm_score_one(initial, transition, log_likes, mask):
+  ll, _, smoothed, d_initial, d_transition = _forward_backward(
+      initial, transition, log_likes, mask)
+  return ll, (d_initial, d_transition, jnp.where(mask[:, None], smoothed, 0.0))
 
 
 # Under jax.vmap both run the users-minor kernels of dennl_jax._batched

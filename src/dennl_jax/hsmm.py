@@ -172,24 +172,26 @@ def _hsmm_filter_one(initial, transition, dur_log_probs, log_likes, mask):
   return ll, filtered
 
 
-def _hsmm_smoother_one(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPosterior:
+def _forward_backward(initial, transition, dur_log_probs, log_likes, mask):
+  """(log-likelihood, alphas (T, K, D), the outputs of :func:`_backward`)."""
   moves, is_first = step_structure(mask)
   likes, shift = scaled_likelihoods(log_likes)
   dur_probs = jnp.exp(dur_log_probs)
   alphas, norms, ll = _forward(initial, transition, dur_probs, likes, shift, moves, mask)
-  smoothed, duration_counts, jumps, initial_probs, _ = _backward(
-      transition, dur_probs, alphas, likes, norms, moves, is_first.astype(alphas.dtype))
+  return ll, alphas, _backward(transition, dur_probs, alphas, likes, norms, moves,
+                               is_first.astype(alphas.dtype))
+
+
+def _hsmm_smoother_one(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPosterior:
+  ll, alphas, (smoothed, duration_counts, jumps, initial_probs, _) = _forward_backward(
+      initial, transition, dur_log_probs, log_likes, mask)
   return HSMMPosterior(ll, alphas.sum(-1), fill_leading(smoothed, mask), transition * jumps,
                        initial_probs, duration_counts)
 
 
 def _hsmm_score_one(initial, transition, dur_log_probs, log_likes, mask):
-  moves, is_first = step_structure(mask)
-  likes, shift = scaled_likelihoods(log_likes)
-  dur_probs = jnp.exp(dur_log_probs)
-  alphas, norms, ll = _forward(initial, transition, dur_probs, likes, shift, moves, mask)
-  smoothed, duration_counts, jumps, _, d_initial = _backward(
-      transition, dur_probs, alphas, likes, norms, moves, is_first.astype(alphas.dtype))
+  ll, _, (smoothed, duration_counts, jumps, _, d_initial) = _forward_backward(
+      initial, transition, dur_log_probs, log_likes, mask)
   return ll, (d_initial, jumps, duration_counts, jnp.where(mask[:, None], smoothed, 0.0))
 
 
