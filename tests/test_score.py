@@ -125,3 +125,34 @@ def test_exact_layer_uses_the_score_vjp():
   with pytest.raises(ValueError, match="time_parallel and score_vjp"):
     dj.em_step(user(ragged_batch("categorical", 3)[0], 0), o, m, time_parallel=True,
                score_vjp=True)
+
+
+@pytest.mark.parametrize("duration", [None, "poisson"])
+def test_log_likelihood_derivatives_through_the_score(duration):
+  """log_likelihood's custom JVP (tangent <score, t>): grad, vmapped grad, jacfwd and the
+  Hessian equal autodiff through the filter itself."""
+  params, obs, mask = ragged_batch("gaussian", 4, duration)
+  filt = hmm_filter if duration is None else hsmm_filter
+
+  def with_mean(p, mean):
+    return p.replace(emission=p.emission.replace(mean=mean))
+
+  def by_score(mean, p, o, m):
+    return with_mean(p, mean).log_likelihood(o, m)
+
+  def by_filter(mean, p, o, m):
+    q = with_mean(p, mean)
+    log_likes = dj._chain.masked_log_likelihoods(q.emission, o, m)
+    args = ((q.initial, q.transition) if duration is None
+            else (q.initial, q.transition, q.duration.log_probs()))
+    return filt(*args, log_likes, m)[0]
+
+  means = params.emission.mean
+  batched = jax.jit(jax.vmap(jax.grad(by_score)))(means, params, obs, mask)
+  tree_allclose(batched, jax.jit(jax.vmap(jax.grad(by_filter)))(means, params, obs, mask), **TOL)
+  total = lambda fn: lambda mean: jnp.sum(jax.vmap(fn)(mean, params, obs, mask))
+  tree_allclose(jax.jit(jax.grad(total(by_score)))(means), batched, **TOL)
+  p, o, m = user(params, 0), obs[0], mask[0]
+  np.testing.assert_allclose(jax.jit(jax.jacfwd(by_score))(means[0], p, o, m), batched[0], **TOL)
+  np.testing.assert_allclose(jax.jit(jax.hessian(by_score))(means[0], p, o, m),
+                             jax.jit(jax.hessian(by_filter))(means[0], p, o, m), **TOL)
