@@ -346,7 +346,8 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
   (T, K, U), two-slice sums sum_t alpha_t(i) msg_{t+1}(j) (K, K, U) (times the
   transition they are the transition counts; they are d ll / d transition) and
   the message at the first valid step f, msg_f = b_f beta_f / c_f (K, U) (times
-  the initial distribution it is the smoothed marginal at f; it is d ll / d initial).  The carry is the message
+  the initial distribution it is the smoothed marginal at f; it is d ll / d
+  initial).  The carry is the message
   ``msg_{t+1} = b_{t+1} beta_{t+1} / c_{t+1}`` rather than beta: the K-sum
   then reads a materialised carry, as in the forward pass, instead of
   recomputing the message from sliced inputs K times per element (25 % of the
@@ -388,24 +389,29 @@ def hmm_filter_batched(initial, transition, log_likes, mask):
   return ll, _users_first(filtered)
 
 
-def hmm_smoother_batched(initial, transition, log_likes, mask):
-  """:func:`dennl_jax.hmm.hmm_smoother` for U sequences: the ``HMMPosterior`` fields
-  (log-likelihood, filtered, smoothed, transition counts, initial), each with leading U."""
+def _hmm_forward_backward(initial, transition, log_likes, mask):
+  """Both passes on leading-U inputs: log-likelihood (U,), then users-minor filtered and
+  smoothed marginals (T, K, U), jump sums (K, K, U), first messages (K, U) and mask (T, U)."""
   likes, shift, mask_t = _chain_inputs(log_likes, mask)
   trans = _users_minor(transition)
   filtered, norms, ll, moves, is_first = _hmm_forward(_users_minor(initial), trans, likes, shift,
                                                       mask_t)
   smoothed, pairs, first_msg = _hmm_backward(trans, filtered, likes, norms, moves, is_first)
-  return (ll, _users_first(filtered), _users_first(smoothed), _users_first(trans * pairs),
+  return ll, filtered, smoothed, pairs, first_msg, mask_t
+
+
+def hmm_smoother_batched(initial, transition, log_likes, mask):
+  """:func:`dennl_jax.hmm.hmm_smoother` for U sequences: the ``HMMPosterior`` fields
+  (log-likelihood, filtered, smoothed, transition counts, initial), each with leading U."""
+  ll, filtered, smoothed, pairs, first_msg, _ = _hmm_forward_backward(
+      initial, transition, log_likes, mask)
+  return (ll, _users_first(filtered), _users_first(smoothed), transition * _users_first(pairs),
           initial * _users_first(first_msg))
 
 
 def hmm_score_batched(initial, transition, log_likes, mask):
   """:func:`dennl_jax.hmm.hmm_score` for U sequences: leading U on every input and output."""
-  likes, shift, mask_t = _chain_inputs(log_likes, mask)
-  trans = _users_minor(transition)
-  filtered, norms, ll, moves, is_first = _hmm_forward(_users_minor(initial), trans, likes, shift,
-                                                      mask_t)
-  smoothed, pairs, first_msg = _hmm_backward(trans, filtered, likes, norms, moves, is_first)
+  ll, _, smoothed, pairs, first_msg, mask_t = _hmm_forward_backward(
+      initial, transition, log_likes, mask)
   d_log_likes = jnp.where(mask_t[:, None], smoothed, 0.0)
   return ll, (_users_first(first_msg), _users_first(pairs), _users_first(d_log_likes))

@@ -144,14 +144,23 @@ def hsmm_filter_batched(initial, transition, dur_log_probs, log_likes, mask):
   return ll, _users_first(filtered)
 
 
-def hsmm_score_batched(initial, transition, dur_log_probs, log_likes, mask):
-  """:func:`dennl_jax.hsmm.hsmm_score` for U sequences: leading U on every input and output."""
+def _hsmm_forward_backward(initial, transition, dur_log_probs, log_likes, mask):
+  """Both passes on leading-U inputs: the users-minor initial (K, U) and transition
+  (K, K, U), the outputs of :func:`_hsmm_forward` without the joints, then those of
+  :func:`_hsmm_backward`, and the mask (T, U)."""
   initial, trans, dur, likes, shift, mask_t = _hsmm_inputs(
       initial, transition, dur_log_probs, log_likes, mask)
-  ll, _, _, norms, moves, is_first, _, alphas, endings, entering = _hsmm_forward(
-      initial, trans, dur, likes, shift, mask_t)
-  smoothed, duration_counts, jumps, first_entry = _hsmm_backward(
-      trans, dur, alphas, endings, entering, likes, norms, moves, is_first)
+  *forward, alphas, endings, entering = _hsmm_forward(initial, trans, dur, likes, shift, mask_t)
+  _, _, _, norms, moves, is_first, _ = forward
+  backward = _hsmm_backward(trans, dur, alphas, endings, entering, likes, norms, moves, is_first)
+  return initial, trans, forward, backward, mask_t
+
+
+def hsmm_score_batched(initial, transition, dur_log_probs, log_likes, mask):
+  """:func:`dennl_jax.hsmm.hsmm_score` for U sequences: leading U on every input and output."""
+  _, _, (ll, *_), backward, mask_t = _hsmm_forward_backward(
+      initial, transition, dur_log_probs, log_likes, mask)
+  smoothed, duration_counts, jumps, first_entry = backward
   d_log_likes = jnp.where(mask_t[:, None], smoothed, 0.0)
   return ll, (_users_first(first_entry), _users_first(jumps),
               jnp.transpose(duration_counts, (2, 1, 0)), _users_first(d_log_likes))
@@ -161,12 +170,10 @@ def hsmm_smoother_batched(initial, transition, dur_log_probs, log_likes, mask):
   """:func:`dennl_jax.hsmm.hsmm_smoother` for U sequences: the ``HSMMPosterior`` fields
   (log-likelihood, filtered, smoothed, transition counts, initial, duration counts),
   each with leading U."""
-  initial, trans, dur, likes, shift, mask_t = _hsmm_inputs(
+  initial, trans, forward, backward, _ = _hsmm_forward_backward(
       initial, transition, dur_log_probs, log_likes, mask)
-  ll, any_valid, filtered, norms, moves, is_first, before_first, alphas, endings, entering = (
-      _hsmm_forward(initial, trans, dur, likes, shift, mask_t))
-  smoothed, duration_counts, jumps, first_entry = _hsmm_backward(
-      trans, dur, alphas, endings, entering, likes, norms, moves, is_first)
+  ll, any_valid, filtered, _, _, _, before_first = forward
+  smoothed, duration_counts, jumps, first_entry = backward
   initial_probs = initial * first_entry
   # Steps before the first valid one report its posterior (_numerics.fill_leading;
   # without any valid step, that of step 0).

@@ -18,8 +18,8 @@ function that custom VJP: one forward-mode pass through the two scans
 (``jax.jvp``, no stored residuals) instead of reverse mode through them,
 which stores every step's intermediates and runs the transposed recursions
 (2.4x the time of the JVP for a T = 400, K = 10, D = 20 HSMM, measured;
-BUILD_NOTES "Stop 15").  The elementwise products and the M-step stay ordinary JAX, so
-their derivatives are autodiff's.
+BUILD_NOTES "Stop 15").  The elementwise products and the M-step stay
+ordinary JAX, so their derivatives are autodiff's.
 
 The log-likelihood itself (:func:`with_score_jvp`) needs no such trade: its
 JVP is the inner product of the score with the tangents, a linear map whose
