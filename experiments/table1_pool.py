@@ -30,7 +30,7 @@ from experiments.synthetic_table1 import SETTINGS, row_label
 
 # Fields that may differ between pooled runs: which pieces each run computed,
 # and the preset's name (the ablations variant is the full protocol).
-PIECE_FIELDS = ("seed", "num_seeds", "seeds", "methods", "settings", "log_every")
+PIECE_FIELDS = ("seed", "num_seeds", "seeds", "methods", "settings", "log_every", "workers")
 NAME_FIELDS = ("preset",)
 
 

@@ -108,6 +108,10 @@ def get_config(arg=None):
   # points, which maximises the likelihood while hurting decoding.
   config.min_covar = 0.1
   config.log_every = 25                # progress line every this many steps
+  # Worker processes running the (seed, setting) pieces side by side, each on
+  # its share of the cores (1: everything in this process; 0: one per core).
+  # Results equal a one-process run's; see experiments/workers.py.
+  config.workers = 1
   config.bootstrap = 2000              # resamples of the paired-difference intervals
   config.bootstrap_seed = 0
   # DENNL's switches (the `ablations` variant's dennl_* methods flip one each).
