@@ -29,7 +29,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import common
 

@@ -11,7 +11,9 @@ Variants (the text after ':'): ``full`` (default; the README's full-scale
 run, 3 seeds), ``quick`` (T50 and noise20 at T = 50, 2 seeds, a few minutes
 on 2 CPU cores), ``ablations`` (DENNL's switches on T50 and noise20 at full
 scale), ``tiny`` (the smoke test: one short noisy setting, 3 states, 2
-optimiser steps).  Override any field,
+optimiser steps).  Full and ablations run their (seed, setting) pieces in
+one worker process per core (``--config.workers``; 1 keeps one process).
+Override any field,
 e.g. ``--config.seed=1 --config.methods=dennl,initial_fusion
 --config.gradient=spsa --config.synthetic.max_duration=20``; with
 ``--quick``, explicitly given overrides win over the quick values.
@@ -31,7 +33,7 @@ _FULL = dict(num_users=1000, num_val_users=200, num_test_users=200, train_steps=
              batch_size=16, em_iters=30, num_stages=3, noise_length=400, em_mapping_users=200,
              regression_steps=500, hidden=256, num_seeds=3, em_kmeans_restarts=4,
              em_random_restarts=4, select_learning_rates=(1e-3, 3e-3),
-             losses=("likelihood", "heldout"), eval_every=25)
+             losses=("likelihood", "heldout"), eval_every=25, workers=0)
 _VARIANTS = {
     "full": _FULL,
     # The README's main job: the headline settings only, both at T = 50 (noise
@@ -109,8 +111,12 @@ def get_config(arg=None):
   config.min_covar = 0.1
   config.log_every = 25                # progress line every this many steps
   # Worker processes running the (seed, setting) pieces side by side, each on
-  # its share of the cores (1: everything in this process; 0: one per core).
-  # Results equal a one-process run's; see experiments/workers.py.
+  # its share of the cores (1: everything in this process; 0: one per core;
+  # see experiments/workers.py).  Full and ablations: 0 (T400, noise20, T100 on
+  # 2 cores: 614-626 s vs 895 s in one process); quick: 1 (compile-bound, 253
+  # vs 186 s).  Results equal a one-process run's with the same XLA:CPU thread
+  # count (1 per worker on 2 cores); trained methods' accuracies move by
+  # rounding with the thread count (up to ~1 point at one seed, BUILD_NOTES "Stop 16").
   config.workers = 1
   config.bootstrap = 2000              # resamples of the paired-difference intervals
   config.bootstrap_seed = 0
