@@ -63,12 +63,15 @@ BATCHED_GRADIENT_BACKENDS = {"cpu": False, "gpu": True, "cuda": True, "rocm": Tr
 # the whole batch at once).  On CPU a vmapped em_step over thousands of users has
 # tens of MB of temporaries: glibc serves allocations over 32 MB with fresh
 # mmap pages on every call (11,300 page faults per call at U = 2000, T = 100,
-# K = 10) and the (T, K, U) arrays leave the cache.  Blocks of 512 users run
-# one after another (``lax.map``) made em_step 1.4-2x faster there and at
-# T = 400, K = 20 and U = 8000 (BUILD_NOTES "Stop 14").  HSMMs do not use blocks
+# K = 10) and the (T, K, U) arrays leave the cache.  Blocks of users run one
+# after another (``lax.map``) made em_step 1.4-2x faster there and at T = 400,
+# K = 20 and U = 8000 (BUILD_NOTES "Stop 14": 512 users).  256 beat 512 in
+# every row on one core of a machine with 512 KiB of L2 per core (2-17 %,
+# BUILD_NOTES "Stop 16"; the backward pass's (K, K, U) count carry is 100 KiB
+# at 256 users, K = 10).  HSMMs do not use blocks
 # (``ChainModel.em_step_in_user_blocks``: no gain measured).  Accelerators want
 # the whole batch at once; their entries are unmeasured (no GPU was lent), hence 0.
-USERS_PER_BLOCK = {"cpu": 512}
+USERS_PER_BLOCK = {"cpu": 256}
 
 
 _FORCED = []  # innermost (kernels enabled, users per block or None), see batched_kernels
