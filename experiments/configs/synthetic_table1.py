@@ -112,7 +112,7 @@ def get_config(arg=None):
   config.log_every = 25                # progress line every this many steps
   # Worker processes running the (seed, setting) pieces side by side, each on
   # its share of the cores (1: everything in this process; 0: one per core;
-  # see experiments/workers.py).  Full and ablations: 0 (T400, noise20, T100 on
+  # see experiments/table1_pieces.py).  Full and ablations: 0 (T400, noise20, T100 on
   # 2 cores: 614-626 s vs 895 s in one process); quick: 1 (compile-bound, 253
   # vs 186 s).  Results equal a one-process run's with the same XLA:CPU thread
   # count (1 per worker on 2 cores); trained methods' accuracies move by
