@@ -25,13 +25,13 @@ HSMM_STATES, MAX_DURATION = 3, 5  # no per-sequence array has the batched carry'
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-def random_hsmm(family, rng, duration):
+def random_hsmm(family, rng, duration, num_states=HSMM_STATES, max_duration=MAX_DURATION):
   """A random HSMM (zero-diagonal transition) with numpy float64 leaves."""
-  off = rng.dirichlet(np.ones(HSMM_STATES - 1), HSMM_STATES)
-  transition = np.stack([np.insert(off[k], k, 0.0) for k in range(HSMM_STATES)])
-  return dj.HSMM(rng.dirichlet(np.ones(HSMM_STATES)), transition,
-                 DURATIONS[duration].make(rng, HSMM_STATES, MAX_DURATION),
-                 random_emission(family, rng, HSMM_STATES))
+  off = rng.dirichlet(np.ones(num_states - 1), num_states)
+  transition = np.stack([np.insert(off[k], k, 0.0) for k in range(num_states)])
+  return dj.HSMM(rng.dirichlet(np.ones(num_states)), transition,
+                 DURATIONS[duration].make(rng, num_states, max_duration),
+                 random_emission(family, rng, num_states))
 
 
 def ragged_batch(family, seed, lengths=(6, 1, 4, 7), duration=None):
@@ -96,7 +96,10 @@ def test_vmap_takes_the_users_minor_kernels(duration):
   # HMM carry (K, U); HSMM carry (D, K, U).
   carry = (f"f64[{NUM_STATES},{NUM_USERS}]" if duration is None
            else f"f64[{MAX_DURATION},{HSMM_STATES},{NUM_USERS}]")
-  assert carry in str(jax.make_jaxpr(jax.vmap(dj.posterior))(hmms, obs, mask))
+  jaxpr = str(jax.make_jaxpr(jax.vmap(dj.posterior))(hmms, obs, mask))
+  assert carry in jaxpr
+  # The HSMM smoother keeps no joint per step: nothing of shape (T, D, K, U).
+  assert f"f64[{PADDED_LEN},{MAX_DURATION},{HSMM_STATES},{NUM_USERS}]" not in jaxpr
   with _batched.batched_kernels(False):
     assert carry not in str(jax.make_jaxpr(jax.vmap(dj.posterior))(hmms, obs, mask))
 
@@ -161,6 +164,31 @@ def test_gradient_compositions():
   # jacfwd batches tangents of unbatched primals (the primal output stays unbatched).
   jac = jax.jit(jax.jacfwd(loss))(user(hmms, 0), obs[0], mask[0])
   tree_allclose(jac, user(reference, 0), **TOL)
+
+
+def test_hsmm_float32_long_sequences_keep_per_sequence_accuracy():
+  """The HSMM kernel's smoothed marginals come from segment starts and ends
+  (differences, not products): in float32 over T = 1000 they stay non-negative
+  and as close to float64 as the per-sequence path's."""
+  rng = np.random.default_rng(5)
+  num_users, num_steps = 6, 1000
+  hsmms = stack_trees([random_hsmm("categorical", rng, "poisson", num_states=4, max_duration=10)
+                       for _ in range(num_users)])
+  keys = jax.random.split(jax.random.PRNGKey(5), num_users)
+  _, obs = jax.vmap(lambda key, model: dj.sample(key, model, num_steps))(keys, hsmms)
+  mask = np.ones((num_users, num_steps), bool)
+  mask[0, 700:] = False
+  mask[1, :40] = False
+  mask[2, 300:350] = False
+  reference = jax.vmap(dj.posterior)(hsmms, obs, mask).smoothed_probs
+  single = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), hsmms)
+  batched = jax.vmap(dj.posterior)(single, obs, mask).smoothed_probs
+  with _batched.batched_kernels(False):
+    per_sequence = jax.vmap(dj.posterior)(single, obs, mask).smoothed_probs
+  assert batched.dtype == jnp.float32
+  assert float(jnp.min(batched)) >= 0.0
+  error = float(jnp.max(jnp.abs(batched - reference)))
+  assert error <= max(3 * float(jnp.max(jnp.abs(per_sequence - reference))), 1e-5), error
 
 
 def test_hsmm_vmap_of_grad():

@@ -9,9 +9,10 @@ multiply-adds over ``(K, U)`` rows that vectorise over users; written as
 is an order of magnitude slower, hence :func:`_mix` and :func:`_sum_rows`.
 Expected counts are accumulated inside the backward scan (a reduction over T
 of ``(T, K, U)`` arrays afterwards costs more than both scans together).
-The HSMM kernels (:mod:`dennl_jax._batched_hsmm`) keep the joint over
+The HSMM kernels (:mod:`dennl_jax._batched_hsmm`) carry the joint over
 (remaining duration, state) as ``(D, K, U)``: the countdown is a slice of
-whole ``(K, U)`` slabs and the D-sums are ones-vector products.
+whole ``(K, U)`` slabs and the D-sums are ones-vector products.  They keep
+no joint per step: the smoothed marginals come from segment starts and ends.
 
 Dispatch.  :func:`batched_dispatch` turns a per-sequence function and its
 batched twin into one function that equals the per-sequence one everywhere
@@ -69,7 +70,7 @@ BATCHED_GRADIENT_BACKENDS = {"cpu": False, "gpu": True, "cuda": True, "rocm": Tr
 # every row on one core of a machine with 512 KiB of L2 per core (2-17 %,
 # BUILD_NOTES "Stop 16"; the backward pass's (K, K, U) count carry is 100 KiB
 # at 256 users, K = 10).  HSMMs do not use blocks
-# (``ChainModel.em_step_in_user_blocks``: no gain measured).  Accelerators want
+# (``ChainModel.em_step_in_user_blocks``: no gain measured, stops 14 and 17).  Accelerators want
 # the whole batch at once; their entries are unmeasured (no GPU was lent), hence 0.
 USERS_PER_BLOCK = {"cpu": 256}
 

@@ -42,18 +42,20 @@ def _hsmm_inputs(initial, transition, dur_log_probs, log_likes, mask):
           jnp.transpose(jnp.exp(dur_log_probs), (2, 1, 0)), likes, shift, mask_t)
 
 
-def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_joint=True):
+def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_segments=True):
   """Scaled forward pass over (remaining, state) (hsmm._forward with users minor).
 
   initial (K, U), trans (K, K, U), dur (D, K, U), likes (T, K, U), shift/mask (T, U).
   Returns the log-likelihood (U,), whether any step is valid (U,), filtered
   state marginals (T, K, U), normalisers (T, U) and the step structure moves /
   is_first / before_first (T, U) (tracked with a "seen a valid step" flag, as
-  in _hmm_forward).  With ``keep_joint`` also what the backward pass reads:
-  the joints alpha_t (T, D, K, U), the mass that jumps out of a segment into
-  step t, ``alpha_{t-1}[0]`` on moving steps (T, K, U), and the weight with which
-  a segment is entered at t, ``(alpha_{t-1}[0] A)`` on moving steps and
-  ``initial`` at the first valid step (T, K, U).
+  in _hmm_forward).  With ``keep_segments`` also what the backward pass reads:
+  the mass that jumps out of a segment into step t, ``alpha_{t-1}[0]`` on moving
+  steps (T, K, U), and the weight with which a segment is entered at t,
+  ``(alpha_{t-1}[0] A)`` on moving steps and ``initial`` at the first valid step
+  (T, K, U).  The joints alpha_t (D, K, U) are not kept: the backward pass gets
+  the smoothed marginals from segment starts and ends, so a user's memory is
+  O(T K + D K), not O(T D K).
   """
 
   def step(carry, inputs):
@@ -77,9 +79,9 @@ def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_joint=True):
     # prediction is fused into it and recomputed D times (2x slower, measured).
     carry = (alpha, _mix(alpha[0], trans), filtered, seen_now)
     out = (filtered, norm, moves_t, is_first_t, ~seen_now)
-    if keep_joint:
+    if keep_segments:
       entering = jnp.where(moves_t, jump_in, jnp.where(is_first_t, initial, 0.0))
-      out = out + (alpha, jnp.where(moves_t, alpha_prev[0], 0.0), entering)
+      out = out + (jnp.where(moves_t, alpha_prev[0], 0.0), entering)
     return carry, out
 
   start = initial[None] * dur
@@ -92,46 +94,58 @@ def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_joint=True):
   return (ll, any_valid) + tuple(outs)
 
 
-def _hsmm_backward(trans, dur, alphas, endings, entering, likes, norms, moves, is_first):
+def _hsmm_backward(trans, dur, endings, entering, last_filtered, likes, norms, moves, is_first):
   """Scaled backward pass fused with the expected counts (hsmm._backward, users minor).
 
   One reverse scan over all T steps whose carry is beta_t (D, K, U); at step t
   it forms msg_t = b_t beta_t / c_t, the entry weight sum_d p(d) msg_t and
-  beta_{t-1}.  Inputs from :func:`_hsmm_forward`.  Returns smoothed state
-  marginals (T, K, U) (not yet filled before the first valid step), the
-  duration counts (D, K, U), the two-slice jump sums (K, K, U) (times the
-  transition they are the transition counts) and the entry weight at the
-  first valid step (K, U).
+  beta_{t-1}.  Inputs from :func:`_hsmm_forward`, and the filtered marginal at
+  the last step (K, U).  Returns smoothed state marginals (T, K, U) (not yet
+  filled before the first valid step), the duration counts (D, K, U), the
+  two-slice jump sums (K, K, U) (times the transition they are the transition
+  counts) and the entry weight at the first valid step (K, U).
 
   The first valid step f is folded into the entry sums: its joint is
   alpha_f beta_f = initial p(d) msg_f, a segment entered with weight
   ``initial`` -- so the per-sequence ``first`` accumulator (a (K, D) select
   and add every step) is not needed, and initial_probs = initial * entry_f.
+
+  The smoothed marginals need no joints: across a moving step t, the mass in
+  state k at t-1 is that at t less the segments of k that start at t, plus
+  those that end at t-1,
+  gamma_{t-1} = gamma_t - entering_t entry_t + alpha_{t-1}[0] (A entry_t),
+  from gamma at the last step, which is its filtered marginal.
   """
   trans_by_target = jnp.swapaxes(trans, 0, 1)          # [j, i, u] = A[i, j, u]
 
   def step(carry, inputs):
-    beta, entered, jumps, first_entry = carry
-    alpha_t, ending_t, entering_t, b_t, norm_t, moves_t, is_first_t = inputs
-    smoothed = _sum_leading(alpha_t * beta)
+    beta, smoothed, entered, jumps, first_entry = carry
+    ending_t, entering_t, b_t, norm_t, moves_t, is_first_t = inputs
     # A masked step has b = 1 and c = 1: msg = beta passes through.
     msg = beta * normalize(b_t, norm_t)[None]
     entry = _sum_leading(dur * msg)                           # (K, U)
     entered = entered + entering_t[None] * msg
     jumps = jumps + ending_t[:, None] * entry[None]
     first_entry = jnp.where(is_first_t, entry, first_entry)
-    moved = jnp.concatenate([_mix(entry, trans_by_target)[None], msg[:-1]])
+    leaving = _mix(entry, trans_by_target)
+    moved = jnp.concatenate([leaving[None], msg[:-1]])
     beta = jnp.where(moves_t, moved, beta)
-    return (beta, entered, jumps, first_entry), smoothed
+    before = jnp.where(moves_t, smoothed - entering_t * entry + ending_t * leaving, smoothed)
+    # The differences leave round-off of either sign where a marginal is ~0
+    # (float32: down to -4e-6 at T = 10,000); a negative probability would reach
+    # the M-step's logs, so the output is clipped, not the recursion.
+    return (beta, before, entered, jumps, first_entry), jnp.maximum(smoothed, 0.0)
 
-  max_duration, num_states, num_users = alphas.shape[1:]
-  dtype = alphas.dtype
+  max_duration = dur.shape[0]
+  num_states, num_users = last_filtered.shape
+  dtype = last_filtered.dtype
   init = (jnp.ones((max_duration, num_states, num_users), dtype),
+          last_filtered,
           jnp.zeros((max_duration, num_states, num_users), dtype),
           jnp.zeros((num_states, num_states, num_users), dtype),
           jnp.zeros((num_states, num_users), dtype))
-  (_, entered, jumps, first_entry), smoothed = jax.lax.scan(
-      step, init, (alphas, endings, entering, likes, norms, moves, is_first), reverse=True)
+  (_, _, entered, jumps, first_entry), smoothed = jax.lax.scan(
+      step, init, (endings, entering, likes, norms, moves, is_first), reverse=True)
   return smoothed, dur * entered, jumps, first_entry
 
 
@@ -140,7 +154,7 @@ def hsmm_filter_batched(initial, transition, dur_log_probs, log_likes, mask):
   initial, trans, dur, likes, shift, mask_t = _hsmm_inputs(
       initial, transition, dur_log_probs, log_likes, mask)
   ll, _, filtered, *_ = _hsmm_forward(initial, trans, dur, likes, shift, mask_t,
-                                      keep_joint=False)
+                                      keep_segments=False)
   return ll, _users_first(filtered)
 
 
@@ -150,9 +164,10 @@ def _hsmm_forward_backward(initial, transition, dur_log_probs, log_likes, mask):
   :func:`_hsmm_backward`, and the mask (T, U)."""
   initial, trans, dur, likes, shift, mask_t = _hsmm_inputs(
       initial, transition, dur_log_probs, log_likes, mask)
-  *forward, alphas, endings, entering = _hsmm_forward(initial, trans, dur, likes, shift, mask_t)
-  _, _, _, norms, moves, is_first, _ = forward
-  backward = _hsmm_backward(trans, dur, alphas, endings, entering, likes, norms, moves, is_first)
+  *forward, endings, entering = _hsmm_forward(initial, trans, dur, likes, shift, mask_t)
+  _, _, filtered, norms, moves, is_first, _ = forward
+  backward = _hsmm_backward(trans, dur, endings, entering, filtered[-1], likes, norms, moves,
+                            is_first)
   return initial, trans, forward, backward, mask_t
 
 

@@ -63,8 +63,9 @@ class ChainModel(Parameterised):
   """
 
   # Whether a vmapped em_step runs in blocks of users (dennl_jax._batched.USERS_PER_BLOCK).
-  # Measured faster for HMMs; not for HSMMs, whose per-user temporaries are D times larger:
-  # blocks of 400 users of a T = 400, D = 20 HSMM were 13 % slower than one batch.
+  # Measured faster for HMMs; not for HSMMs: blocks of 128-256 users of a T = 100 HSMM
+  # were 0-5 % apart from one batch on one core and up to 40 % slower with two
+  # threads (BUILD_NOTES "Stop 17"), whose (D, K, U) steps keep both threads busy.
   em_step_in_user_blocks: ClassVar[bool] = False
 
   @property
