@@ -427,3 +427,18 @@ def test_fit_em_monotone_categorical_durations_with_padding():
   assert np.all(trace[:, -1] > trace[:, 0])
   fitted_u0 = jax.tree_util.tree_map(lambda x: x[0], fitted)
   fitted_u0.check_parameters()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU table entries")
+def test_cpu_gradients_of_vmapped_hsmms_take_the_kernel():
+  """On CPU, grad(vmap(.)) differentiates the users-minor HSMM kernel (its (D, K, U)
+  carry is in the gradient's jaxpr; faster since it keeps no joints, BUILD_NOTES
+  "Stop 17").  HMM derivatives stay per sequence (dennl_jax._batched's tables)."""
+  num_states, max_duration, num_users, num_steps = 3, 4, 5, 6
+  models = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[
+      random_hsmm(seed, num_states, max_duration) for seed in range(num_users)])
+  obs = jnp.stack([random_obs(seed, models, num_steps) for seed in range(num_users)])
+  mask = jnp.ones((num_users, num_steps), bool)
+  loss = lambda m: jnp.sum(jax.vmap(dj.posterior)(m, obs, mask).smoothed_probs ** 2)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(models))
+  assert f"f64[{max_duration},{num_states},{num_users}]" in jaxpr

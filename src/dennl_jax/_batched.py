@@ -24,7 +24,8 @@ and runs the batched twin when ``jax.vmap`` batches it:
 * derivatives: a ``jax.custom_jvp`` around it.  ``custom_vmap`` alone has
   no transpose rule, so reverse mode would fail whenever the vmap is not
   applied first.  The JVP rule therefore uses the batched twin only when the
-  backend's entry in :data:`BATCHED_GRADIENT_BACKENDS` says so and the
+  backend's entry in :data:`BATCHED_GRADIENT_BACKENDS` (HSMMs:
+  :data:`HSMM_BATCHED_GRADIENT_BACKENDS`) says so and the
   tangents are being batched (``grad(vmap(f))``, ``jvp(vmap(f))``,
   ``vmap(jvp(f))``: the batch rule then turns the tangent map into plain,
   transposable ops) and plain ``jax.jvp`` of the per-sequence function
@@ -59,6 +60,11 @@ except ImportError:  # pragma: no cover - a JAX without it keeps per-sequence ta
 # running the benchmark there.
 BATCHED_BACKENDS = {"cpu": True, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
 BATCHED_GRADIENT_BACKENDS = {"cpu": False, "gpu": True, "cuda": True, "rocm": True, "tpu": False}
+# The HSMM kernel's JVP beats the per-sequence one on CPU since the kernel keeps
+# no per-step joints: 3 stacked exact EM layers (score VJP), U = 16, T = 400,
+# K = 10: 1.24-1.34x at D = 20, 1.04x at D = 60, with 4-8x fewer temporaries
+# (BUILD_NOTES "Stop 17").
+HSMM_BATCHED_GRADIENT_BACKENDS = {**BATCHED_GRADIENT_BACKENDS, "cpu": True}
 
 # Backend -> users per block of a vmapped HMM EM step or chain recursion (0:
 # the whole batch at once).  On CPU a vmapped em_step over thousands of users has
@@ -218,13 +224,15 @@ def _is_batched(tree) -> bool:
   return any(isinstance(x, _BatchTracer) for x in jax.tree_util.tree_leaves(tree))
 
 
-def batched_dispatch(per_sequence, batched, num_diff: int, user_blocks: bool = False):
+def batched_dispatch(per_sequence, batched, num_diff: int, user_blocks: bool = False,
+                     gradient_backends=BATCHED_GRADIENT_BACKENDS):
   """``per_sequence(*diff_args, *other_args)`` that runs ``batched`` under ``jax.vmap``.
 
   per_sequence: function of one sequence; its first ``num_diff`` arguments are
     float arrays that may be differentiated, the rest (masks) are not.
   batched: the same function on a leading user axis of every argument and output.
   user_blocks: run the vmapped values in blocks of :func:`users_per_block` users.
+  gradient_backends: backend -> whether batched tangents run ``batched``'s JVP.
   """
   primal = custom_vmap(per_sequence)
   primal.def_vmap(_vmap_rule(per_sequence, batched, user_blocks))
@@ -260,7 +268,7 @@ def batched_dispatch(per_sequence, batched, num_diff: int, user_blocks: bool = F
   def dispatch_jvp(args, tangents):
     primals, other = tuple(args[:num_diff]), tuple(args[num_diff:])
     tangents = tuple(tangents[:num_diff])
-    if use_batched(BATCHED_GRADIENT_BACKENDS) and _is_batched(tangents):
+    if use_batched(gradient_backends) and _is_batched(tangents):
       return tangent_map(primals, tangents, *other)
     return jvp_one(primals, tangents, *other)
 

@@ -47,6 +47,7 @@ of the benchmark, in :mod:`dennl_jax.oracles`.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -197,15 +198,12 @@ def _hsmm_score_one(initial, transition, dur_log_probs, log_likes, mask):
 
 # Under jax.vmap both run the users-minor kernels of dennl_jax._batched_hsmm
 # (values and derivatives equal; dennl_jax._batched says which compositions).
-_hsmm_filter_dispatch = _batched.batched_dispatch(
-    _hsmm_filter_one, _batched_hsmm.hsmm_filter_batched, num_diff=4)
-_hsmm_smoother_dispatch = _batched.batched_dispatch(
-    _hsmm_smoother_one, lambda *args: HSMMPosterior(*_batched_hsmm.hsmm_smoother_batched(*args)),
-    num_diff=4)
-
-
-_hsmm_score_dispatch = _batched.batched_dispatch(
-    _hsmm_score_one, _batched_hsmm.hsmm_score_batched, num_diff=4)
+_dispatch = functools.partial(_batched.batched_dispatch, num_diff=4,
+                              gradient_backends=_batched.HSMM_BATCHED_GRADIENT_BACKENDS)
+_hsmm_filter_dispatch = _dispatch(_hsmm_filter_one, _batched_hsmm.hsmm_filter_batched)
+_hsmm_smoother_dispatch = _dispatch(
+    _hsmm_smoother_one, lambda *args: HSMMPosterior(*_batched_hsmm.hsmm_smoother_batched(*args)))
+_hsmm_score_dispatch = _dispatch(_hsmm_score_one, _batched_hsmm.hsmm_score_batched)
 _hsmm_score_symmetric = _score.with_symmetric_vjp(_hsmm_score_dispatch, num_diff=4)
 _hsmm_log_likelihood = _score.with_score_jvp(
     lambda *args: _hsmm_filter_dispatch(*args)[0], _hsmm_score_dispatch, num_diff=4)
