@@ -76,6 +76,8 @@ def take_users(tree, num_users):
 
 def format_table(rows, num_states):
   """Markdown lines; growth is compared with D and with the O(K (K + D)) model."""
+  if not rows:
+    return []
   base = rows[0]
   d0 = base["max_duration"]
   cells = []
@@ -238,13 +240,15 @@ def run(config, output_dir: str | None = None) -> dict:
             f"expanded U={exp_users}; median of {config.repeats}; {os.cpu_count()} CPUs, "
             f"jax {jax.__version__}, {jax.default_backend()} (shared machine: timings noisy)")
   table = format_table(rows, num_states)
-  print(header + "\n\n" + "\n".join(table))
+  if rows:
+    print(header + "\n\n" + "\n".join(table))
   batched_rows = kernel_rows(config, rng)
   kernel_header = (f"jit(vmap(dj.em_step)) of the HSMM, users-minor batched kernel vs "
                    f"per-sequence vmap, same data, interleaved; T={num_steps}, Categorical "
                    f"V={num_symbols}, Poisson durations, float32, median of {config.repeats}")
   kernel_table = format_kernel_table(batched_rows)
-  print("\n" + kernel_header + "\n\n" + "\n".join(kernel_table))
+  if batched_rows:
+    print("\n" + kernel_header + "\n\n" + "\n".join(kernel_table))
   grad_rows = gradient_rows(config, rng) if config.gradient_users else []
   grad_header = (f"Exact gradient of {config.gradient_stages} stacked vmapped EM layers "
                  f"(jit(grad)), em_layer(gradient='exact') (score VJP) vs "

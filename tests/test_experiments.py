@@ -243,3 +243,15 @@ def test_table1_stats_over_seeds_and_paired_differences():
   assert diff["low"] < diff["mean"] < diff["high"] and diff["n_pairs"] == 60
   assert report.means_table(summary)["dennl"]["T50"] == cell["mean"]
   assert any("DENNL" in line and "conventional_em" in line for line in report.headline(summary))
+
+
+def test_bench_hsmm_runs_any_subset_of_its_tables(tmp_path):
+  """Each of bench_hsmm's three tables can be switched off (an empty list of D)."""
+  from experiments import bench_hsmm
+  config = common.get_config("bench_hsmm", "tiny")
+  config.durations = ()
+  config.gradient_users = 0
+  result = bench_hsmm.run(config, str(tmp_path))
+  assert result["rows"] == [] and result["gradient_rows"] == []
+  assert len(result["batched_kernel_rows"]) == len(config.kernel_durations)
+  assert "|---" in (tmp_path / "results.md").read_text()
