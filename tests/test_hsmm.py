@@ -263,6 +263,22 @@ def test_poisson_m_step_is_truncated_mle():
   assert 0 < empty.rate[1] < 1e-300
 
 
+@pytest.mark.parametrize("start", [1.0, 300.0])
+def test_poisson_m_step_converges_to_round_off(start):
+  """The Newton loop stops on a tolerance and then takes two more steps: the fitted
+  truncated mean equals the counts' mean to float64 round-off, also where the start
+  is far off (heavy truncation, rates 55 and 200 on D = 60, need ~10 clipped steps)."""
+  max_duration = 60
+  rate = jnp.array([0.3, 20.0, 55.0, 200.0])
+  counts = 7.0 * jnp.exp(PoissonDuration(rate, max_duration).log_probs())
+  fitted = PoissonDuration(jnp.full(4, start), max_duration).m_step(counts)
+  shifted = jnp.arange(max_duration)
+  fitted_mean = jnp.exp(fitted.log_probs()) @ shifted
+  target = (counts @ shifted) / counts.sum(-1)
+  np.testing.assert_allclose(fitted_mean, target, rtol=1e-13)
+  np.testing.assert_allclose(fitted.rate, rate, rtol=1e-9)
+
+
 def test_poisson_log_probs():
   family = PoissonDuration(jnp.array([2.0, 0.7]), 50)
   d = np.arange(1, 51)
