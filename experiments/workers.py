@@ -13,8 +13,10 @@ are shared through the persistent XLA cache when the binary enables one.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import NamedTuple, Sequence
 
@@ -71,16 +73,26 @@ def _tail(path: str, lines: int = 15) -> str:
     return "(no log)"
 
 
+def _exit_on_sigterm(signum, frame):
+  # SIGTERM's default action ends the interpreter without unwinding, which
+  # would leave the workers running as orphans; exiting through an exception
+  # runs run_pieces' cleanup.
+  raise SystemExit(128 + signum)
+
+
 def run_pieces(pieces: Sequence[Piece], num_workers: int, *, poll_seconds: float = 0.5,
                environ=None) -> list[str]:
   """Runs every piece, at most ``num_workers`` at once, in the given order (put
   the longest first).  Returns the names of the pieces that failed (non-zero
   exit; the tail of each one's log is printed).  An exception in the caller
-  (Ctrl-C) terminates the running pieces; pieces that finished keep their files.
+  (Ctrl-C) or a SIGTERM to it (``kill``, a scheduler's timeout) terminates the
+  running pieces; pieces that finished keep their files.
   """
   env = worker_environment(num_workers, environ)
   pending, running, failed = list(pieces), {}, []
   t_start, done = time.time(), 0
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
   try:
     while pending or running:
       while pending and len(running) < num_workers:
@@ -106,6 +118,8 @@ def run_pieces(pieces: Sequence[Piece], num_workers: int, *, poll_seconds: float
       process.terminate()
     for process in running:
       process.wait()
+    if in_main_thread and previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
   return failed
 
 

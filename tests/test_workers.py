@@ -53,3 +53,32 @@ def test_resolve_workers():
   assert workers.resolve_workers(3) == 3
   with pytest.raises(common.ConfigError, match="workers must be a non-negative int"):
     workers.resolve_workers(-1)
+
+
+def test_terminating_the_caller_stops_its_pieces(tmp_path):
+  """``kill <pid>`` of a binary running pieces (SIGTERM, as a job scheduler or
+  timeout sends) must not leave its workers running on."""
+  import signal
+  import subprocess
+  import time
+  pid_file = tmp_path / "piece.pid"
+  piece = workers.Piece("sleeper", (sys.executable, "-c", (
+      "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"),
+      str(pid_file)), str(tmp_path / "sleeper.txt"))
+  caller = subprocess.Popen([sys.executable, "-c", (
+      "import sys; from experiments import workers; "
+      f"workers.run_pieces([workers.Piece(*{tuple(piece)!r})], 1, poll_seconds=0.05)")],
+      cwd=workers.ROOT, env=workers.worker_environment(1))
+  deadline = time.time() + 60
+  while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+    time.sleep(0.05)
+  piece_pid = int(pid_file.read_text())
+  caller.send_signal(signal.SIGTERM)
+  assert caller.wait(timeout=30) != 0
+  deadline = time.time() + 10
+  while os.path.exists(f"/proc/{piece_pid}") and time.time() < deadline:
+    time.sleep(0.05)
+  alive = os.path.exists(f"/proc/{piece_pid}")
+  if alive:
+    os.kill(piece_pid, signal.SIGKILL)
+  assert not alive, "the piece outlived its terminated caller"
