@@ -77,11 +77,16 @@ def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_segments=True):
     # The next step's jump mass is computed here: a carry is materialised once,
     # whereas the K-term mat-vec written inside the next step's (D, K, U)
     # prediction is fused into it and recomputed D times (2x slower, measured).
-    carry = (alpha, _mix(alpha[0], trans), filtered, seen_now)
+    jump_next = _mix(alpha[0], trans)
+    carry = (alpha, jump_next, filtered, seen_now)
     out = (filtered, norm, moves_t, is_first_t, ~seen_now)
     if keep_segments:
-      entering = jnp.where(moves_t, jump_in, jnp.where(is_first_t, initial, 0.0))
-      out = out + (jnp.where(moves_t, alpha_prev[0], 0.0), entering)
+      # What the backward pass reads is emitted from this step's new values and
+      # shifted by one step after the scan: an output read from the incoming
+      # carry (alpha_prev[0]) kept that (D, K, U) buffer alive past its update,
+      # so XLA copied the whole carry every step (seen in the compiled loop body;
+      # the smoother 1.15-1.35x slower at D = 20-60).
+      out = out + (alpha[0], jump_next)
     return carry, out
 
   start = initial[None] * dur
@@ -91,6 +96,15 @@ def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_segments=True):
   # loses ten times more (measured at T = 2000).
   norms = outs[1]
   ll = jnp.sum(jnp.where(mask, jnp.log(norms) + shift, 0.0), axis=0)
+  if keep_segments:
+    moves, is_first = outs[2], outs[3]
+    # Step t reads the one-step-left mass and the jump mass of step t - 1.
+    one_left_before = jnp.concatenate([start[None, 0], outs[5][:-1]])
+    jump_before = jnp.concatenate([init[1][None], outs[6][:-1]])
+    endings = jnp.where(moves[:, None], one_left_before, 0.0)
+    entering = jnp.where(moves[:, None], jump_before,
+                         jnp.where(is_first[:, None], initial[None], 0.0))
+    outs = outs[:5] + (endings, entering)
   return (ll, any_valid) + tuple(outs)
 
 
