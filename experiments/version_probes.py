@@ -22,7 +22,13 @@ import json
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+import dennl_jax as dj
+from dennl_jax.codec import ParamCodec
 
 PROBES = ("hmm_em_step", "hsmm_em_step", "dennl_step_hmm", "dennl_step_hsmm")
 
@@ -42,9 +48,6 @@ def _no_self_transitions(rng, batch, num_states):
 
 def _em_step_call(case):
   """``jit(vmap(dj.em_step))`` of per-user Categorical HMMs or Poisson-duration HSMMs."""
-  import jax
-  import jax.numpy as jnp
-  import dennl_jax as dj
   users, steps, states, symbols = case["users"], case["steps"], case["states"], case["symbols"]
   rng = np.random.default_rng(0)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
@@ -64,11 +67,6 @@ def _em_step_call(case):
 
 def _dennl_step_call(case):
   """One jitted DENNL training step (likelihood loss, Adam) on a minibatch of users."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  import dennl_jax as dj
-  from dennl_jax.codec import ParamCodec
   users, steps, states = case["users"], case["steps"], case["states"]
   rng = np.random.default_rng(0)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
@@ -102,8 +100,6 @@ def _dennl_step_call(case):
 def run_case(case: dict, outputs_path: str | None = None) -> dict:
   """Compiles the case's program, calls it once (outputs saved), then times
   ``case["repeats"]`` calls, each waited on."""
-  import jax
-  import dennl_jax as dj
   if case["probe"] not in PROBES:
     raise ValueError(f"unknown probe {case['probe']!r}; choose from {PROBES}")
   build = _em_step_call if case["probe"].endswith("em_step") else _dennl_step_call
