@@ -162,26 +162,25 @@ def time_case(case: dict, codes: dict[str, str], config, workdir: str,
   labels = list(codes)
   runs = {label: [] for label in labels}
   load_before = os.getloadavg()[0]
+  stem = f"{case['probe']}_{case.get('max_duration', '')}"
+  outputs = lambda label, pair: os.path.join(workdir, f"{stem}_{label}_{pair}.npz")
   for pair in range(config.pairs):
     for label in (labels if pair % 2 == 0 else labels[::-1]):
-      stem = f"{case['probe']}_{case.get('max_duration', '')}_{label}_{pair}"
       result = run_probe(codes[label], case, pin_one_core=config.pin_one_core,
-                         outputs_path=os.path.join(workdir, f"{stem}.npz"),
-                         log_path=log_dir and os.path.join(log_dir, f"{stem}.log"))
+                         outputs_path=outputs(label, pair),
+                         log_path=log_dir and os.path.join(log_dir, f"{stem}_{label}_{pair}.log"))
       runs[label].append(result["median_seconds"])
       common.log(f"[{case_name(case)}] pair {pair} {label}: "
                  f"{1e3 * result['median_seconds']:.1f} ms "
                  f"(compile {result['compile_seconds']:.1f} s)")
   base, current = (np.asarray(runs[label]) for label in labels)
-  stem = f"{case['probe']}_{case.get('max_duration', '')}"
   return {"case": case, "name": case_name(case), "seconds": runs,
           "baseline_median_seconds": float(np.median(base)),
           "current_median_seconds": float(np.median(current)),
           "ratio": float(np.median(base) / np.median(current)),
           "pair_ratios": (base / current).tolist(),
-          "max_abs_output_difference": output_difference(
-              os.path.join(workdir, f"{stem}_{labels[0]}_0.npz"),
-              os.path.join(workdir, f"{stem}_{labels[1]}_0.npz")),
+          "max_abs_output_difference": output_difference(outputs(labels[0], 0),
+                                                         outputs(labels[1], 0)),
           "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
 
 

@@ -50,7 +50,6 @@ def test_tiny_run_times_both_codes_and_compares_outputs(tmp_path):
   assert len(list((tmp_path / "logs").glob("*.log"))) == 2 * len(rows)
 
 
-@needs_git
 def test_probe_must_import_the_code_it_was_given(tmp_path):
   case = bench_versions.cases(common.get_config("bench_versions", "tiny"))[0]
   # No dennl_jax under tmp_path: the installed one is imported instead.
