@@ -79,8 +79,8 @@ def cases(config) -> list[dict]:
   unknown = [p for p in config.probes if p not in PROBES]
   if unknown or not config.probes:
     raise common.ConfigError(f"config.probes must name some of {PROBES}, got {config.probes}")
-  if config.pairs < 1 or config.repeats < 1:
-    raise common.ConfigError("config.pairs and config.repeats must be >= 1")
+  if config.repeats < 1:
+    raise common.ConfigError("config.repeats must be >= 1")
   em = dict(steps=config.em_steps, states=config.states, symbols=config.symbols,
             repeats=config.repeats)
   dennl = dict(states=config.states, stages=config.dennl_stages,
@@ -110,18 +110,25 @@ def case_name(case: dict) -> str:
 
 
 def run_probe(src: str, case: dict, *, pin_one_core: bool, outputs_path: str,
-              log_path: str | None = None) -> dict:
-  """One fresh process timing ``case`` on the code in ``src``; its parsed result."""
+              log_path: str | None = None, profile_calls: int = 0) -> dict:
+  """One fresh process timing ``case`` on the code in ``src``; its parsed result.
+
+  ``profile_calls``: also profile that many calls per operation (the result's
+  ``ops``, :func:`experiments.op_profile.profile`).
+  """
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (src, ROOT, env.get("PYTHONPATH", "")) if p)
+  flags = [env.get("XLA_FLAGS", "")]
   if pin_one_core:
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_SINGLE_THREAD_FLAGS}".strip()
+    flags.append(_SINGLE_THREAD_FLAGS)
     core = min(os.sched_getaffinity(0))
     preexec = lambda: os.sched_setaffinity(0, {core})
   else:
     preexec = None
+  env["XLA_FLAGS"] = " ".join(f for f in flags if f)
   process = subprocess.run(
-      [sys.executable, "-m", "experiments.version_probes", json.dumps(case), outputs_path],
+      [sys.executable, "-m", "experiments.version_probes", json.dumps(case), outputs_path,
+       str(profile_calls)],
       cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=preexec)
   text = process.stdout + process.stderr
   if log_path:
@@ -212,6 +219,8 @@ def cpu_model() -> str:
 def run(config, output_dir: str | None = None) -> dict:
   """Every case on both codes; prints the table, writes it with ``output_dir``."""
   todo = cases(config)
+  if config.pairs < 1:
+    raise common.ConfigError("config.pairs must be >= 1")
   baseline = resolve_commit(config.baseline)
   head = resolve_commit("HEAD")
   dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "src").strip())

@@ -3,12 +3,15 @@ r"""Timing probes that run unchanged on today's and on older ``dennl_jax`` code.
 Run by :mod:`experiments.bench_versions`, one probe per fresh process, with the
 code under test first on ``PYTHONPATH``:
 
-  PYTHONPATH=<code>/src:<repo> python -m experiments.version_probes '<case json>' <out.npz>
+  PYTHONPATH=<code>/src:<repo> python -m experiments.version_probes '<case json>' <out.npz> \
+      [<profiled calls>]
 
 Prints one JSON line: the case, the ``dennl_jax`` file that was imported (the
 caller checks it is the code it meant), the compile seconds and every timed
 repeat.  The first call's outputs go to ``out.npz`` so the caller can check
-that both codes computed the same thing.
+that both codes computed the same thing.  With a number of profiled calls, the
+line also has the per-operation profile of those calls, taken after the timed
+ones (``ops``; :mod:`experiments.op_profile`, :mod:`experiments.profile_ops`).
 
 Only the public API that every compared commit has is used (``dj.HMM``,
 ``dj.HSMM``, the families, ``dj.em_step``, ``dj.sample``, ``dj.DENNL``,
@@ -29,6 +32,7 @@ from flax import nnx
 
 import dennl_jax as dj
 from dennl_jax.codec import ParamCodec
+from experiments import op_profile
 
 PROBES = ("hmm_em_step", "hsmm_em_step", "dennl_step_hmm", "dennl_step_hsmm")
 
@@ -97,9 +101,9 @@ def _dennl_step_call(case):
   return step, (state, optimizer.init(state), batch, jax.random.PRNGKey(3))
 
 
-def run_case(case: dict, outputs_path: str | None = None) -> dict:
+def run_case(case: dict, outputs_path: str | None = None, profile_calls: int = 0) -> dict:
   """Compiles the case's program, calls it once (outputs saved), then times
-  ``case["repeats"]`` calls, each waited on."""
+  ``case["repeats"]`` calls, each waited on; then profiles ``profile_calls`` calls."""
   if case["probe"] not in PROBES:
     raise ValueError(f"unknown probe {case['probe']!r}; choose from {PROBES}")
   build = _em_step_call if case["probe"].endswith("em_step") else _dennl_step_call
@@ -115,10 +119,14 @@ def run_case(case: dict, outputs_path: str | None = None) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     seconds.append(time.perf_counter() - t0)
-  return {"case": case, "dennl_jax_file": dj.__file__, "compile_seconds": compile_seconds,
-          "seconds": seconds, "jax_version": jax.__version__}
+  result = {"case": case, "dennl_jax_file": dj.__file__, "compile_seconds": compile_seconds,
+            "seconds": seconds, "jax_version": jax.__version__}
+  if profile_calls:
+    result["ops"] = op_profile.profile(compiled, args, profile_calls)
+  return result
 
 
 if __name__ == "__main__":
-  result = run_case(json.loads(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
+  result = run_case(json.loads(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None,
+                    int(sys.argv[3]) if len(sys.argv) > 3 else 0)
   print("PROBE_RESULT " + json.dumps(result))

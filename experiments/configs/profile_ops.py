@@ -1,0 +1,25 @@
+r"""Config of experiments/profile_ops.py: where this checkout's time goes, per XLA operation.
+
+Run from the repository root:
+
+  python -m experiments.profile_ops --output_dir=/tmp/profile_ops
+  python -m experiments.profile_ops --config.probes="('dennl_step_hmm',)" \
+      --config.top=40 --output_dir=/tmp/profile_dennl_hmm
+
+The probes and their shapes are bench_versions' (``experiments/configs/bench_versions.py``:
+the same fields, the same ``full`` and ``tiny`` variants), so a profile explains a
+ratio that bench_versions measured.
+"""
+from experiments.configs import bench_versions
+
+
+def get_config(arg=None):
+  config = bench_versions.get_config(arg)
+  # Only the probes' shapes and repeats apply here.
+  for unused in ("baseline", "current", "pairs"):
+    del config[unused]
+  # One thread: an operation that XLA:CPU splits over threads is traced once per part.
+  config.pin_one_core = True
+  config.calls = 3                 # profiled calls per probe (after the timed repeats)
+  config.top = 25                  # operations listed per probe
+  return config

@@ -1,0 +1,109 @@
+"""experiments/op_profile.py and the profile_ops binary: per-operation profiles on CPU."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import op_profile, profile_ops
+from experiments.configs import profile_ops as profile_ops_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _scan_loss(x, n):
+  # A fori_loop with a traced trip count: XLA keeps the while loop (no unrolling).
+  return jnp.sum(jax.lax.fori_loop(0, n, lambda i, c: jnp.sin(c) * x, x))
+
+
+def _compiled_text(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_parse_hlo_places_operations_in_their_loops_and_passes():
+  x = jnp.linspace(0.1, 1.0, 64)
+  forward = op_profile.parse_hlo(_compiled_text(_scan_loss, x, 5))
+  whiles = [n for n, info in forward.items() if info["opcode"] == "while"]
+  assert whiles
+  in_loop = [info for info in forward.values() if info["loops"] and info["opcode"] != "parameter"]
+  assert in_loop and all(info["loops"][0].startswith(tuple(w + ":" for w in whiles))
+                         for info in in_loop)
+  assert any(not info["loops"] for info in forward.values())  # the entry's operations
+  assert all(op_profile.pass_of(info) == "forward" for info in forward.values())
+
+  grad = op_profile.parse_hlo(_compiled_text(jax.grad(lambda x: _scan_loss(x, 5)), x))
+  passes = {op_profile.pass_of(info) for info in grad.values() if info["loops"]}
+  assert "backward" in passes  # the transposed loop (grad of a fori_loop: a scan)
+
+
+def test_a_small_loop_compiled_as_one_kernel_is_one_call_operation():
+  args = (jnp.linspace(0.1, 1.0, 64), 7)
+  compiled = jax.jit(_scan_loss).lower(*args).compile()
+  compiled(*args)
+  rows = op_profile.profile(compiled, args, calls=2)
+  assert rows and all(r["seconds_per_call"] > 0 for r in rows)
+  assert [r["seconds_per_call"] for r in rows] == sorted((r["seconds_per_call"] for r in rows),
+                                                         reverse=True)
+  assert any(r["opcode"] in ("call", "while") for r in rows)
+  with pytest.raises(ValueError, match="calls"):
+    op_profile.profile(compiled, args, calls=0)
+
+
+def test_profile_counts_every_run_of_a_loop_operation():
+  # A single-threaded process (XLA_FLAGS is read when JAX starts), so no
+  # operation is split over threads; 8192 elements, so the loop keeps its thunks.
+  script = textwrap.dedent("""
+      import json, jax, jax.numpy as jnp
+      from experiments import op_profile
+      def _scan_loss(x, n):
+        return jnp.sum(jax.lax.fori_loop(0, n, lambda i, c: jnp.sin(c) * x, x))
+      args = (jnp.linspace(0.1, 1.0, 8192), 7)
+      compiled = jax.jit(_scan_loss).lower(*args).compile()
+      compiled(*args)
+      rows = op_profile.profile(compiled, args, calls=2)
+      print("ROWS " + json.dumps({"rows": rows, "regions": op_profile.by_region(rows)}))
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, check=True).stdout
+  result = json.loads(next(l for l in out.splitlines() if l.startswith("ROWS "))[5:])
+  rows, regions = result["rows"], result["regions"]
+  looped = [r for r in rows if r["loops"]]
+  # The body's fusion runs once per iteration: 7 per call, in the loop's region.
+  body = [r for r in looped if r["opcode"] == "fusion" and r["count_per_call"] == 7]
+  assert body and all(len(r["loops"]) == 1 for r in body)
+  # The condition runs 8 times, in the same loop; nothing outside the loop repeats.
+  loop = body[0]["loops"][0]
+  assert any(r["count_per_call"] == 8 and r["loops"] == [loop] for r in rows)
+  assert all(r["count_per_call"] == 1 for r in rows if not r["loops"])
+  assert any(r["loop"] != "(no loop)" and r["runs_per_call"] == 8 for r in regions)
+  assert sum(r["seconds_per_call"] for r in regions) == pytest.approx(
+      sum(r["seconds_per_call"] for r in rows))
+  assert op_profile.overhead_per_run(rows, untraced_seconds=1e9) == 0.0
+
+
+def test_profile_ops_tiny_run_writes_every_operation(tmp_path):
+  config = profile_ops_config.get_config("tiny")
+  config.probes = ("hmm_em_step",)
+  config.calls = 1
+  config.top = 3
+  result = profile_ops.run(config, str(tmp_path))
+  (probe,) = result["probes"]
+  assert probe["ops"] and probe["regions"]
+  assert probe["traced_seconds_per_call"] == pytest.approx(
+      sum(r["seconds_per_call"] for r in probe["ops"]))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert len(saved["probes"][0]["ops"]) == len(probe["ops"])
+  assert "costliest operations" in (tmp_path / "results.md").read_text()
+
+
+def test_profile_ops_config_has_no_comparison_fields():
+  config = profile_ops_config.get_config()
+  assert "baseline" not in config and "pairs" not in config
+  assert config.calls >= 1 and config.probes
