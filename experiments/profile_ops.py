@@ -3,6 +3,7 @@ r"""Where this checkout's time goes, per XLA operation, for bench_versions' prob
   python -m experiments.profile_ops --output_dir=/tmp/profile_ops
   python -m experiments.profile_ops --config.probes="('dennl_step_hmm',)" \
       --config.top=40 --output_dir=/tmp/profile_dennl_hmm
+  python -m experiments.profile_ops --config.code=4881312 --output_dir=/tmp/profile_filing
 
 Why.  A ratio (bench_em_step, bench_versions) says how fast; issue 12 asks, for
 every missed target, for the profile that explains it.  This prints, per probe
@@ -12,7 +13,8 @@ training steps), the time of the untraced calls, then the traced time per
 in -- and the costliest operations with their shapes and JAX op_names
 (:mod:`experiments.op_profile`).
 
-How.  Each probe runs in a fresh process on this checkout's ``src/`` (by
+How.  Each probe runs in a fresh process on this checkout's ``src/`` (or that
+of ``config.code``, a commit exported as bench_versions does; by
 default pinned to one core with XLA:CPU single-threaded, ``config.pin_one_core``:
 with several threads an operation split over them is traced once per part),
 times ``config.repeats`` calls, then traces ``config.calls`` more.  Traced times
@@ -27,7 +29,8 @@ import os
 import tempfile
 
 from experiments import common, op_profile
-from experiments.bench_versions import ROOT, case_name, cases, cpu_model, run_probe
+from experiments.bench_versions import (ROOT, case_name, cases, cpu_model, export_source,
+                                        resolve_commit, run_probe)
 
 
 def _region_table(regions: list[dict], total: float, overhead: float) -> list[str]:
@@ -51,11 +54,14 @@ def run(config, output_dir: str | None = None) -> dict:
     os.makedirs(log_dir, exist_ok=True)
   threads = ("one pinned core, XLA:CPU single-threaded" if config.pin_one_core
              else f"all {len(os.sched_getaffinity(0))} cores")
-  blocks, results = [f"Per-operation profile of {ROOT}/src; {threads}; {cpu_model()}."], []
+  commit = resolve_commit(config.code) if config.code else None
+  label = f"commit {commit[:10]}" if commit else f"this checkout ({ROOT}/src)"
+  blocks, results = [f"Per-operation profile of {label}; {threads}; {cpu_model()}."], []
   with tempfile.TemporaryDirectory(prefix="profile_ops_") as workdir:
+    src = export_source(commit, os.path.join(workdir, "code")) if commit else os.path.join(ROOT, "src")
     for case in todo:
       stem = f"{case['probe']}_{case.get('max_duration', '')}"
-      result = run_probe(os.path.join(ROOT, "src"), case, pin_one_core=config.pin_one_core,
+      result = run_probe(src, case, pin_one_core=config.pin_one_core,
                          outputs_path=os.path.join(workdir, stem + ".npz"),
                          log_path=log_dir and os.path.join(log_dir, stem + ".log"),
                          profile_calls=config.calls)
@@ -82,7 +88,7 @@ def run(config, output_dir: str | None = None) -> dict:
                  f"{regions[0]['pass']} {regions[0]['loop']}")
   text = "\n\n".join("\n".join(b) if isinstance(b, list) else b for b in blocks)
   print(text)
-  out = {"pin_one_core": config.pin_one_core, "cpu_model": cpu_model(),
+  out = {"code": commit or "checkout", "pin_one_core": config.pin_one_core, "cpu_model": cpu_model(),
          "cpu_count": os.cpu_count(), "probes": results}
   if output_dir:
     common.save_config(config, output_dir)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import op_profile, profile_ops
+from experiments import bench_versions, op_profile, profile_ops
 from experiments.configs import profile_ops as profile_ops_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,12 +88,16 @@ def test_profile_counts_every_run_of_a_loop_operation():
   assert op_profile.overhead_per_run(rows, untraced_seconds=1e9) == 0.0
 
 
-def test_profile_ops_tiny_run_writes_every_operation(tmp_path):
+@pytest.mark.parametrize("code", ["", "HEAD"])
+def test_profile_ops_tiny_run_writes_every_operation(tmp_path, code):
   config = profile_ops_config.get_config("tiny")
   config.probes = ("hmm_em_step",)
   config.calls = 1
   config.top = 3
+  config.code = code
   result = profile_ops.run(config, str(tmp_path))
+  assert result["code"] == ("checkout" if not code else
+                            bench_versions.resolve_commit("HEAD"))
   (probe,) = result["probes"]
   assert probe["ops"] and probe["regions"]
   assert probe["traced_seconds_per_call"] == pytest.approx(

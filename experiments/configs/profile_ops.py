@@ -6,7 +6,8 @@ Run from the repository root:
   python -m experiments.profile_ops --config.probes="('dennl_step_hmm',)" \
       --config.top=40 --output_dir=/tmp/profile_dennl_hmm
 
-The probes and their shapes are bench_versions' (``experiments/configs/bench_versions.py``:
+``--config.code=COMMIT`` profiles an earlier commit (e.g. bench_versions'
+baseline, ``4881312``) for a side-by-side.  The probes and their shapes are bench_versions' (``experiments/configs/bench_versions.py``:
 the same fields, the same ``full`` and ``tiny`` variants), so a profile explains a
 ratio that bench_versions measured.
 """
@@ -18,6 +19,9 @@ def get_config(arg=None):
   # Only the probes' shapes and repeats apply here.
   for unused in ("baseline", "current", "pairs"):
     del config[unused]
+  # A commit to profile instead of this checkout's src/ ('' = the checkout,
+  # uncommitted changes included), e.g. bench_versions' baseline.
+  config.code = ""
   # One thread: an operation that XLA:CPU splits over threads is traced once per part.
   config.pin_one_core = True
   config.calls = 3                 # profiled calls per probe (after the timed repeats)
