@@ -87,7 +87,7 @@ def cases(config) -> list[dict]:
                embed_dim=config.dennl_embed_dim, repeats=config.repeats)
   out = []
   for probe in config.probes:
-    if probe == "hmm_em_step":
+    if probe in ("hmm_em_step", "dynamax_smoother"):
       out.append(dict(em, probe=probe, users=config.hmm_em_users))
     elif probe == "hsmm_em_step":
       out += [dict(em, probe=probe, users=config.em_users, max_duration=int(d))
@@ -101,6 +101,11 @@ def cases(config) -> list[dict]:
                       steps=config.dennl_hsmm_steps, max_duration=config.dennl_max_duration,
                       obs_dim=config.dennl_obs_dim, hidden=list(config.dennl_hsmm_hidden)))
   return out
+
+
+def case_stem(case: dict) -> str:
+  """The start of a case's file names (logs, outputs)."""
+  return f"{case['probe']}_{case.get('max_duration', '')}"
 
 
 def case_name(case: dict) -> str:
@@ -169,7 +174,7 @@ def time_case(case: dict, codes: dict[str, str], config, workdir: str,
   labels = list(codes)
   runs = {label: [] for label in labels}
   load_before = os.getloadavg()[0]
-  stem = f"{case['probe']}_{case.get('max_duration', '')}"
+  stem = case_stem(case)
   outputs = lambda label, pair: os.path.join(workdir, f"{stem}_{label}_{pair}.npz")
   for pair in range(config.pairs):
     for label in (labels if pair % 2 == 0 else labels[::-1]):

@@ -29,8 +29,8 @@ import os
 import tempfile
 
 from experiments import common, op_profile
-from experiments.bench_versions import (ROOT, case_name, cases, cpu_model, export_source,
-                                        resolve_commit, run_probe)
+from experiments.bench_versions import (ROOT, case_name, case_stem, cases, cpu_model,
+                                        export_source, resolve_commit, run_probe)
 
 
 def _region_table(regions: list[dict], total: float, overhead: float) -> list[str]:
@@ -60,7 +60,7 @@ def run(config, output_dir: str | None = None) -> dict:
   with tempfile.TemporaryDirectory(prefix="profile_ops_") as workdir:
     src = export_source(commit, os.path.join(workdir, "code")) if commit else os.path.join(ROOT, "src")
     for case in todo:
-      stem = f"{case['probe']}_{case.get('max_duration', '')}"
+      stem = case_stem(case)
       result = run_probe(src, case, pin_one_core=config.pin_one_core,
                          outputs_path=os.path.join(workdir, stem + ".npz"),
                          log_path=log_dir and os.path.join(log_dir, stem + ".log"),

@@ -34,7 +34,9 @@ import dennl_jax as dj
 from dennl_jax.codec import ParamCodec
 from experiments import op_profile
 
-PROBES = ("hmm_em_step", "hsmm_em_step", "dennl_step_hmm", "dennl_step_hsmm")
+# dynamax_smoother: the peer of issue 12's em_step target, dynamax's vmapped
+# hmm_smoother (E-step only) on hmm_em_step's data; the same on every commit.
+PROBES = ("hmm_em_step", "hsmm_em_step", "dennl_step_hmm", "dennl_step_hsmm", "dynamax_smoother")
 
 
 def _dirichlet(rng, size, dim):
@@ -51,13 +53,14 @@ def _no_self_transitions(rng, batch, num_states):
 
 
 def _em_step_call(case):
-  """``jit(vmap(dj.em_step))`` of per-user Categorical HMMs or Poisson-duration HSMMs."""
+  """``jit(vmap(dj.em_step))`` of per-user Categorical HMMs or Poisson-duration HSMMs,
+  or dynamax's smoother on the same HMMs."""
   users, steps, states, symbols = case["users"], case["steps"], case["states"], case["symbols"]
   rng = np.random.default_rng(0)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   initial = f32(_dirichlet(rng, users, states))
   probs = dj.Categorical(f32(_dirichlet(rng, (users, states), symbols)))
-  if case["probe"] == "hmm_em_step":
+  if case["probe"] in ("hmm_em_step", "dynamax_smoother"):
     params = dj.HMM(initial, f32(_dirichlet(rng, (users, states), states)), probs)
   else:
     max_duration = case["max_duration"]
@@ -66,6 +69,13 @@ def _em_step_call(case):
                      dj.PoissonDuration(rate, max_duration), probs)
   obs = jnp.asarray(np.random.RandomState(0).randint(0, symbols, (users, steps)), jnp.int32)
   mask = jnp.ones((users, steps), bool)
+  if case["probe"] == "dynamax_smoother":
+    from dynamax.hidden_markov_model import hmm_smoother
+
+    def smoother(p, o, m):  # every step valid: the mask is all ones
+      del m
+      return hmm_smoother(p.initial, p.transition, jnp.log(p.emission.probs[:, o].T))
+    return jax.jit(jax.vmap(smoother)), (params, obs, mask)
   return jax.jit(jax.vmap(dj.em_step)), (params, obs, mask)
 
 
@@ -106,7 +116,7 @@ def run_case(case: dict, outputs_path: str | None = None, profile_calls: int = 0
   ``case["repeats"]`` calls, each waited on; then profiles ``profile_calls`` calls."""
   if case["probe"] not in PROBES:
     raise ValueError(f"unknown probe {case['probe']!r}; choose from {PROBES}")
-  build = _em_step_call if case["probe"].endswith("em_step") else _dennl_step_call
+  build = _dennl_step_call if case["probe"].startswith("dennl_step") else _em_step_call
   fn, args = build(case)
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import bench_versions, op_profile, profile_ops
+import dennl_jax as dj
+from experiments import bench_versions, op_profile, profile_ops, version_probes
 from experiments.configs import profile_ops as profile_ops_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,4 +111,18 @@ def test_profile_ops_tiny_run_writes_every_operation(tmp_path, code):
 def test_profile_ops_config_has_no_comparison_fields():
   config = profile_ops_config.get_config()
   assert "baseline" not in config and "pairs" not in config
-  assert config.calls >= 1 and config.probes
+  assert config.calls >= 1 and config.pin_one_core
+  # The em_step probe comes with its peer, dynamax's smoother, at the same shape.
+  hmm, dynamax = bench_versions.cases(config)[:2]
+  assert (hmm["probe"], dynamax["probe"]) == ("hmm_em_step", "dynamax_smoother")
+  assert {k: v for k, v in hmm.items() if k != "probe"} == {
+      k: v for k, v in dynamax.items() if k != "probe"}
+
+
+def test_dynamax_probe_smooths_the_em_step_probes_data():
+  case = dict(probe="dynamax_smoother", users=3, steps=7, states=2, symbols=3, repeats=1)
+  fn, (params, obs, mask) = version_probes._em_step_call(case)
+  posterior = fn(params, obs, mask)
+  ours = jax.vmap(dj.posterior)(params, obs, mask)
+  assert jnp.allclose(posterior.smoothed_probs, ours.smoothed_probs, atol=1e-5)
+  assert jnp.allclose(posterior.marginal_loglik, ours.log_likelihood, atol=1e-4)

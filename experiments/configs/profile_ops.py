@@ -22,6 +22,9 @@ def get_config(arg=None):
   # A commit to profile instead of this checkout's src/ ('' = the checkout,
   # uncommitted changes included), e.g. bench_versions' baseline.
   config.code = ""
+  if config.preset == "full":  # with the peer of the em_step target
+    config.probes = ("hmm_em_step", "dynamax_smoother") + tuple(
+        p for p in config.probes if p != "hmm_em_step")
   # One thread: an operation that XLA:CPU splits over threads is traced once per part.
   config.pin_one_core = True
   config.calls = 3                 # profiled calls per probe (after the timed repeats)
