@@ -165,6 +165,27 @@ def by_region(rows: list[dict]) -> list[dict]:
           for (p, loop), s in totals.most_common()]
 
 
+def by_time_scan(rows: list[dict], num_steps: int) -> list[dict]:
+  """Seconds per (pass, inside or outside the scans over time steps).
+
+  An operation is in a time scan when it runs at least ``num_steps`` times per
+  call (a scan over T steps, possibly inside loops over stages or blocks); a
+  loop's own time counts there when an operation of its body does.  The rest --
+  emission log-likelihoods, layout changes, M-steps, networks, residuals -- is
+  the per-call work around the recursions.
+  """
+  scans = {r["loops"][-1].split(":", 1)[0] for r in rows
+           if r["loops"] and r["count_per_call"] >= num_steps}
+  totals, events = collections.Counter(), collections.Counter()
+  for row in rows:
+    inside = row["count_per_call"] >= num_steps or row["op"] in scans
+    key = (pass_of(row), "time scans" if inside else "outside time scans")
+    totals[key] += row["seconds_per_call"]
+    events[key] += row["count_per_call"]
+  return [{"pass": p, "where": w, "seconds_per_call": totals[(p, w)],
+           "operation_runs_per_call": events[(p, w)]} for p, w in sorted(totals)]
+
+
 def overhead_per_run(rows: list[dict], untraced_seconds: float) -> float:
   """Seconds the tracer added per operation run: (traced total - untraced call time)
   / operation runs per call (0 when tracing added nothing measurable).  A

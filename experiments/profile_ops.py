@@ -7,10 +7,11 @@ r"""Where this checkout's time goes, per XLA operation, for bench_versions' prob
 
 Why.  A ratio (bench_em_step, bench_versions) says how fast; issue 12 asks, for
 every missed target, for the profile that explains it.  This prints, per probe
-(:mod:`experiments.version_probes`: HMM/HSMM em_step, the HMM and HSMM DENNL
-training steps), the time of the untraced calls, then the traced time per
-(pass, while loop) -- forward or reverse-mode operations, and the scan they run
-in -- and the costliest operations with their shapes and JAX op_names
+(:mod:`experiments.version_probes`: HMM/HSMM em_step, dynamax's smoother, the
+HMM and HSMM DENNL training steps), the time of the untraced calls, then the
+traced time inside and outside the scans over time steps, per (pass, while
+loop) -- forward or reverse-mode operations, and the loop they run in -- and the
+costliest operations with their shapes and JAX op_names
 (:mod:`experiments.op_profile`).
 
 How.  Each probe runs in a fresh process on this checkout's ``src/`` (or that
@@ -33,15 +34,26 @@ from experiments.bench_versions import (ROOT, case_name, case_stem, cases, cpu_m
                                         export_source, resolve_commit, run_probe)
 
 
+def _less_overhead(row: dict, overhead: float) -> float:
+  return max(0.0, row["seconds_per_call"] - overhead * row["operation_runs_per_call"])
+
+
 def _region_table(regions: list[dict], total: float, overhead: float) -> list[str]:
   return common.markdown_table(
       ["ms per call (traced)", "share", "less tracer overhead", "pass", "innermost loop",
        "most runs of an op", "operation runs"],
       [[f"{1e3 * r['seconds_per_call']:.2f}", f"{100 * r['seconds_per_call'] / total:.1f} %",
-        f"{1e3 * max(0.0, r['seconds_per_call'] - overhead * r['operation_runs_per_call']):.2f}",
-        r["pass"], f"`{r['loop']}`", f"{r['runs_per_call']:g}",
-        f"{r['operation_runs_per_call']:g}"] for r in regions],
+        f"{1e3 * _less_overhead(r, overhead):.2f}", r["pass"], f"`{r['loop']}`",
+        f"{r['runs_per_call']:g}", f"{r['operation_runs_per_call']:g}"] for r in regions],
       align=["right", "right", "right", "left", "left", "right", "right"])
+
+
+def _scan_table(split: list[dict], total: float, overhead: float) -> list[str]:
+  return common.markdown_table(
+      ["pass", "where", "ms per call (traced)", "share", "less tracer overhead"],
+      [[r["pass"], r["where"], f"{1e3 * r['seconds_per_call']:.2f}",
+        f"{100 * r['seconds_per_call'] / total:.1f} %", f"{1e3 * _less_overhead(r, overhead):.2f}"]
+       for r in split], align=["left", "left", "right", "right", "right"])
 
 
 def run(config, output_dir: str | None = None) -> dict:
@@ -75,14 +87,17 @@ def run(config, output_dir: str | None = None) -> dict:
                f"{sum(r['count_per_call'] for r in ops):g} operation runs per call (tracer "
                f"overhead about {1e6 * overhead:.2f} us per run); compile "
                f"{result['compile_seconds']:.1f} s.")
+      split = op_profile.by_time_scan(ops, case["steps"])
       header, lines = op_profile.format_rows(ops, config.top)
-      blocks += [title, "By pass and loop:", _region_table(regions, total, overhead),
+      blocks += [title, "Inside and outside the scans over time steps:",
+                 _scan_table(split, total, overhead),
+                 "By pass and loop:", _region_table(regions, total, overhead),
                  f"The {min(config.top, len(ops))} costliest operations:", header + lines]
       results.append({"case": case, "name": case_name(case),
                        "median_seconds": result["median_seconds"],
                        "compile_seconds": result["compile_seconds"],
                        "traced_seconds_per_call": total, "tracer_overhead_per_run": overhead,
-                       "regions": regions, "ops": ops})
+                       "time_scans": split, "regions": regions, "ops": ops})
       common.log(f"[{case_name(case)}] {1e3 * result['median_seconds']:.1f} ms untraced, "
                  f"{1e3 * total:.1f} ms traced; largest loop: "
                  f"{regions[0]['pass']} {regions[0]['loop']}")

@@ -87,6 +87,11 @@ def test_profile_counts_every_run_of_a_loop_operation():
   assert sum(r["seconds_per_call"] for r in regions) == pytest.approx(
       sum(r["seconds_per_call"] for r in rows))
   assert op_profile.overhead_per_run(rows, untraced_seconds=1e9) == 0.0
+  # The body's fusion, the condition's and the loop's own time are "time scans" at
+  # 7 steps; none of them is at 9 (nothing runs 9 times).
+  split = {r["where"]: r for r in op_profile.by_time_scan(rows, 7)}
+  assert split["time scans"]["seconds_per_call"] >= sum(r["seconds_per_call"] for r in body)
+  assert "time scans" not in {r["where"] for r in op_profile.by_time_scan(rows, 9)}
 
 
 @pytest.mark.parametrize("code", ["", "HEAD"])
@@ -100,7 +105,7 @@ def test_profile_ops_tiny_run_writes_every_operation(tmp_path, code):
   assert result["code"] == ("checkout" if not code else
                             bench_versions.resolve_commit("HEAD"))
   (probe,) = result["probes"]
-  assert probe["ops"] and probe["regions"]
+  assert probe["ops"] and probe["regions"] and probe["time_scans"]
   assert probe["traced_seconds_per_call"] == pytest.approx(
       sum(r["seconds_per_call"] for r in probe["ops"]))
   saved = json.loads((tmp_path / "results.json").read_text())
