@@ -35,7 +35,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?(%[\w.\-]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _BODY = re.compile(r"(?:body|condition)=(%[\w.\-]+)")
-_CALLS = re.compile(r"(?:calls|to_apply)=(%[\w.\-]+)")
+_CALLS = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=(%[\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 
 
 def parse_hlo(text: str) -> dict[str, dict]:
@@ -59,14 +60,15 @@ def parse_hlo(text: str) -> dict[str, dict]:
       continue
     name, shape, opcode = match.groups()
     op_name = _OP_NAME.search(line)
-    calls = _CALLS.findall(line) + _BODY.findall(line)
+    branches = [b.strip() for group in _BRANCHES.findall(line) for b in group.split(",")]
+    calls = _CALLS.findall(line) + branches + _BODY.findall(line)
     instructions[name] = {"shape": shape, "opcode": opcode,
                           "op_name": op_name.group(1) if op_name else "", "calls": calls}
     computation_of[name] = current
     if opcode == "while":
       for loop_computation in _BODY.findall(line):
         body_of[loop_computation] = (name, current)
-    for called in _CALLS.findall(line):
+    for called in _CALLS.findall(line) + branches:
       called_from.setdefault(called, current)
   for name in instructions:
     instructions[name]["computation"] = computation_of[name]

@@ -36,6 +36,13 @@ def test_parse_hlo_places_operations_in_their_loops_and_passes():
   assert any(not info["loops"] for info in forward.values())  # the entry's operations
   assert all(op_profile.pass_of(info) == "forward" for info in forward.values())
 
+  # A conditional runs its branches: their operations are its children, not siblings.
+  switch = lambda x, i: jax.lax.switch(i, [lambda x: jnp.sin(x) * 3, lambda x: jnp.cos(x)], x)
+  branches = op_profile.parse_hlo(_compiled_text(switch, jnp.ones(4096), 1))
+  (conditional,) = [i for i in branches.values() if i["opcode"] == "conditional"]
+  assert len(conditional["calls"]) == 2 and all(
+      any(i["computation"] == c for i in branches.values()) for c in conditional["calls"])
+
   grad = op_profile.parse_hlo(_compiled_text(jax.grad(lambda x: _scan_loss(x, 5)), x))
   passes = {op_profile.pass_of(info) for info in grad.values() if info["loops"]}
   assert "backward" in passes  # the transposed loop (grad of a fori_loop: a scan)

@@ -7,9 +7,10 @@ Run from the repository root:
       --config.top=40 --output_dir=/tmp/profile_dennl_hmm
 
 ``--config.code=COMMIT`` profiles an earlier commit (e.g. bench_versions'
-baseline, ``4881312``) for a side-by-side.  The probes and their shapes are bench_versions' (``experiments/configs/bench_versions.py``:
-the same fields, the same ``full`` and ``tiny`` variants), so a profile explains a
-ratio that bench_versions measured.
+baseline, ``4881312``) for a side-by-side.  The probes and their shapes are
+bench_versions' (``experiments/configs/bench_versions.py``: the same fields, the
+same ``full`` and ``tiny`` variants), so a profile explains a ratio that
+bench_versions measured; ``full`` adds ``dynamax_smoother`` beside ``hmm_em_step``.
 """
 from experiments.configs import bench_versions
 
