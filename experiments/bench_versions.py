@@ -40,6 +40,7 @@ import tempfile
 
 import numpy as np
 
+from dennl_jax import memory
 from experiments import common
 from experiments.version_probes import PROBES
 
@@ -115,13 +116,21 @@ def case_name(case: dict) -> str:
 
 
 def run_probe(src: str, case: dict, *, pin_one_core: bool, outputs_path: str,
-              log_path: str | None = None, profile_calls: int = 0) -> dict:
+              log_path: str | None = None, profile_calls: int = 0,
+              keep_freed_memory: bool = True) -> dict:
   """One fresh process timing ``case`` on the code in ``src``; its parsed result.
 
   ``profile_calls``: also profile that many calls per operation (the result's
-  ``ops``, :func:`experiments.op_profile.profile`).
+  ``ops``, :func:`experiments.op_profile.profile`).  ``keep_freed_memory``: the
+  process starts with glibc's malloc settings of :mod:`dennl_jax.memory` (as our
+  binaries run) or with glibc's defaults; either way the same for every code.
   """
   env = dict(os.environ)
+  for name, value in memory.malloc_environment().items():
+    if keep_freed_memory:
+      env[name] = value
+    else:
+      env.pop(name, None)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (src, ROOT, env.get("PYTHONPATH", "")) if p)
   flags = [env.get("XLA_FLAGS", "")]
   if pin_one_core:
@@ -179,6 +188,7 @@ def time_case(case: dict, codes: dict[str, str], config, workdir: str,
   for pair in range(config.pairs):
     for label in (labels if pair % 2 == 0 else labels[::-1]):
       result = run_probe(codes[label], case, pin_one_core=config.pin_one_core,
+                         keep_freed_memory=config.keep_freed_memory,
                          outputs_path=outputs(label, pair),
                          log_path=log_dir and os.path.join(log_dir, f"{stem}_{label}_{pair}.log"))
       runs[label].append(result["median_seconds"])
@@ -246,13 +256,16 @@ def run(config, output_dir: str | None = None) -> dict:
                  f"(pairs {', '.join(f'{r:.2f}' for r in rows[-1]['pair_ratios'])})")
   threads = ("one pinned core, XLA:CPU single-threaded" if config.pin_one_core
              else f"all {len(os.sched_getaffinity(0))} cores")
+  malloc = ("glibc malloc keeping freed memory (dennl_jax.memory)" if config.keep_freed_memory
+            else "glibc malloc defaults")
   header = (f"Baseline {baseline[:10]} vs current {current_label}: median over "
             f"{config.pairs} alternating process pairs of each process's median "
-            f"of {config.repeats} calls; {threads}; {cpu_model()}, "
+            f"of {config.repeats} calls; {threads}; {malloc}; {cpu_model()}, "
             f"{os.cpu_count()} CPUs. Ratio > 1: the current code is faster.")
   table = format_table(rows)
   print(header + "\n\n" + "\n".join(table))
   result = {"baseline": baseline, "current": current_label, "pin_one_core": config.pin_one_core,
+            "keep_freed_memory": config.keep_freed_memory,
             "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "rows": rows}
   if output_dir:
     common.save_config(config, output_dir)

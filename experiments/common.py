@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from ml_collections import config_dict
 
+from dennl_jax import memory
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -147,6 +149,7 @@ def app_main(name: str, run: Callable[[config_dict.ConfigDict, str | None], Any]
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    keep_freed_memory()
     try:
       config = binary.config()
       enable_compilation_cache(binary.compilation_cache_dir)
@@ -155,6 +158,16 @@ def app_main(name: str, run: Callable[[config_dict.ConfigDict, str | None], Any]
       raise app.UsageError(str(e)) from e
 
   app.run(main)
+
+
+def keep_freed_memory() -> bool:
+  """:func:`dennl_jax.keep_freed_memory` in this process, and its settings in the
+  environment that worker processes inherit (glibc reads them when a process
+  starts).  The binaries call it first (:func:`app_main`, table2): their
+  programs' temporaries then reuse their pages instead of page-faulting on
+  fresh ones every call (BUILD_NOTES "Stop 19").  Results do not change."""
+  os.environ.update(memory.malloc_environment())
+  return memory.keep_freed_memory()
 
 
 def add_tracking_arguments(parser) -> None:

@@ -74,6 +74,7 @@ def run(config, output_dir: str | None = None) -> dict:
     for case in todo:
       stem = case_stem(case)
       result = run_probe(src, case, pin_one_core=config.pin_one_core,
+                         keep_freed_memory=config.keep_freed_memory,
                          outputs_path=os.path.join(workdir, stem + ".npz"),
                          log_path=log_dir and os.path.join(log_dir, stem + ".log"),
                          profile_calls=config.calls)

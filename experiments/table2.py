@@ -403,6 +403,7 @@ def main():
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    common.keep_freed_memory()
     try:
       config = binary.config()
       with config.unlocked():

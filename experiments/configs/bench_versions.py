@@ -49,6 +49,10 @@ def get_config(arg=None):
   # One pinned core, XLA:CPU single-threaded (less noise than two threads; the
   # two-thread figure is the default run).
   config.pin_one_core = False
+  # Every process starts with dennl_jax.memory's glibc malloc settings, as our
+  # binaries run (False: glibc's defaults, where temporaries above 32 MiB
+  # page-fault on every call).  The same for both codes either way.
+  config.keep_freed_memory = True
   # em_step probes: Categorical emissions, users x steps, one row per D for HSMMs.
   config.em_users = 0              # HSMM users
   config.hmm_em_users = 0          # HMM users (issue 12's dynamax comparison shape)

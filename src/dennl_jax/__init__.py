@@ -61,6 +61,7 @@ from dennl_jax.training import (Batch, heldout_step_loss, likelihood_loss, make_
 from dennl_jax import data
 from dennl_jax import interop, io
 from dennl_jax.io import load_params, save_params
+from dennl_jax.memory import keep_freed_memory
 
 __all__ = [
     # families and their contracts
@@ -86,6 +87,8 @@ __all__ = [
     "labelling_accuracy", "per_user_accuracy", "confusion_matrix", "data",
     # parameters in and out (converters: dj.interop.to_hmmlearn, ...)
     "save_params", "load_params", "io", "interop",
+    # process settings (glibc malloc: XLA:CPU temporaries on reused pages)
+    "keep_freed_memory",
 ]
 
 __version__ = "0.1.0"
