@@ -69,13 +69,15 @@ def test_profile_counts_every_run_of_a_loop_operation():
       from experiments import op_profile
       def _scan_loss(x, n):
         return jnp.sum(jax.lax.fori_loop(0, n, lambda i, c: jnp.sin(c) * x, x))
-      args = (jnp.linspace(0.1, 1.0, 8192), 7)
+      args = (jnp.linspace(0.1, 1.0, 8192, dtype=jnp.float32), 7)
       compiled = jax.jit(_scan_loss).lower(*args).compile()
       compiled(*args)
       rows = op_profile.profile(compiled, args, calls=2)
       print("ROWS " + json.dumps({"rows": rows, "regions": op_profile.by_region(rows)}))
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+  # float32 whatever the caller's environment: in float64 XLA:CPU runs this loop as one
+  # kernel (a small-loop `call`), with no operation inside it to count.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="0",
              XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
