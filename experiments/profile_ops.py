@@ -68,9 +68,13 @@ def run(config, output_dir: str | None = None) -> dict:
              else f"all {len(os.sched_getaffinity(0))} cores")
   commit = resolve_commit(config.code) if config.code else None
   label = f"commit {commit[:10]}" if commit else f"this checkout ({ROOT}/src)"
-  blocks, results = [f"Per-operation profile of {label}; {threads}; {cpu_model()}."], []
+  malloc = ("glibc malloc keeping freed memory (dennl_jax.memory)" if config.keep_freed_memory
+            else "glibc malloc defaults")
+  blocks = [f"Per-operation profile of {label}; {threads}; {malloc}; {cpu_model()}."]
+  results = []
   with tempfile.TemporaryDirectory(prefix="profile_ops_") as workdir:
-    src = export_source(commit, os.path.join(workdir, "code")) if commit else os.path.join(ROOT, "src")
+    src = (export_source(commit, os.path.join(workdir, "code")) if commit
+           else os.path.join(ROOT, "src"))
     for case in todo:
       stem = case_stem(case)
       result = run_probe(src, case, pin_one_core=config.pin_one_core,
@@ -104,7 +108,8 @@ def run(config, output_dir: str | None = None) -> dict:
                  f"{regions[0]['pass']} {regions[0]['loop']}")
   text = "\n\n".join("\n".join(b) if isinstance(b, list) else b for b in blocks)
   print(text)
-  out = {"code": commit or "checkout", "pin_one_core": config.pin_one_core, "cpu_model": cpu_model(),
+  out = {"code": commit or "checkout", "pin_one_core": config.pin_one_core,
+         "keep_freed_memory": config.keep_freed_memory, "cpu_model": cpu_model(),
          "cpu_count": os.cpu_count(), "probes": results}
   if output_dir:
     common.save_config(config, output_dir)
