@@ -22,7 +22,8 @@ Around the step it does what every trainer needs once:
   mismatched or corrupt checkpoint raises
   :class:`~dennl_jax.checkpoint.CheckpointError`.  Metrics go to
   ``workdir/metrics`` (:mod:`dennl_jax.tracking`: TensorBoard + JSONL);
-* ``progress``: a tqdm bar; ``log``/``log_every``: progress lines;
+* ``progress``: a tqdm bar (progress lines on stderr where tqdm is not
+  installed); ``log``/``log_every``: progress lines;
 * ``mesh``: batches through :func:`dennl_jax.sharding.shard_users` and the
   state through :func:`dennl_jax.sharding.replicate` (data parallel).
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -117,10 +119,36 @@ def _placement(mesh):
       lambda tree: sharding.shard_users(tree, mesh))
 
 
+class _LineProgress:
+  """Progress without tqdm (an optional dependency): a line on stderr at every
+  tenth of the run, with the same ``update``/``set_postfix``/``close`` calls."""
+
+  def __init__(self, total: int, initial: int, name: str):
+    self._total, self._done, self._name = total, initial, name
+    self._every, self._postfix = max(1, math.ceil(total / 10)), ""
+
+  def update(self, n: int):
+    self._done += n
+    if self._done % self._every == 0 or self._done == self._total:
+      print(f"{self._name}: {self._done}/{self._total} {self._postfix}", file=sys.stderr,
+            flush=True)
+
+  def set_postfix(self, refresh: bool = False, **values):
+    del refresh
+    self._postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+  def close(self):
+    pass
+
+
 def _progress_bar(progress: bool, total: int, initial: int, name: str):
+  """A tqdm bar where tqdm is installed, progress lines where it is not."""
   if not progress:
     return None
-  from tqdm.auto import tqdm
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:
+    return _LineProgress(total, initial, name)
   return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, leave=False)
 
 
