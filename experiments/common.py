@@ -24,22 +24,33 @@ from ml_collections import config_dict
 
 from dennl_jax import memory
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The paper's binaries keep their configs in experiments/configs, the
+# performance lab in benchmarks/configs; a name lives in exactly one of them.
+_CONFIG_PACKAGES = ("experiments", "benchmarks")
 
 
 class ConfigError(ValueError):
   """A config value a binary cannot run with (reported as a usage error)."""
 
 
+def _config_package(name: str) -> str:
+  for package in _CONFIG_PACKAGES:
+    if os.path.exists(os.path.join(_REPO, package, "configs", f"{name}.py")):
+      return package
+  raise ValueError(f"no config module {name!r} in experiments/configs or benchmarks/configs")
+
+
 def config_path(name: str) -> str:
-  """Absolute path of ``experiments/configs/<name>.py``: the ``--config``
-  default of a binary, valid from any working directory."""
-  return os.path.join(CONFIG_DIR, f"{name}.py")
+  """Absolute path of ``experiments/configs/<name>.py`` (``benchmarks/configs``
+  for the benchmarks): the ``--config`` default of a binary, valid from any
+  working directory."""
+  return os.path.join(_REPO, _config_package(name), "configs", f"{name}.py")
 
 
 def get_config(name: str, variant: str | None = None) -> config_dict.ConfigDict:
-  """``experiments/configs/<name>.py``'s ``get_config(variant)``."""
-  return importlib.import_module(f"experiments.configs.{name}").get_config(variant)
+  """``<experiments|benchmarks>/configs/<name>.py``'s ``get_config(variant)``."""
+  return importlib.import_module(f"{_config_package(name)}.configs.{name}").get_config(variant)
 
 
 # Default persistent XLA cache of the long-running binaries: a rerun skips
@@ -72,7 +83,7 @@ class BinaryFlags:
     self.flag_values = flags.FLAGS if flag_values is None else flag_values
     fv = self.flag_values
     self._config = config_flags.DEFINE_config_file(
-        "config", config_path(name), f"Config file[:variant]; see experiments/configs/{name}.py.",
+        "config", config_path(name), f"Config file[:variant]; see {_config_package(name)}/configs/{name}.py.",
         flag_values=fv, lock_config=True, sys_argv=sys_argv)
     self._output_dir = flags.DEFINE_string(
         "output_dir", output_dir, "Results directory" + ("" if output_dir else
@@ -82,7 +93,7 @@ class BinaryFlags:
         "Persistent XLA compilation cache ('' disables).", flag_values=fv)
     self._variants = {
         variant: flags.DEFINE_boolean(
-            flag, False, f"Shorthand for --config=experiments/configs/{name}.py:{variant}.",
+            flag, False, f"Shorthand for --config={_config_package(name)}/configs/{name}.py:{variant}.",
             flag_values=fv)
         for flag, variant in dict(variants).items()}
     self._tracked = tracked
@@ -165,7 +176,8 @@ def keep_freed_memory() -> bool:
   environment that worker processes inherit (glibc reads them when a process
   starts).  The binaries call it first (:func:`app_main`, table2): their
   programs' temporaries then reuse their pages instead of page-faulting on
-  fresh ones every call (BUILD_NOTES "Stop 19").  Results do not change."""
+  fresh ones every call (BUILD_NOTES "Memory: `keep_freed_memory`").  Results do
+  not change."""
   os.environ.update(memory.malloc_environment())
   return memory.keep_freed_memory()
 

@@ -4,7 +4,7 @@ r"""Demo: sample sequences from a known HMM, fit them with EM, decode states.
 
 Prints the mean log-likelihood trace and the Viterbi decoding accuracy
 against the true states (after each user's best one-to-one relabelling of
-states, ``dj.metrics.labelling_accuracy``).  With --output_dir:
+states, ``dj.labelling.labelling_accuracy``).  With --output_dir:
 results.json and config.json.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dennl_jax as dj
-from dennl_jax import metrics
+from dennl_jax import labelling
 from experiments import common
 
 
@@ -49,7 +49,7 @@ def run(config, output_dir: str | None = None) -> dict:
   true_per_step = float(true_ll.mean()) / num_steps
   common.log(f"true-model log-likelihood per step: {true_per_step: .4f}")
   decoded = jax.vmap(dj.viterbi)(fitted, obs, mask)
-  accuracy = metrics.labelling_accuracy(states, decoded, k, mask)
+  accuracy = labelling.labelling_accuracy(states, decoded, k, mask)
   common.log(f"Viterbi accuracy vs true states (per-user relabelling): {accuracy:.3f}")
   result = {"log_likelihood_per_step": per_step, "true_log_likelihood_per_step": true_per_step,
             "accuracy": accuracy}

@@ -8,7 +8,7 @@ with ``dj.fit_em`` from a perturbed start (all duration rates equal, uniform
 jumps, jittered means), and prints the mean log-likelihood trace, the true
 versus fitted duration rates (per-user fits, label-matched, averaged over
 users) and the Viterbi decoding accuracy against the true states after the
-best one-to-one relabelling of states (``dj.metrics``).  With --output_dir:
+best one-to-one relabelling of states (``dj.labelling``).  With --output_dir:
 results.json and config.json.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 import dennl_jax as dj
-from dennl_jax import metrics
+from dennl_jax import labelling
 from experiments import common
 
 
@@ -70,13 +70,13 @@ def run(config, output_dir: str | None = None) -> dict:
 
   decoded = np.asarray(jax.jit(jax.vmap(dj.viterbi))(fitted, obs, mask))
   states = np.asarray(states)
-  accuracy = metrics.labelling_accuracy(states, decoded, num_states, mask)
+  accuracy = labelling.labelling_accuracy(states, decoded, num_states, mask)
   # Each user's fitted rates in true-state order: the relabelling that best
   # matches its decoded path to the truth.
   rates = np.asarray(fitted.duration.rate)
   matched = np.array([
       rates[u][linear_sum_assignment(
-          -metrics.confusion_matrix(states[u], decoded[u], num_states))[1]]
+          -labelling.confusion_matrix(states[u], decoded[u], num_states))[1]]
       for u in range(num_users)])
   common.log("duration rates (mean duration = rate + 1):")
   common.log("  state   true   fitted (mean over users ± sd)   start")

@@ -24,17 +24,17 @@ import time
 import jax
 import numpy as np
 
-from dennl_jax import graphsage
-from dennl_jax.data import events
+from dennl_jax.recsys import graphsage
+from dennl_jax.recsys import events
 from experiments import common
 
 
 def load(dataset: str, data_dir: str, users: int, days: int, seed: int):
   """(EventLog, marketplace truth or None)."""
   if dataset == "movielens":
-    from dennl_jax.data.movielens import load_movielens
+    from dennl_jax.recsys.movielens import load_movielens
     return load_movielens(data_dir), None
-  from dennl_jax.data import marketplace
+  from dennl_jax.recsys import marketplace
   config = marketplace.MarketplaceConfig(num_users=users, num_days=days)
   return marketplace.simulate_marketplace(jax.random.key(seed), config)
 
@@ -68,7 +68,7 @@ def main(argv=None):
   mark = time.time()
   idle, user_features = None, None
   if truth is not None:   # marketplace: idle days are the "no action" sub-category (A.2)
-    from dennl_jax.data.marketplace import IDLE_CATEGORY as idle
+    from dennl_jax.recsys.marketplace import IDLE_CATEGORY as idle
   seqs = events.to_sequences(log, unit=args.unit, events_per_step=args.events_per_step,
                              idle_category=idle)
   if truth is not None:   # truth rows follow truth.user_ids, graph rows seqs.user_ids

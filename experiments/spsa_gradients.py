@@ -1,4 +1,4 @@
-r"""How good and how cheap are the EM layer's gradient modes (issue 4)?
+r"""How good and how cheap are the EM layer's gradient modes?
 
   python -m experiments.spsa_gradients --output_dir=/tmp/spsa_gradients
   python -m experiments.spsa_gradients --config=experiments/configs/spsa_gradients.py:tiny \

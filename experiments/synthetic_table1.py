@@ -34,8 +34,8 @@ from flax import nnx
 
 import dennl_jax as dj
 from dennl_jax import starts
-from dennl_jax.baselines import best_restart
-from dennl_jax.data import synthetic as S
+from dennl_jax.per_user_em import best_restart
+from dennl_jax import synthetic as S
 from experiments import common
 from experiments import workers
 from experiments import table1_report as report

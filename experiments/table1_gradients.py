@@ -1,4 +1,4 @@
-r"""Gradient modes of the EM layer side by side: accuracy and time to accuracy (issue 11).
+r"""Gradient modes of the EM layer side by side: accuracy and time to accuracy.
 
 Reads finished ``experiments.synthetic_table1`` output directories -- one per
 gradient mode, same setting, seeds and grid -- and compares the DENNL

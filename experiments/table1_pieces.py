@@ -9,7 +9,8 @@ run by :mod:`experiments.workers`; the pieces are pooled with
 ``table1_pool.read_runs`` (which checks that their protocols agree) and
 written by ``synthetic_table1.write_results``: the files of a one-process run.
 A rerun skips the pieces that finished with the same config.  Results equal a
-one-process run's with the same XLA:CPU thread count (BUILD_NOTES "Stop 16").
+one-process run's with the same XLA:CPU thread count (BUILD_NOTES "Workers for
+Table 1").
 """
 from __future__ import annotations
 

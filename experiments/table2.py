@@ -6,7 +6,7 @@ r"""Table 2: next-category prediction on MovieLens and the simulated marketplace
 
 (see experiments/configs/table2.py for the variants and fields).
 
-Pipeline: events -> per-user strength sequences (``dennl_jax.data.events``)
+Pipeline: events -> per-user strength sequences (``dennl_jax.recsys.events``)
 -> time split (last step = test, second-last = validation) -> user roles
 (:mod:`dennl_jax.recsys.protocol`: train / cold / too short) -> per seed:
 GraphSAGE on the training steps of the training users only, its user
@@ -25,7 +25,7 @@ import zlib
 import jax
 import numpy as np
 
-from dennl_jax import graphsage
+from dennl_jax.recsys import graphsage
 from dennl_jax.recsys import metrics as rm
 from dennl_jax.recsys import protocol, registry
 from dennl_jax.recsys.baselines import active_history, category_embeddings, dominant_popularity
@@ -42,20 +42,20 @@ NAME = "table2"
 
 def load_data(config, key):
   """(log, seqs, split, extra) for ``config.dataset``; extra holds user features / truth."""
-  from dennl_jax.data import events
+  from dennl_jax.recsys import events
   extra = {}
   if config.dataset == "movielens":
-    from dennl_jax.data.movielens import load_movielens
+    from dennl_jax.recsys.movielens import load_movielens
     log = load_movielens(config.data_dir)
   elif config.dataset == "marketplace":
-    from dennl_jax.data import marketplace
+    from dennl_jax.recsys import marketplace
     log, truth = marketplace.simulate_marketplace(key, marketplace_config(config))
     extra["truth"] = truth
   else:
     raise common.ConfigError(f"dataset must be 'movielens' or 'marketplace'; got {config.dataset!r}")
   idle = None
   if config.dataset == "marketplace" and config.idle_days:
-    from dennl_jax.data.marketplace import IDLE_CATEGORY
+    from dennl_jax.recsys.marketplace import IDLE_CATEGORY
     idle = IDLE_CATEGORY
   unit, per_step = sequence_unit(config)
   seqs = events.to_sequences(log, unit=unit, events_per_step=per_step,
@@ -75,7 +75,7 @@ def load_data(config, key):
 def sequence_unit(config):
   """(unit, events_per_step): ``config.unit == "auto"`` picks the dataset's default.
 
-  MovieLens: blocks of 10 ratings (BUILD_NOTES "Real data pipeline": by
+  MovieLens: blocks of 10 ratings (BUILD_NOTES "Deviations from the paper": by
   calendar day 55% of users have a single step; blocks of 10 give every user
   validation and test steps).  Marketplace: calendar days, as in the paper.
   """
@@ -86,7 +86,7 @@ def sequence_unit(config):
 
 def marketplace_config(config):
   import dataclasses
-  from dennl_jax.data import marketplace
+  from dennl_jax.recsys import marketplace
   return dataclasses.replace(marketplace.MarketplaceConfig(), num_users=config.marketplace_users,
                              num_days=config.marketplace_days)
 
@@ -150,8 +150,8 @@ def embeddings_for_seed(key, log, seqs, split, roles, config, user_features, *, 
 
 def phase_accuracy(predictor, fitted, task, seqs, truth) -> float:
   """Labelling accuracy (best relabelling per user) of decoded history steps vs true phases."""
-  from dennl_jax.data.marketplace import phases_of_steps
-  from dennl_jax.metrics import labelling_accuracy
+  from dennl_jax.recsys.marketplace import phases_of_steps
+  from dennl_jax.labelling import labelling_accuracy
   decoded = np.asarray(predictor.decode(fitted, task))
   true = phases_of_steps(truth, seqs)
   keep = evaluated(task)
@@ -170,7 +170,7 @@ def true_hsmm_predictor(truth, seqs):
   reach on these data (up to the sequences starting at the first active day
   rather than day 0); users with no history get popularity.
   """
-  from dennl_jax.data.marketplace import CATEGORY_NAMES
+  from dennl_jax.recsys.marketplace import CATEGORY_NAMES
   from dennl_jax.recsys import hsmm_predictors as hp
   rows = np.searchsorted(truth.user_ids, np.asarray(seqs.user_ids))
   active = np.asarray(truth.active_probs)[rows]

@@ -3,7 +3,7 @@
 Every finished (seed, method) result and each seed's GraphSAGE embeddings are
 pickled the moment they finish (atomic write), under a directory named by a
 fingerprint of the data/protocol settings; each method's file name
-fingerprints its own settings.  See BUILD_NOTES "Table 2 (issue 10)".
+fingerprints its own settings.  See BUILD_NOTES "Table 2 (next-category prediction)".
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Why.  A Table 1 training step (16 users, T = 400, three HSMM EM layers, exact
 gradient) is a chain of small sequential scans that one core runs about as
 fast as two threads do (score-VJP gradient 183 ms on one pinned core, 176 ms
-with two threads; BUILD_NOTES "Stop 16").  Seeds and settings share nothing,
+with two threads; BUILD_NOTES "Workers for Table 1").  Seeds and settings share nothing,
 so on a 2-core machine two single-threaded processes do nearly twice the work
 of one process.  Each piece is a fresh ``python`` process (its own XLA
 runtime and thread flags; a crash or kill loses that piece only) that writes

@@ -1,4 +1,4 @@
-"""Shared by test_codec, test_networks, test_starts, test_baselines: a small
+"""Shared by test_codec, test_networks, test_starts, test_per_user_em: a small
 Poisson-duration, full-Gaussian HSMM, a batch of its sequences, and the
 validity check of a batch of parameters."""
 import jax

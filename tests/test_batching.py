@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
-from conftest import random_hmm, random_obs, stack_trees
+from helpers import random_hmm, random_obs, stack_trees
 
 
 @pytest.mark.parametrize("num,chunk_size", [(7, 3), (6, 3), (2, 5), (1, 1)])

@@ -1,4 +1,4 @@
-"""experiments/bench_versions.py: timing this code against a commit in fresh processes.
+"""benchmarks/bench_versions.py: timing this code against a commit in fresh processes.
 
 The tiny run times HEAD's exported ``src/`` against this checkout (equal code
 on a clean clone, so equal outputs); the probe's import check is tested with
@@ -11,8 +11,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from experiments import bench_versions, common
-from experiments.configs import bench_versions as bench_versions_config
+from benchmarks import bench_versions
+from experiments import common
+from benchmarks.configs import bench_versions as bench_versions_config
 
 
 def _git_checkout() -> bool:
@@ -73,7 +74,7 @@ def test_cases_cover_every_duration_and_probe():
   names = [(c["probe"], c.get("max_duration")) for c in bench_versions.cases(config)]
   assert names == [("hmm_em_step", None), ("hsmm_em_step", 20), ("hsmm_em_step", 60),
                    ("dennl_step_hmm", None), ("dennl_step_hsmm", 20)]
-  assert config.baseline == bench_versions_config.ISSUE12_FILING_COMMIT
+  assert config.baseline == bench_versions_config.REFERENCE_COMMIT
 
 
 def test_output_difference(tmp_path):
@@ -87,7 +88,7 @@ def test_output_difference(tmp_path):
 
 
 def test_config_module():
-  assert "python -m experiments.bench_versions" in bench_versions_config.__doc__
+  assert "python -m benchmarks.bench_versions" in bench_versions_config.__doc__
   full, tiny = common.get_config("bench_versions"), common.get_config("bench_versions", "tiny")
   assert full.to_dict().keys() == tiny.to_dict().keys()
   with pytest.raises(ValueError, match="unknown variant"):

@@ -146,7 +146,7 @@ def test_cached_chunks_skip_finished_chunks_and_check_inputs(tmp_path):
       calls.append(int(index))
     return fn(chunk, index)
 
-  from dennl_jax.batching import chunked_map
+  from dennl_jax.chunking import chunked_map
   x = jnp.arange(20.0).reshape(10, 2)
   workdir = str(tmp_path / "em")
   want = chunked_map(fn, x, 4)

@@ -2,13 +2,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
 
 import dennl_jax as dj
 from dennl_jax.codec import ParamCodec
 from models_common import B, D, E, K, O, T, assert_valid_batch, small_batch, small_hsmm
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 
 def test_codec_round_trip_hsmm_and_hmm():

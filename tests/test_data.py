@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dennl_jax.data import synthetic as S
+from dennl_jax import synthetic as S
 
 CONFIG = dataclasses.replace(S.SyntheticConfig(), num_states=4, obs_dim=2, max_duration=6,
                              embed_dim=8, num_factors=2)

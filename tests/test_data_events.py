@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from dennl_jax.data import events as ev
+from dennl_jax.recsys import events as ev
 
 D = ev.SECONDS_PER_DAY
 

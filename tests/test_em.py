@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
-from conftest import FAMILIES, pad_sequence, random_hmm, random_obs, stack_trees, tree_allclose
+from helpers import FAMILIES, pad_sequence, random_hmm, random_obs, stack_trees, tree_allclose
 from test_inference import hmmlearn_obs, to_hmmlearn
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 
 def hmmlearn_params(model, family):

@@ -9,9 +9,9 @@ import pytest
 
 import dennl_jax as dj
 from dennl_jax import emissions
-from conftest import FAMILIES, random_emission, random_obs, reference_log_likelihoods
+from helpers import FAMILIES, random_emission, random_obs, reference_log_likelihoods
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 
 @pytest.mark.parametrize("family", FAMILIES)

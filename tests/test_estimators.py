@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
+import dennl_jax as dj
+from dennl_jax import estimators as sp
+from dennl_jax.layer import _em_of_unconstrained
 
-import dennl_jax as dj  # noqa: E402
-from dennl_jax import estimators as sp  # noqa: E402
-from dennl_jax.layer import _em_of_unconstrained  # noqa: E402
+pytestmark = pytest.mark.x64
 
 K, V, T = 3, 4, 25
 

@@ -60,12 +60,17 @@ def _numbers(tree):
 TABLE1_SMOKE_METHODS = ("conventional_em", "em_mapping", "mlp_mapper")
 
 
+def _package(name: str) -> str:
+  """The paper's binaries live in experiments/, the performance lab in benchmarks/."""
+  return "benchmarks" if name.startswith("bench") else "experiments"
+
+
 @pytest.mark.parametrize("name", BINARIES)
 def test_binary_runs_on_tiny_config(name, tmp_path):
   config = common.get_config(name, "tiny")
   if name == "synthetic_table1":
     config.methods = TABLE1_SMOKE_METHODS
-  module = importlib.import_module(f"experiments.{name}")
+  module = importlib.import_module(f"{_package(name)}.{name}")
   module.run(config, str(tmp_path))
   for filename in ("config.json",) + OUTPUTS[name]:
     assert (tmp_path / filename).stat().st_size > 0, filename
@@ -128,8 +133,8 @@ def test_table1_networks_build():
 
 @pytest.mark.parametrize("name", BINARIES)
 def test_config_modules(name):
-  module = importlib.import_module(f"experiments.configs.{name}")
-  assert f"python -m experiments.{name}" in module.__doc__
+  module = importlib.import_module(f"{_package(name)}.configs.{name}")
+  assert f"python -m {_package(name)}.{name}" in module.__doc__
   full, tiny = common.get_config(name), common.get_config(name, "tiny")
   assert full.preset == "full" and tiny.preset == "tiny"
   assert full.to_dict().keys() == tiny.to_dict().keys()
@@ -247,7 +252,7 @@ def test_table1_stats_over_seeds_and_paired_differences():
 
 def test_bench_hsmm_runs_any_subset_of_its_tables(tmp_path):
   """Each of bench_hsmm's three tables can be switched off (an empty list of D)."""
-  from experiments import bench_hsmm
+  from benchmarks import bench_hsmm
   config = common.get_config("bench_hsmm", "tiny")
   config.durations = ()
   config.gradient_users = 0

@@ -25,13 +25,13 @@ from flax import nnx, struct
 from scipy import stats
 
 import dennl_jax as dj
-from conftest import (DURATIONS, EMISSIONS, BruteForce, EmissionSpec, pad_sequence,
+from helpers import (DURATIONS, EMISSIONS, BruteForce, EmissionSpec, pad_sequence,
                       register_emission, stack_trees, tree_allclose)
 from dennl_jax.codec import ParamCodec
 from dennl_jax.families import keep_where_empty, safe_div
 from dennl_jax.networks import DENNL
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 # ----------------------------------------------------------------------------
 # Part 1: a family defined here only.

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAMILIES, pad_sequence, random_hmm, random_obs, reference_log_likelihoods
+from helpers import FAMILIES, pad_sequence, random_hmm, random_obs, reference_log_likelihoods
 from scipy import stats
 from scipy.special import logsumexp
 
 import dennl_jax as dj
 from dennl_jax.oracles import expand_to_hmm
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 # One compiled forecast per (model structure, shapes); the eager public call
 # is exercised separately for validation.
@@ -277,8 +277,10 @@ def test_float32_long_sequence_is_stable_and_differentiable():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("num_steps", [0, -2, 2.0, True, jnp.array(3)])
+# The jax array is built in the test (int64 under x64), not at import.
+@pytest.mark.parametrize("num_steps", [0, -2, 2.0, True, lambda: jnp.array(3)])
 def test_bad_num_steps(num_steps):
+  num_steps = num_steps() if callable(num_steps) else num_steps
   model = random_hmm("categorical", np.random.default_rng(0), 2)
   with pytest.raises(ValueError, match="num_steps"):
     dj.forecast(model, np.array([0, 1]), np.ones(2, bool), num_steps)

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
+import dennl_jax as dj
 
-import dennl_jax as dj  # noqa: E402
-from dennl_jax._batched import batched_kernels  # noqa: E402
+pytestmark = pytest.mark.x64
 
 
 def _central_jacobian(fn, x, eps=1e-6):
@@ -104,17 +103,20 @@ def test_gradient_finite_with_tiny_float32_normaliser(kind):
     parallel_grad = jax.jit(jax.grad(
         lambda p: _leaf_sum(dj.em_step(p, obs, mask, time_parallel=True))))(params)
     assert _all_finite(parallel_grad)
-  # Under jax.vmap, with the users-minor batched kernels forced for values and
-  # derivatives (CPU's default differentiates the per-sequence path).
-  batch = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), params)
+  # Under jax.vmap with the users-minor kernels, for values and the score VJP's
+  # JVP (CPU's default for HMMs differentiates the per-sequence path).
+  batch = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), params).replace(
+      kernels="users_minor")
   obs_b, mask_b = jnp.stack([obs, obs]), jnp.stack([mask, mask])
-  with batched_kernels(True):
-    grad_b = jax.jit(jax.grad(
-        lambda p: jnp.sum(jax.vmap(dj.log_likelihood)(p, obs_b, mask_b))))(batch)
-    em_grad_b = jax.jit(jax.grad(
-        lambda p: _leaf_sum(jax.vmap(dj.em_step)(p, obs_b, mask_b))))(batch)
+  grad_b = jax.jit(jax.grad(
+      lambda p: jnp.sum(jax.vmap(dj.log_likelihood)(p, obs_b, mask_b))))(batch)
+  em_grad_b = jax.jit(jax.grad(
+      lambda p: _leaf_sum(jax.vmap(dj.em_step)(p, obs_b, mask_b))))(batch)
+  score_grad_b = jax.jit(jax.grad(lambda p: _leaf_sum(jax.vmap(
+      lambda q, o, m: dj.em_step(q, o, m, score_vjp=True))(p, obs_b, mask_b))))(batch)
   assert _all_finite(grad_b)
   assert _all_finite(em_grad_b)
+  assert _all_finite(score_grad_b)
   # The finite gradient is the right one: the float64 model's, to float32 accuracy.
   params64 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
   grad64 = jax.grad(dj.log_likelihood)(params64, obs, mask)

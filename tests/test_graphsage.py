@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 from sklearn.metrics import roc_auc_score
 
-from dennl_jax import graph as graph_lib
-from dennl_jax.data import events
-from dennl_jax import graphsage as gs
+from dennl_jax.recsys import graph as graph_lib
+from dennl_jax.recsys import events
+from dennl_jax.recsys import graphsage as gs
 
 NUM_COMMUNITIES = 4
 CONFIG = dict(embed_dim=16, hidden_dim=32, item_id_dim=8, fanout=5, num_steps=150,

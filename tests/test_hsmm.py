@@ -15,7 +15,7 @@ from dennl_jax.durations import CategoricalDuration, PoissonDuration
 from dennl_jax.hsmm import HSMM
 from dennl_jax.oracles import expand_to_hmm, expanded_em_update, expanded_posterior
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 
 # ---------------------------------------------------------------- helpers
@@ -449,7 +449,7 @@ def test_fit_em_monotone_categorical_durations_with_padding():
 def test_cpu_gradients_of_vmapped_hsmms_take_the_kernel():
   """On CPU, grad(vmap(.)) differentiates the users-minor HSMM kernel (its (D, K, U)
   carry is in the gradient's jaxpr; faster since it keeps no joints, BUILD_NOTES
-  "Stop 17").  HMM derivatives stay per sequence (dennl_jax._batched's tables)."""
+  "Stop 17").  HMM derivatives stay per sequence (dennl_jax._kernel_hmm's tables)."""
   num_states, max_duration, num_users, num_steps = 3, 4, 5, 6
   models = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[
       random_hsmm(seed, num_states, max_duration) for seed in range(num_users)])

@@ -12,11 +12,11 @@ import pytest
 from scipy.special import gammaln
 
 import dennl_jax as dj
-from conftest import (FAMILIES, NUM_TRIALS, PUBLIC_SEQUENCE_FUNCTIONS, BruteForce, pad_sequence,
+from helpers import (FAMILIES, NUM_TRIALS, PUBLIC_SEQUENCE_FUNCTIONS, BruteForce, pad_sequence,
                       random_hmm, random_obs, reference_log_likelihoods, stack_trees,
                       tree_allclose)
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 TOL = dict(rtol=1e-7, atol=1e-9)
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
-from conftest import FAMILIES, NUM_TRIALS, random_hmm, random_obs, stack_trees
+from helpers import FAMILIES, NUM_TRIALS, random_hmm, random_obs, stack_trees
 from dennl_jax import interop
 from test_inference import multinomial_log_coefficient
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 NUM_STEPS = 25

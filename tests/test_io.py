@@ -20,10 +20,10 @@ import pytest
 from flax import nnx
 
 import dennl_jax as dj
-from conftest import DURATIONS, FAMILIES, random_emission, random_hmm, random_obs, stack_trees
+from helpers import DURATIONS, FAMILIES, random_emission, random_hmm, random_obs, stack_trees
 from dennl_jax import io
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 KINDS = ("emission", "hmm", "hsmm_poisson", "hsmm_categorical")
 

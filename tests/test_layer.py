@@ -9,10 +9,10 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
+import dennl_jax as dj
+from test_estimators import K, T, V, _problem, _random_hmm, _tree_vec
 
-import dennl_jax as dj  # noqa: E402
-from test_estimators import K, T, V, _problem, _random_hmm, _tree_vec  # noqa: E402
+pytestmark = pytest.mark.x64
 
 
 def _network_params(w, emission):

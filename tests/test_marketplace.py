@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from dennl_jax.data import events as ev
-from dennl_jax.data import marketplace as mp
+from dennl_jax.recsys import events as ev
+from dennl_jax.recsys import marketplace as mp
 
 SMALL = mp.MarketplaceConfig.small()
 

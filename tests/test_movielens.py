@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dennl_jax.data import events as ev
-from dennl_jax.data import movielens as ml
+from dennl_jax.recsys import events as ev
+from dennl_jax.recsys import movielens as ml
 
 MOVIES = """movieId,title,genres
 1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy

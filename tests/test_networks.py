@@ -10,7 +10,7 @@ from dennl_jax.codec import ParamCodec
 from dennl_jax.networks import DENNL, EmbeddingMapper, InitialFusion
 from models_common import B, D, E, K, O, T, assert_valid_batch, small_batch, small_hsmm
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""experiments/op_profile.py and the profile_ops binary: per-operation profiles on CPU."""
+"""benchmarks/op_profile.py and the profile_ops binary: per-operation profiles on CPU."""
 import json
 import os
 import subprocess
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 import dennl_jax as dj
-from experiments import bench_versions, op_profile, profile_ops, version_probes
-from experiments.configs import profile_ops as profile_ops_config
+from benchmarks import bench_versions, op_profile, profile_ops, version_probes
+from benchmarks.configs import profile_ops as profile_ops_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def test_profile_counts_every_run_of_a_loop_operation():
   # operation is split over threads; 8192 elements, so the loop keeps its thunks.
   script = textwrap.dedent("""
       import json, jax, jax.numpy as jnp
-      from experiments import op_profile
+      from benchmarks import op_profile
       def _scan_loss(x, n):
         return jnp.sum(jax.lax.fori_loop(0, n, lambda i, c: jnp.sin(c) * x, x))
       args = (jnp.linspace(0.1, 1.0, 8192, dtype=jnp.float32), 7)

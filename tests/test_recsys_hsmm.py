@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
-from dennl_jax.baselines import best_restart
+from dennl_jax.per_user_em import best_restart
 
 from dennl_jax.recsys import hsmm_family as hf
 from dennl_jax.recsys import hsmm_predictors as hp

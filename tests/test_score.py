@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
-from dennl_jax import _batched
+from dennl_jax import _kernel_hmm
 from dennl_jax.hmm import hmm_filter, hmm_score
 from dennl_jax.hsmm import hsmm_filter, hsmm_score
-import test_batched
-from conftest import DURATIONS, FAMILIES, stack_trees, tree_allclose
-from test_batched import user
+import test_kernels
+from helpers import DURATIONS, FAMILIES, stack_trees, tree_allclose
+from test_kernels import user
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 # The ragged batches of the kernel tests: T = 1, odd, even and heavily padded in 9 steps.
 LENGTHS = (6, 1, 7, 3)
@@ -31,7 +31,7 @@ TOL = dict(rtol=1e-9, atol=1e-11)
 
 
 def ragged_batch(family, seed, duration=None):
-  return test_batched.ragged_batch(family, seed, lengths=LENGTHS, duration=duration)
+  return test_kernels.ragged_batch(family, seed, lengths=LENGTHS, duration=duration)
 
 
 def em_loss(params, obs, mask, score_vjp):
@@ -68,17 +68,17 @@ def test_score_vjp_equals_autodiff(family, duration):
 
 @pytest.mark.parametrize("duration", [None, "poisson"])
 def test_score_vjp_with_batched_derivatives(duration):
-  """The backward pass's JVP through the users-minor kernels (the GPU setting) and
-  through plain vmap (no kernels) equals autodiff too."""
+  """The backward pass's JVP through the users-minor kernels (``kernels="users_minor"``)
+  and through plain vmap (``"per_sequence"``) equals autodiff too."""
   params, obs, mask = ragged_batch("categorical", 1, duration)
   reference = _grads_by_route(params, obs, mask, score_vjp=False)
 
   def total(p):
     return jnp.sum(jax.vmap(functools.partial(em_loss, score_vjp=True))(p, obs, mask))
 
-  for enabled in (True, False):
-    with _batched.batched_kernels(enabled):
-      tree_allclose(jax.jit(jax.grad(total))(params), reference, **TOL)
+  for kernels in ("users_minor", "per_sequence"):
+    tree_allclose(jax.jit(jax.grad(total))(params.replace(kernels=kernels)),
+                  reference.replace(kernels=kernels), **TOL)
 
 
 @pytest.mark.parametrize("duration", [None, "poisson"])

@@ -108,17 +108,17 @@ def _check_user_blocks(mesh):
   partitioned: every block is spread over the devices, nothing is gathered."""
   import jax
   import dennl_jax as dj
-  from dennl_jax import _batched, sharding
+  from dennl_jax import sharding
   hmms, obs, mask, _ = _data()
+  hmms = hmms.replace(kernels="users_minor", users_per_block=4)
   em = jax.jit(jax.vmap(dj.em_step))
-  with _batched.batched_kernels(True, users_per_block=4):
-    expected = em(hmms, obs, mask)
-    placed = sharding.shard_users((hmms, obs, mask), mesh)
-    # The kernel's carry is (K, users in a block): 4, not the 8 padded users.
-    jaxpr = str(jax.make_jaxpr(jax.vmap(dj.em_step))(*placed))
-    assert f"f32[{NUM_STATES},4]" in jaxpr and f"f32[{NUM_STATES},8]" not in jaxpr
-    compiled = em.lower(*placed).compile()
-    out = compiled(*placed)
+  expected = em(hmms, obs, mask)
+  placed = sharding.shard_users((hmms, obs, mask), mesh)
+  # The kernel's carry is (K, users in a block): 4, not the 8 padded users.
+  jaxpr = str(jax.make_jaxpr(jax.vmap(dj.em_step))(*placed))
+  assert f"f32[{NUM_STATES},4]" in jaxpr and f"f32[{NUM_STATES},8]" not in jaxpr
+  compiled = em.lower(*placed).compile()
+  out = compiled(*placed)
   hlo = compiled.as_text()
   assert "all-gather" not in hlo, "blocks of users gathered across devices"
   assert out.transition.sharding.spec == sharding.shard_users(obs, mesh).sharding.spec

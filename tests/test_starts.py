@@ -2,12 +2,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import dennl_jax as dj
 from dennl_jax.starts import align_to_reference, kmeans
 from models_common import B, D, E, K, O, T, assert_valid_batch, small_batch, small_hsmm
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 
 def test_kmeans_finds_separated_clusters():

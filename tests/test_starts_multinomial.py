@@ -8,7 +8,7 @@ import pytest
 import dennl_jax as dj
 from dennl_jax import starts
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 K, C, D = 2, 6, 4
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("dennl_jax.data.marketplace")
+pytest.importorskip("dennl_jax.recsys.marketplace")
 
 from dennl_jax.recsys import registry  # noqa: E402
 from experiments import common  # noqa: E402
@@ -92,7 +92,7 @@ def test_tiny_marketplace_end_to_end(tmp_path, monkeypatch):
 
 def test_phase_accuracy_scores_relabelled_truth_as_perfect():
   import jax
-  from dennl_jax.data import marketplace
+  from dennl_jax.recsys import marketplace
   from dennl_jax.recsys.task import make_tasks
   config = _tiny()
   log, seqs, split, extra = table2.load_data(config, jax.random.key(0))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
-from conftest import (FAMILIES, NUM_SYMBOLS, PUBLIC_SEQUENCE_FUNCTIONS, random_hmm, random_obs,
+from helpers import (FAMILIES, NUM_SYMBOLS, PUBLIC_SEQUENCE_FUNCTIONS, random_hmm, random_obs,
                       stack_trees)
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.x64
 
 PUBLIC = PUBLIC_SEQUENCE_FUNCTIONS
 

@@ -24,7 +24,7 @@ from ml_collections import config_dict
 
 from experiments.configs import select_variant
 
-from dennl_jax.data.synthetic import SyntheticConfig
+from dennl_jax.synthetic import SyntheticConfig
 
 METHODS = ("conventional_em", "em_mapping", "mlp_mapper", "initial_fusion", "dennl")
 SETTINGS = ("T50", "T100", "T400", "noise20", "noise10")
@@ -71,7 +71,7 @@ def get_config(arg=None):
   config.methods = METHODS             # names in synthetic_table1.METHODS
   config.settings = SETTINGS           # T<length> (clean) or noise<percent> (at noise_length)
   # Backward of the EM layers (DENNL, Initial Fusion): exact | spsa | forward.
-  # Exact in every variant: see BUILD_NOTES.md (Table 1 runs).
+  # Exact in every variant: see BUILD_NOTES.md "Deviations from the paper".
   config.gradient = "exact"
   config.spsa_samples = 8              # perturbations per EM layer (spsa / forward)
   # rademacher (paper) | segment | orthogonal (variance reduction, see estimators.py)
@@ -90,7 +90,7 @@ def get_config(arg=None):
   # likelihood = paper eq. 9 (in-sample NLL per step); heldout = NLL of
   # randomly hidden steps given the rest (probabilities floored at 1e-6).
   config.losses = ("likelihood",)
-  # Default accuracy (stop 9, BUILD_NOTES "Issue 11"): validation held-out NLL
+  # Default accuracy (BUILD_NOTES "Deviations from the paper"): validation held-out NLL
   # chose candidates 2-5 points worse in labelling accuracy on the quick preset.
   config.select_by = "accuracy"
   # Early stopping: every candidate scored on the validation users every
@@ -116,7 +116,7 @@ def get_config(arg=None):
   # 2 cores: 614-626 s vs 895 s in one process); quick: 1 (compile-bound, 253
   # vs 186 s).  Results equal a one-process run's with the same XLA:CPU thread
   # count (1 per worker on 2 cores); trained methods' accuracies move by
-  # rounding with the thread count (up to ~1 point at one seed, BUILD_NOTES "Stop 16").
+  # rounding with the thread count (up to ~1 point at one seed, BUILD_NOTES "Known limits").
   config.workers = 1
   config.bootstrap = 2000              # resamples of the paired-difference intervals
   config.bootstrap_seed = 0

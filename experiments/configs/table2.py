@@ -47,13 +47,13 @@ def get_config(arg=None):
   c.seeds = v["seeds"]             # training seeds: GraphSAGE + every method, metrics averaged
   c.methods = v.get("methods", ALL_METHODS)
   # Sequences.  "auto": MovieLens in blocks of 10 ratings (by calendar day 55%
-  # of its users have a single step; BUILD_NOTES "Real data pipeline"), the
+  # of its users have a single step; BUILD_NOTES "Deviations from the paper"), the
   # marketplace by calendar day (the paper).  Or "day" / "events".
   c.unit = "auto"
   c.events_per_step = 10           # block size when unit == "events"
   c.max_steps = 200                # keep each user's last max_steps steps (None: all)
   c.min_steps = 2                  # users with fewer valid steps are reported, not evaluated
-  # Marketplace simulation (dennl_jax.data.marketplace).  idle_days: days
+  # Marketplace simulation (dennl_jax.recsys.marketplace).  idle_days: days
   # without events between a user's first and last active day are steps of
   # the "no action" category (the paper's 17th); targets stay active days.
   c.idle_days = True
@@ -65,7 +65,7 @@ def get_config(arg=None):
   c.cold_history = (0, 1, 2)
   c.cold_embedding = "all_before_test"   # or "shown": embedding from the shown steps' items only
   c.test_embedding_includes_val = True   # test-task embeddings also see validation-step items
-  # GraphSAGE (dennl_jax.graphsage.GraphSAGEConfig fields).
+  # GraphSAGE (dennl_jax.recsys.graphsage.GraphSAGEConfig fields).
   c.graphsage = config_dict.ConfigDict(dict(
       embed_dim=v["embed_dim"], hidden_dim=max(v["embed_dim"], 32), num_steps=v["graphsage_steps"],
       batch_size=4096, fanout=10, holdout=0.1, log_every=50))

@@ -16,7 +16,7 @@ Conventions.
 * Every random thing takes an explicit PRNG key.  Functions whose purpose is
   to draw randomness take the key FIRST: :func:`sample`, the starts
   (:func:`pooled_start`, ``starts.user_start``, ``starts.kmeans``),
-  :func:`conventional_em`, the ``data.synthetic`` generators.  Functions
+  :func:`conventional_em`, the :mod:`dennl_jax.synthetic` generators.  Functions
   whose randomness is incidental to a deterministic value take it LAST:
   ``em_layer(params, obs, mask, key)``, a network's ``__call__(embedding,
   obs, mask, key)``, losses ``loss_fn(model, batch, key)``, the train step
@@ -33,14 +33,20 @@ Parameters in and out: :func:`save_params` / :func:`load_params` (the rest of
 ``io``: ``read_metadata``, ``save_state``/``load_state`` for NNX modules) and
 the hmmlearn/dynamax converters in ``interop`` (``dj.interop.to_hmmlearn``, ...).
 
-Submodules not flattened here: ``oracles`` (test oracles), ``batching``,
-``starts``, ``codec``, ``networks``, ``baselines``, ``estimators``,
-``layer``, ``data``, ``graphsage``, ``recsys``.
+Submodules not flattened here: ``oracles`` (brute-force oracles), ``chunking``,
+``starts``, ``codec``, ``networks``, ``per_user_em``, ``estimators``, ``layer``,
+``loop``, ``sharding``, ``time_parallel``, ``checkpoint``, ``tracking``,
+``synthetic`` (the synthetic HSMM worlds).  The paper's recommender application
+(event logs, MovieLens, the simulated marketplace, GraphSAGE, the next-step
+predictors) is the subpackage :mod:`dennl_jax.recsys`, built on this public API;
+``import dennl_jax`` does not load it.
 """
+from dennl_jax._version import __version__
 from dennl_jax.families import (Constraint, DurationFamily, EmissionFamily, Parameterised,
                                 Positive, PositiveDefinite, Real, Simplex, param)
 from dennl_jax.emissions import Categorical, DiagGaussian, Gaussian, Multinomial, Poisson
 from dennl_jax.durations import CategoricalDuration, PoissonDuration
+from dennl_jax._kernel_hmm import Kernels
 from dennl_jax.hmm import HMM, HMMPosterior, hmm_filter, hmm_smoother, hmm_viterbi
 from dennl_jax.hsmm import HSMM, HSMMPosterior, hsmm_filter, hsmm_smoother, hsmm_viterbi
 from dennl_jax.inference import (checked, decode_states, expected_transition_counts,
@@ -50,15 +56,15 @@ from dennl_jax.em import em_step, em_step_with_log_likelihood, fit_em
 from dennl_jax.forecast import Forecast, forecast
 from dennl_jax.estimators import PERTURBATIONS, forward_gradient, perturbation_directions, spsa
 from dennl_jax.layer import GRADIENT_MODES, em_layer
-from dennl_jax.batching import chunked_map
+from dennl_jax.chunking import chunked_map
 from dennl_jax.codec import ParamCodec
 from dennl_jax.networks import DENNL, EmbeddingMapper, InitialFusion
 from dennl_jax.starts import pooled_start
-from dennl_jax.baselines import conventional_em
-from dennl_jax.metrics import confusion_matrix, labelling_accuracy, per_user_accuracy
+from dennl_jax.per_user_em import conventional_em
+from dennl_jax.labelling import confusion_matrix, labelling_accuracy, per_user_accuracy
 from dennl_jax.training import (Batch, heldout_step_loss, likelihood_loss, make_optimizer,
                                 make_train_step, predict, regression_loss, train)
-from dennl_jax import data
+from dennl_jax import synthetic
 from dennl_jax import interop, io
 from dennl_jax.io import load_params, save_params
 from dennl_jax.memory import keep_freed_memory
@@ -70,7 +76,7 @@ __all__ = [
     "Categorical", "Multinomial", "Poisson", "Gaussian", "DiagGaussian",
     "PoissonDuration", "CategoricalDuration",
     # models and their recursions
-    "HMM", "HMMPosterior", "hmm_filter", "hmm_smoother", "hmm_viterbi",
+    "Kernels", "HMM", "HMMPosterior", "hmm_filter", "hmm_smoother", "hmm_viterbi",
     "HSMM", "HSMMPosterior", "hsmm_filter", "hsmm_smoother", "hsmm_viterbi",
     # inference on one sequence
     "validate", "checked", "log_likelihood", "posterior", "filtered_posteriors",
@@ -83,12 +89,11 @@ __all__ = [
     "ParamCodec", "DENNL", "InitialFusion", "EmbeddingMapper", "pooled_start",
     "conventional_em", "chunked_map", "Batch", "train", "predict", "make_optimizer",
     "make_train_step", "likelihood_loss", "heldout_step_loss", "regression_loss",
-    # metrics and data
-    "labelling_accuracy", "per_user_accuracy", "confusion_matrix", "data",
+    # labelling metrics and the synthetic worlds
+    "labelling_accuracy", "per_user_accuracy", "confusion_matrix", "synthetic",
     # parameters in and out (converters: dj.interop.to_hmmlearn, ...)
     "save_params", "load_params", "io", "interop",
     # process settings (glibc malloc: XLA:CPU temporaries on reused pages)
     "keep_freed_memory",
 ]
 
-__version__ = "0.1.0"

@@ -18,7 +18,7 @@ function that custom VJP: one forward-mode pass through the two scans
 (``jax.jvp``, no stored residuals) instead of reverse mode through them,
 which stores every step's intermediates and runs the transposed recursions
 (2.4x the time of the JVP for a T = 400, K = 10, D = 20 HSMM, measured;
-BUILD_NOTES "Stop 15").  The elementwise products and the M-step stay
+BUILD_NOTES "The score VJP and the EM layer").  The elementwise products and the M-step stay
 ordinary JAX, so their derivatives are autodiff's.
 
 The log-likelihood itself (:func:`with_score_jvp`) needs no such trade: its
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 
-def with_symmetric_vjp(score, num_diff: int):
+def with_symmetric_vjp(score, num_diff: int, jvp=None):
   """``score(*args)`` with its VJP computed as a JVP.
 
   score: ``(*diff_args, *other) -> (log_likelihood, grads)``, where ``grads``
@@ -50,7 +50,14 @@ def with_symmetric_vjp(score, num_diff: int):
   For a cotangent ``(c_ll, c)`` the VJP is ``c_ll * grads + H c``: the
   tangent output of ``jax.jvp(score)`` in the direction ``c``.  Only the
   arguments are kept between the forward and the backward pass.
+
+  jvp: ``(primals, tangents, *other) -> jax.jvp`` of ``score`` in its first
+  ``num_diff`` arguments (default ``jax.jvp``); the users-minor kernels pass
+  their own (never transposed: it runs inside the backward pass).
   """
+  if jvp is None:
+    jvp = lambda primals, tangents, *other: jax.jvp(  # noqa: E731
+        lambda *p: score(*p, *other), primals, tangents)
 
   @jax.custom_vjp
   def fn(*args):
@@ -62,8 +69,7 @@ def with_symmetric_vjp(score, num_diff: int):
   def bwd(args, cotangent):
     cotangent_ll, cotangent_grads = cotangent
     diff_args, other = args[:num_diff], args[num_diff:]
-    (_, grads), (_, hessian_c) = jax.jvp(lambda *p: score(*p, *other), diff_args,
-                                         tuple(cotangent_grads))
+    (_, grads), (_, hessian_c) = jvp(tuple(diff_args), tuple(cotangent_grads), *other)
     vjp = tuple(h + cotangent_ll * g for h, g in zip(hessian_c, grads))
     return vjp + (None,) * len(other)
 

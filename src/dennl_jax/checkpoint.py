@@ -244,7 +244,7 @@ class Checkpointer:
 def cached_chunks(fn: Callable, workdir: str, config=None) -> Callable:
   """``fn(chunk, index)`` whose results are kept in ``workdir/chunks/<index>.npz``.
 
-  For :func:`dennl_jax.batching.chunked_map`: a finished chunk is loaded
+  For :func:`dennl_jax.chunking.chunked_map`: a finished chunk is loaded
   instead of recomputed, so a killed fit resumes at its first unfinished
   chunk.  Each file records a digest of its chunk's inputs; loading it for
   other inputs, for an output of another structure, or a file that cannot be

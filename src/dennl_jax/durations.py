@@ -25,7 +25,7 @@ from dennl_jax.families import DurationFamily, Positive, Simplex, param
 # step of 1e-4 is followed by ~1e-8 and ~1e-16.  Typical counts need 1-3
 # iterations; all mass at d = D (the rate climbs to its cap by clipped unit
 # steps) needs 11 at D = 60.  A fixed 30 cost 12-18 % of a vmapped HSMM em_step
-# on CPU (BUILD_NOTES "Stop 17").
+# on CPU (BUILD_NOTES "The engine": Poisson duration M-step).
 _POISSON_NEWTON_ITERS = 30
 _POISSON_NEWTON_TOL = 1e-4
 

@@ -15,7 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from dennl_jax import inference, parallel
+from dennl_jax import inference
+from dennl_jax.time_parallel import em_step as time_parallel_em_step
 
 
 def em_step(params, obs, mask, *, time_parallel: bool = False, score_vjp: bool = False):
@@ -27,12 +28,12 @@ def em_step(params, obs, mask, *, time_parallel: bool = False, score_vjp: bool =
       masked steps).
     mask: (T,) bool, True on valid steps (at least one).
     time_parallel: HMMs only: smooth with associative scans over time
-      (:mod:`dennl_jax.parallel`; same result, O(log T) depth) instead of
+      (:mod:`dennl_jax.time_parallel`; same result, O(log T) depth) instead of
       the sequential scan.  For long sequences on wide devices.
     score_vjp: reverse mode (``jax.grad``, ``jax.vjp``) through the E-step as
       one forward-mode pass, by the symmetry of the log-likelihood's Hessian
       (:mod:`dennl_jax._score`): same values and gradients, reverse mode
-      1.4-2.2x faster through a T = 400 HSMM (BUILD_NOTES "Stop 15").  Forward mode (``jax.jvp``,
+      1.4-2.2x faster through a T = 400 HSMM (docs/performance.md).  Forward mode (``jax.jvp``,
       ``jax.jacfwd``) is then unavailable.  Used by ``em_layer(gradient="exact")``.
 
   Returns:
@@ -43,11 +44,11 @@ def em_step(params, obs, mask, *, time_parallel: bool = False, score_vjp: bool =
     new = dj.em_step(hmm, obs, mask)
     batched = jax.vmap(dj.em_step)(hmms, obs_batch, mask_batch)   # (U, ...) leaves
   """
-  inference._validate_if_concrete(params, obs, mask)
+  inference.validate_if_concrete(params, obs, mask)
   if time_parallel and score_vjp:
     raise ValueError("time_parallel and score_vjp cannot be combined")
   if time_parallel:
-    return parallel.em_step(params, obs, mask)[0]
+    return time_parallel_em_step(params, obs, mask)[0]
   return params.em_step(obs, jnp.asarray(mask, bool), score_vjp=score_vjp)[0]
 
 
@@ -56,7 +57,7 @@ def em_step_with_log_likelihood(params, obs, mask):
 
   The log-likelihood () is the one *before* the update (a by-product of the E-step).
   """
-  inference._validate_if_concrete(params, obs, mask)
+  inference.validate_if_concrete(params, obs, mask)
   return params.em_step(obs, jnp.asarray(mask, bool))
 
 
@@ -98,5 +99,5 @@ def fit_em(params, obs, mask, num_iters: int):
   chex.assert_equal_shape_prefix([obs, mask], 2)
   if not isinstance(num_iters, int) or num_iters < 0:
     raise ValueError(f"num_iters must be a non-negative int, got {num_iters!r}")
-  inference._validate_if_concrete(params, obs, mask)
+  inference.validate_if_concrete(params, obs, mask)
   return _fit_em_batch(params, obs, mask, num_iters)

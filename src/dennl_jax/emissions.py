@@ -5,8 +5,8 @@ Every family is a ``flax.struct.dataclass`` subclass of
 array fields have a leading state axis ``K`` and declare their constraint
 once with :func:`~dennl_jax.families.param`; both bijections (unconstrained
 for the EM layer, pre-activation for the networks) and ``check_parameters``
-follow from those declarations.  A new family is one new class (see README,
-"Adding an emission or duration family").
+follow from those declarations.  A new family is one new class (see
+docs/extending.md).
 
 Observations on padded steps may hold any value; callers replace them with
 zeros (valid for every family here) before computing likelihoods so that no
@@ -255,8 +255,8 @@ class _RealVectorFamily(EmissionFamily):
 # blocks its own pool thread until they finish.  When two such solves run at
 # once (the held-out loss evaluates two log-likelihoods of every user) and the
 # pool has two threads (2 cores), both block on tasks no thread is free to run:
-# the process hangs at 0 % CPU (gdb stacks in BUILD_NOTES, Table 1 "Known
-# limits").  D^2 / 2 fused multiply-adds are cheap for the small D of HMMs.
+# the process hangs at 0 % CPU (gdb stacks in BUILD_NOTES "Parameters and
+# families").  D^2 / 2 fused multiply-adds are cheap for the small D of HMMs.
 MAX_SUBSTITUTION_DIM = 16
 
 

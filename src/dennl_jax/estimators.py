@@ -60,7 +60,7 @@ from jax.flatten_util import ravel_pytree
 PERTURBATIONS = ("rademacher", "segment", "orthogonal")
 
 
-def _check_settings(num_samples, step, perturbation):
+def check_settings(num_samples, step, perturbation):
   if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
     raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
   if step is not None and not (isinstance(step, (int, float)) and step > 0):
@@ -101,7 +101,7 @@ def perturbation_directions(key, x, num_samples: int, perturbation: str = "radem
   Returns a pytree with the structure of ``x`` whose leaves have shape
   ``(num_samples,) + leaf.shape``; every coordinate is drawn independently.
   """
-  _check_settings(num_samples, None, perturbation)
+  check_settings(num_samples, None, perturbation)
   leaves, treedef = jax.tree_util.tree_flatten(x)
   for leaf in leaves:
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -178,7 +178,7 @@ def spsa(fn, *, num_samples: int = 16, step: float = 1e-3,
     g = dj.spsa(lambda x, a: jnp.sin(x * a), num_samples=8)
     grad = jax.grad(lambda x: g(x, a, key).sum())(x)   # an SPSA estimate
   """
-  _check_settings(num_samples, step, perturbation)
+  check_settings(num_samples, step, perturbation)
 
   def estimate_vjp(x, key, aux, cotangent):
     directions = perturbation_directions(key, x, num_samples, perturbation)
@@ -205,7 +205,7 @@ def forward_gradient(fn, *, num_samples: int = 16, perturbation: str = "rademach
   over the ``num_samples`` directions).  Unbiased; same signature as
   :func:`spsa`.
   """
-  _check_settings(num_samples, None, perturbation)
+  check_settings(num_samples, None, perturbation)
   second_moment = _second_moment(perturbation)
 
   def estimate_vjp(x, key, aux, cotangent):

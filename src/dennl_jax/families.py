@@ -27,7 +27,7 @@ declaration by :class:`Parameterised`:
 Constraint kinds: :class:`Real`, :class:`Positive`, :class:`Simplex`
 (``zero_diagonal=True`` for the HSMM transition) and
 :class:`PositiveDefinite`.  A new kind is a subclass of :class:`Constraint`
-(see README, "Adding an emission or duration family").
+(see docs/extending.md).
 """
 from __future__ import annotations
 

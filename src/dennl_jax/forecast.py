@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dennl_jax.inference import _as_mask, _validate_if_concrete
+from dennl_jax.inference import as_mask, validate_if_concrete
 
 
 class Forecast(NamedTuple):
@@ -60,8 +60,8 @@ def forecast(params, obs, mask, num_steps: int) -> Forecast:
   with concrete inputs, bad inputs raise ``ValueError``.
   """
   num_steps = _check_num_steps(num_steps)
-  _validate_if_concrete(params, obs, mask)
-  state_probs = params.forecast_states(obs, _as_mask(mask), num_steps)
+  validate_if_concrete(params, obs, mask)
+  state_probs = params.forecast_states(obs, as_mask(mask), num_steps)
   per_state = params.emission.observation_mean()
   observation_mean = jnp.tensordot(state_probs, per_state.astype(state_probs.dtype), axes=1)
   return Forecast(state_probs, observation_mean)

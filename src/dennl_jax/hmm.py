@@ -20,13 +20,14 @@ space with per-step max subtraction.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dennl_jax import _batched, _score
+from dennl_jax import _kernel_hmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import append_blank_steps, normalize, scaled_likelihoods, step_structure
 from dennl_jax.families import EmissionFamily, Simplex, param
@@ -117,37 +118,52 @@ def _hmm_score_one(initial, transition, log_likes, mask):
   return ll, (d_initial, d_transition, jnp.where(mask[:, None], smoothed, 0.0))
 
 
-# Under jax.vmap both run the users-minor kernels of dennl_jax._batched
-# (values and derivatives equal; see that module for which compositions).
-_hmm_filter_dispatch = _batched.batched_dispatch(
-    _hmm_filter_one, _batched.hmm_filter_batched, num_diff=3, user_blocks=True)
-_hmm_smoother_dispatch = _batched.batched_dispatch(
-    _hmm_smoother_one, lambda *args: HMMPosterior(*_batched.hmm_smoother_batched(*args)),
+# Under jax.vmap these run the users-minor kernels of dennl_jax._kernel_hmm
+# (values equal; derivatives are the per-sequence code's, see that module).
+_hmm_filter = _kernel_hmm.Dispatch(
+    _hmm_filter_one, _kernel_hmm.hmm_filter_batched, num_diff=3, user_blocks=True)
+_hmm_smoother = _kernel_hmm.Dispatch(
+    _hmm_smoother_one, lambda *args: HMMPosterior(*_kernel_hmm.hmm_smoother_batched(*args)),
     num_diff=3, user_blocks=True)
+_hmm_score = _kernel_hmm.Dispatch(
+    _hmm_score_one, _kernel_hmm.hmm_score_batched, num_diff=3, user_blocks=True,
+    jvp_backends=_kernel_hmm.HMM_KERNEL_JVP_BACKENDS)
 
 
-_hmm_score_dispatch = _batched.batched_dispatch(
-    _hmm_score_one, _batched.hmm_score_batched, num_diff=3, user_blocks=True)
-_hmm_score_symmetric = _score.with_symmetric_vjp(_hmm_score_dispatch, num_diff=3)
-_hmm_log_likelihood = _score.with_score_jvp(
-    lambda *args: _hmm_filter_dispatch(*args)[0], _hmm_score_dispatch, num_diff=3)
+@functools.lru_cache(maxsize=None)
+def _score_functions(kernels: _kernel_hmm.Kernels):
+  """(symmetric-VJP score, log-likelihood differentiated through the score) for ``kernels``."""
+  score = functools.partial(_hmm_score, kernels)
+  symmetric = _score.with_symmetric_vjp(score, num_diff=3,
+                                        jvp=functools.partial(_hmm_score.jvp, kernels))
+  log_likelihood = _score.with_score_jvp(
+      lambda *args: _hmm_filter(kernels, *args)[0], score, num_diff=3)
+  return symmetric, log_likelihood
 
 
-def hmm_filter(initial, transition, log_likes, mask):
+def _as_kernels(kernels) -> _kernel_hmm.Kernels:
+  return kernels if isinstance(kernels, _kernel_hmm.Kernels) else _kernel_hmm.Kernels(kernels)
+
+
+def hmm_filter(initial, transition, log_likes, mask, kernels="auto"):
   """Filtered marginals and log-likelihood.
 
   initial: (K,), transition: (K, K), log_likes: (T, K), mask: (T,) bool.
+  kernels: what ``jax.vmap`` of this runs (a :class:`~dennl_jax.Kernels` or its name).
   Returns (log_likelihood: (), filtered_probs: (T, K)).
   """
-  return _hmm_filter_dispatch(initial, transition, log_likes, jnp.asarray(mask, bool))
+  return _hmm_filter(_as_kernels(kernels), initial, transition, log_likes,
+                     jnp.asarray(mask, bool))
 
 
-def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
+def hmm_smoother(initial, transition, log_likes, mask, kernels="auto") -> HMMPosterior:
   """Forward-backward on one masked sequence; see :class:`HMMPosterior`."""
-  return _hmm_smoother_dispatch(initial, transition, log_likes, jnp.asarray(mask, bool))
+  return _hmm_smoother(_as_kernels(kernels), initial, transition, log_likes,
+                       jnp.asarray(mask, bool))
 
 
-def hmm_score(initial, transition, log_likes, mask, symmetric_vjp: bool = False):
+def hmm_score(initial, transition, log_likes, mask, symmetric_vjp: bool = False,
+              kernels="auto"):
   """The log-likelihood and its gradient (the score): what an EM step needs of the E-step.
 
   Shapes as in :func:`hmm_filter`.  Returns ``(log_likelihood, (d_initial: (K,),
@@ -158,8 +174,11 @@ def hmm_score(initial, transition, log_likes, mask, symmetric_vjp: bool = False)
   steps.  ``symmetric_vjp``: reverse mode runs one forward-mode pass
   (:mod:`dennl_jax._score`); forward mode (``jax.jvp``) is then not available.
   """
-  score = _hmm_score_symmetric if symmetric_vjp else _hmm_score_dispatch
-  return score(initial, transition, log_likes, jnp.asarray(mask, bool))
+  kernels = _as_kernels(kernels)
+  mask = jnp.asarray(mask, bool)
+  if symmetric_vjp:
+    return _score_functions(kernels)[0](initial, transition, log_likes, mask)
+  return _hmm_score(kernels, initial, transition, log_likes, mask)
 
 
 def hmm_viterbi(initial, transition, log_likes, mask):
@@ -197,6 +216,9 @@ class HMM(ChainModel):
   initial: (K,) initial state distribution.
   transition: (K, K) row-stochastic, ``transition[i, j] = p(z_t=j | z_{t-1}=i)``.
   emission: an :class:`~dennl_jax.families.EmissionFamily` with K states.
+  kernels, users_per_block: static; what ``jax.vmap`` of this model's
+  inference runs (:class:`~dennl_jax.Kernels`: ``"auto"``, the backend's
+  default; ``"users_minor"``; ``"per_sequence"``).  Results are the same.
   A batch of per-user models is the same pytree with a leading user axis.
   The EM step, M-step, checks and bijections come from
   :class:`~dennl_jax._chain.ChainModel`.
@@ -204,27 +226,33 @@ class HMM(ChainModel):
   initial: jax.Array = param(Simplex())
   transition: jax.Array = param(Simplex())
   emission: EmissionFamily
+  kernels: str = struct.field(pytree_node=False, default="auto")
+  users_per_block: Optional[int] = struct.field(pytree_node=False, default=None)
   em_step_in_user_blocks = True
 
   def _log_likelihoods(self, obs, mask):
     return masked_log_likelihoods(self.emission, obs, mask)
 
   def posterior(self, obs, mask) -> HMMPosterior:
-    return hmm_smoother(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)
+    return hmm_smoother(self.initial, self.transition, self._log_likelihoods(obs, mask), mask,
+                        self.kernel_options)
 
   def _e_step(self, obs, mask, symmetric_vjp: bool) -> HMMPosterior:
     ll, (d_initial, d_transition, d_log_likes) = hmm_score(
-        self.initial, self.transition, self._log_likelihoods(obs, mask), mask, symmetric_vjp)
+        self.initial, self.transition, self._log_likelihoods(obs, mask), mask, symmetric_vjp,
+        self.kernel_options)
     return HMMPosterior(ll, None, d_log_likes, self.transition * d_transition,
                         self.initial * d_initial)
 
   def log_likelihood(self, obs, mask):
     # Differentiated through the score (dennl_jax._score.with_score_jvp).
-    return _hmm_log_likelihood(self.initial, self.transition, self._log_likelihoods(obs, mask),
-                               jnp.asarray(mask, bool))
+    log_likelihood = _score_functions(self.kernel_options)[1]
+    return log_likelihood(self.initial, self.transition, self._log_likelihoods(obs, mask),
+                          jnp.asarray(mask, bool))
 
   def filtered_posteriors(self, obs, mask):
-    return hmm_filter(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)[1]
+    return hmm_filter(self.initial, self.transition, self._log_likelihoods(obs, mask), mask,
+                      self.kernel_options)[1]
 
   def most_likely_states(self, obs, mask):
     return hmm_viterbi(self.initial, self.transition, self._log_likelihoods(obs, mask), mask)
@@ -232,7 +260,8 @@ class HMM(ChainModel):
   def forecast_states(self, obs, mask, num_steps: int):
     """(num_steps, K) p(z_{t*+h} | valid obs), h = 1 ... num_steps, t* the last valid step."""
     log_likes, mask = append_blank_steps(self._log_likelihoods(obs, mask), mask, num_steps)
-    return hmm_filter(self.initial, self.transition, log_likes, mask)[1][-num_steps:]
+    return hmm_filter(self.initial, self.transition, log_likes, mask,
+                      self.kernel_options)[1][-num_steps:]
 
   def _sample_states(self, key, num_steps: int):
     key_init, key_trans, key_obs = jax.random.split(key, 3)

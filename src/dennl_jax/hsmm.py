@@ -35,7 +35,7 @@ steps spent so far) in log space, where the censored last segment's survivor
 term falls out of the product of continuation probabilities, so it returns
 the exact most likely state path (= segmentation) of the right-censored model.
 Under ``jax.vmap`` the smoother and the filter run the same recursions with
-the user axis minor (:mod:`dennl_jax._batched_hsmm`; equal values and derivatives).
+the user axis minor (:mod:`dennl_jax._kernel_hsmm`; equal values and derivatives).
 
 Masks behave exactly as for HMMs: a masked step is removed from the sequence
 (identity step: it neither emits nor consumes duration), so padding anywhere
@@ -48,13 +48,13 @@ of the benchmark, in :mod:`dennl_jax.oracles`.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dennl_jax import _batched, _batched_hsmm, _score
+from dennl_jax import _kernel_hmm, _kernel_hsmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import (append_blank_steps, fill_leading, normalize, scaled_likelihoods,
                                  step_structure)
@@ -196,39 +196,55 @@ def _hsmm_score_one(initial, transition, dur_log_probs, log_likes, mask):
   return ll, (d_initial, jumps, duration_counts, jnp.where(mask[:, None], smoothed, 0.0))
 
 
-# Under jax.vmap both run the users-minor kernels of dennl_jax._batched_hsmm
-# (values and derivatives equal; dennl_jax._batched says which compositions).
-_dispatch = functools.partial(_batched.batched_dispatch, num_diff=4,
-                              gradient_backends=_batched.HSMM_BATCHED_GRADIENT_BACKENDS)
-_hsmm_filter_dispatch = _dispatch(_hsmm_filter_one, _batched_hsmm.hsmm_filter_batched)
-_hsmm_smoother_dispatch = _dispatch(
-    _hsmm_smoother_one, lambda *args: HSMMPosterior(*_batched_hsmm.hsmm_smoother_batched(*args)))
-_hsmm_score_dispatch = _dispatch(_hsmm_score_one, _batched_hsmm.hsmm_score_batched)
-_hsmm_score_symmetric = _score.with_symmetric_vjp(_hsmm_score_dispatch, num_diff=4)
-_hsmm_log_likelihood = _score.with_score_jvp(
-    lambda *args: _hsmm_filter_dispatch(*args)[0], _hsmm_score_dispatch, num_diff=4)
+# Under jax.vmap these run the users-minor kernels of dennl_jax._kernel_hsmm
+# (values equal; derivatives are the per-sequence code's, see dennl_jax._kernel_hmm).
+_dispatch = functools.partial(_kernel_hmm.Dispatch, num_diff=4,
+                              jvp_backends=_kernel_hmm.HSMM_KERNEL_JVP_BACKENDS)
+_hsmm_filter = _dispatch(_hsmm_filter_one, _kernel_hsmm.hsmm_filter_batched)
+_hsmm_smoother = _dispatch(
+    _hsmm_smoother_one, lambda *args: HSMMPosterior(*_kernel_hsmm.hsmm_smoother_batched(*args)))
+_hsmm_score = _dispatch(_hsmm_score_one, _kernel_hsmm.hsmm_score_batched)
 
 
-def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask):
+@functools.lru_cache(maxsize=None)
+def _score_functions(kernels: _kernel_hmm.Kernels):
+  """(symmetric-VJP score, log-likelihood differentiated through the score) for ``kernels``."""
+  score = functools.partial(_hsmm_score, kernels)
+  symmetric = _score.with_symmetric_vjp(score, num_diff=4,
+                                        jvp=functools.partial(_hsmm_score.jvp, kernels))
+  log_likelihood = _score.with_score_jvp(
+      lambda *args: _hsmm_filter(kernels, *args)[0], score, num_diff=4)
+  return symmetric, log_likelihood
+
+
+def _as_kernels(kernels) -> _kernel_hmm.Kernels:
+  return kernels if isinstance(kernels, _kernel_hmm.Kernels) else _kernel_hmm.Kernels(kernels)
+
+
+def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask, kernels="auto"):
   """Filtered state marginals and log-likelihood.
 
   initial: (K,), transition: (K, K), dur_log_probs: (K, D), log_likes: (T, K),
-  mask: (T,) bool.  Returns (log_likelihood: (), filtered_probs: (T, K)).
+  mask: (T,) bool.  kernels: what ``jax.vmap`` of this runs (a
+  :class:`~dennl_jax.Kernels` or its name).  Returns (log_likelihood: (),
+  filtered_probs: (T, K)).
   """
-  return _hsmm_filter_dispatch(initial, transition, dur_log_probs, log_likes,
-                               jnp.asarray(mask, bool))
+  return _hsmm_filter(_as_kernels(kernels), initial, transition, dur_log_probs, log_likes,
+                      jnp.asarray(mask, bool))
 
 
-def hsmm_smoother(initial, transition, dur_log_probs, log_likes, mask) -> HSMMPosterior:
+def hsmm_smoother(initial, transition, dur_log_probs, log_likes, mask,
+                  kernels="auto") -> HSMMPosterior:
   """Forward-backward on one masked sequence; see :class:`HSMMPosterior`.
 
   Shapes as in :func:`hsmm_filter`.  Cost O(T K (K + D)).
   """
-  return _hsmm_smoother_dispatch(initial, transition, dur_log_probs, log_likes,
-                                 jnp.asarray(mask, bool))
+  return _hsmm_smoother(_as_kernels(kernels), initial, transition, dur_log_probs, log_likes,
+                        jnp.asarray(mask, bool))
 
 
-def hsmm_score(initial, transition, dur_log_probs, log_likes, mask, symmetric_vjp: bool = False):
+def hsmm_score(initial, transition, dur_log_probs, log_likes, mask, symmetric_vjp: bool = False,
+               kernels="auto"):
   """The log-likelihood and its gradient (the score): what an EM step needs of the E-step.
 
   Shapes as in :func:`hsmm_filter`.  Returns ``(log_likelihood, (d_initial: (K,),
@@ -240,8 +256,11 @@ def hsmm_score(initial, transition, dur_log_probs, log_likes, mask, symmetric_vj
   forward-mode pass (:mod:`dennl_jax._score`); forward mode (``jax.jvp``) is then
   not available.
   """
-  score = _hsmm_score_symmetric if symmetric_vjp else _hsmm_score_dispatch
-  return score(initial, transition, dur_log_probs, log_likes, jnp.asarray(mask, bool))
+  kernels = _as_kernels(kernels)
+  args = (initial, transition, dur_log_probs, log_likes, jnp.asarray(mask, bool))
+  if symmetric_vjp:
+    return _score_functions(kernels)[0](*args)
+  return _hsmm_score(kernels, *args)
 
 
 def hsmm_viterbi(initial, transition, dur_log_probs, log_likes, mask):
@@ -333,13 +352,17 @@ class HSMM(ChainModel):
 
   Implements the model protocol of :class:`dennl_jax.HMM`, so every public
   function (``log_likelihood``, ``smoothed_posteriors``, ``viterbi``,
-  ``sample``, ``em_step``, ``fit_em``, ``validate``) accepts it.  A batch of
+  ``sample``, ``em_step``, ``fit_em``, ``validate``) accepts it.
+  kernels, users_per_block: static; what ``jax.vmap`` of its inference runs
+  (:class:`~dennl_jax.Kernels`), as for :class:`~dennl_jax.HMM`.  A batch of
   per-user models is the same pytree with a leading user axis.
   """
   initial: jax.Array = param(Simplex())
   transition: jax.Array = param(Simplex(zero_diagonal=True))
   duration: DurationFamily
   emission: EmissionFamily
+  kernels: str = struct.field(pytree_node=False, default="auto")
+  users_per_block: Optional[int] = struct.field(pytree_node=False, default=None)
 
   @property
   def max_duration(self) -> int:
@@ -350,21 +373,21 @@ class HSMM(ChainModel):
     return self.initial, self.transition, self.duration.log_probs(), log_likes, mask
 
   def posterior(self, obs, mask) -> HSMMPosterior:
-    return hsmm_smoother(*self._inputs(obs, mask))
+    return hsmm_smoother(*self._inputs(obs, mask), self.kernel_options)
 
   def _e_step(self, obs, mask, symmetric_vjp: bool) -> HSMMPosterior:
     ll, (d_initial, d_transition, duration_counts, d_log_likes) = hsmm_score(
-        *self._inputs(obs, mask), symmetric_vjp)
+        *self._inputs(obs, mask), symmetric_vjp, self.kernel_options)
     return HSMMPosterior(ll, None, d_log_likes, self.transition * d_transition,
                          self.initial * d_initial, duration_counts)
 
   def log_likelihood(self, obs, mask):
     # Differentiated through the score (dennl_jax._score.with_score_jvp).
     *inputs, mask = self._inputs(obs, mask)
-    return _hsmm_log_likelihood(*inputs, jnp.asarray(mask, bool))
+    return _score_functions(self.kernel_options)[1](*inputs, jnp.asarray(mask, bool))
 
   def filtered_posteriors(self, obs, mask):
-    return hsmm_filter(*self._inputs(obs, mask))[1]
+    return hsmm_filter(*self._inputs(obs, mask), self.kernel_options)[1]
 
   def most_likely_states(self, obs, mask):
     return hsmm_viterbi(*self._inputs(obs, mask))
@@ -379,7 +402,8 @@ class HSMM(ChainModel):
     """
     initial, transition, dur_log_probs, log_likes, mask = self._inputs(obs, mask)
     log_likes, mask = append_blank_steps(log_likes, mask, num_steps)
-    return hsmm_filter(initial, transition, dur_log_probs, log_likes, mask)[1][-num_steps:]
+    return hsmm_filter(initial, transition, dur_log_probs, log_likes, mask,
+                       self.kernel_options)[1][-num_steps:]
 
   def _extra_m_step(self, post) -> dict:
     return {"duration": self.duration.m_step(post.duration_counts)}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dennl_jax import _checks
-from dennl_jax.batching import chunked_map
+from dennl_jax.chunking import chunked_map
 
 
 def validate(params, obs, mask) -> None:
@@ -52,19 +52,19 @@ def validate(params, obs, mask) -> None:
   params.emission.check_observations(obs_np, mask_np)
 
 
-def _validate_if_concrete(params, obs, mask) -> None:
+def validate_if_concrete(params, obs, mask) -> None:
   if _checks.is_concrete(params, obs, mask):
     validate(params, obs, mask)
 
 
-def _as_mask(mask):
+def as_mask(mask):
   return jnp.asarray(mask, bool)
 
 
 def log_likelihood(params, obs, mask):
   """Marginal log-likelihood () of the valid steps of one sequence."""
-  _validate_if_concrete(params, obs, mask)
-  return params.log_likelihood(obs, _as_mask(mask))
+  validate_if_concrete(params, obs, mask)
+  return params.log_likelihood(obs, as_mask(mask))
 
 
 def posterior(params, obs, mask):
@@ -73,14 +73,14 @@ def posterior(params, obs, mask):
   ``HMMPosterior`` for an HMM, ``HSMMPosterior`` for an HSMM; both carry
   ``log_likelihood``, ``smoothed_probs (T, K)`` and ``transition_counts (K, K)``.
   """
-  _validate_if_concrete(params, obs, mask)
-  return params.posterior(obs, _as_mask(mask))
+  validate_if_concrete(params, obs, mask)
+  return params.posterior(obs, as_mask(mask))
 
 
 def filtered_posteriors(params, obs, mask):
   """p(z_t | o_{1:t}) for every step, (T, K)."""
-  _validate_if_concrete(params, obs, mask)
-  return params.filtered_posteriors(obs, _as_mask(mask))
+  validate_if_concrete(params, obs, mask)
+  return params.filtered_posteriors(obs, as_mask(mask))
 
 
 def smoothed_posteriors(params, obs, mask):
@@ -112,8 +112,8 @@ def viterbi(params, obs, mask):
     path = dj.viterbi(hmm, obs, mask)
     paths = jax.jit(jax.vmap(dj.viterbi))(hmms, obs_batch, mask_batch)   # (U, T)
   """
-  _validate_if_concrete(params, obs, mask)
-  return params.most_likely_states(obs, _as_mask(mask))
+  validate_if_concrete(params, obs, mask)
+  return params.most_likely_states(obs, as_mask(mask))
 
 
 def sample(key, params, num_steps: int):

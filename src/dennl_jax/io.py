@@ -46,6 +46,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from dennl_jax._version import __version__
 from dennl_jax.families import Parameterised
 
 FORMAT = "dennl_jax.params"
@@ -227,7 +228,6 @@ def save_params(path, params, metadata=None) -> None:
   Raises ``TypeError`` naming a leaf or static field that cannot be stored,
   before anything is written.
   """
-  from dennl_jax import __version__
   arrays = {}
   description = {"format": FORMAT, "format_version": FORMAT_VERSION,
                  "library_version": __version__, **_summary(params),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dennl_jax import inference
-from dennl_jax.estimators import _check_settings, forward_gradient, spsa
+from dennl_jax.estimators import check_settings, forward_gradient, spsa
 
 GRADIENT_MODES = ("spsa", "forward", "exact", "exact_autodiff")
 _KEYLESS_MODES = ("exact", "exact_autodiff")
@@ -76,7 +76,7 @@ def em_layer(params, obs, mask, key=None, *, gradient: str = "spsa", num_samples
                       its inputs, log-likelihoods and M-step residuals, no
                       per-step recursion state (a 3-stage HSMM stack at
                       T = 10,000 needs 0.4 GiB of temporaries for 4 users, a
-                      checkpointed autodiff one 1.0 GiB; BUILD_NOTES "Stop 15").
+                      checkpointed autodiff one 1.0 GiB; docs/performance.md).
       ``"exact_autodiff"`` -- the same gradient by plain reverse-mode autodiff
                       through the scans, wrapped in ``jax.checkpoint`` (only the
                       layer's inputs are kept between forward and backward).
@@ -105,10 +105,10 @@ def em_layer(params, obs, mask, key=None, *, gradient: str = "spsa", num_samples
     new_params = jax.vmap(layer)(params, obs, mask, keys)   # leading axis U
   """
   check_gradient_mode(gradient)
-  _check_settings(num_samples, step, perturbation)
+  check_settings(num_samples, step, perturbation)
   if key is None and gradient not in _KEYLESS_MODES:
     raise ValueError(f"gradient={gradient!r} needs a PRNG key; got key=None")
   mask = jnp.asarray(mask, bool)
-  inference._validate_if_concrete(params, obs, mask)
+  inference.validate_if_concrete(params, obs, mask)
   layer = _layer_function(gradient, num_samples, float(step), perturbation)
   return layer(params.to_unconstrained(), obs, mask, key)

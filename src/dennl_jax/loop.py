@@ -1,4 +1,4 @@
-"""The one training loop of the library: every trainer runs :func:`fit`.
+"""The step driver every trainer runs: :func:`fit` (validation, checkpoints, resume).
 
 ``fit`` drives a jitted step ``step_fn(state, opt_state, batch, key) ->
 (state, opt_state, loss, skipped)`` (:func:`dennl_jax.training.make_train_step`
@@ -41,6 +41,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
+
+from dennl_jax import checkpoint, sharding, tracking
 
 
 class History(NamedTuple):
@@ -114,7 +116,6 @@ def _placement(mesh):
   """(place state, place batch): identity without a mesh."""
   if mesh is None:
     return (lambda tree: tree), (lambda tree: tree)
-  from dennl_jax import sharding     # only multi-device runs need it
   return (lambda tree: sharding.replicate(tree, mesh)), (
       lambda tree: sharding.shard_users(tree, mesh))
 
@@ -203,7 +204,6 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
   start_step, elapsed_before = 0, 0.0
   checkpointer = own_tracker = None
   if workdir:
-    from dennl_jax import checkpoint
     checkpointer = checkpoint.Checkpointer(workdir, config=config, keep=keep)
     trees = {"state": state, "opt_state": opt_state}
     if eval_fn is not None:
@@ -224,7 +224,6 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
       if log:
         log(f"[{name}] resumed from the checkpoint at step {start_step} in {workdir}")
     if tracker is None:
-      from dennl_jax import tracking
       tracker = own_tracker = tracking.Tracker(os.path.join(workdir, "metrics"),
                                                start_step=start_step)
   if eval_fn is None:

@@ -6,7 +6,8 @@ default) with fresh pages from the kernel and returns them on ``free``, so every
 call of a program with larger temporaries pays one page fault per 4 KiB page
 touched: an HMM DENNL training step of 256 users (42 MiB of temporaries) ran
 113 ms instead of 74 ms on one core, and a vmapped em_step over 2000 users
-without blocks a third slower (BUILD_NOTES "Stop 13", "Stop 19").  Raising the
+without blocks a third slower (BUILD_NOTES "Memory: `keep_freed_memory`" and
+"Users-minor batched kernels").  Raising the
 threshold and keeping freed memory in the heap makes those calls reuse their
 pages.  Results do not change; the process keeps its peak memory until it ends.
 

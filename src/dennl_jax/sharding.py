@@ -26,7 +26,7 @@ user 0's mask, so they are valid inputs; per-user results of the real users
 do not depend on them, and :func:`unpad_users` slices them off.
 
 Several hosts.  Call ``jax.distributed.initialize()`` first on every host
-(see README "Running on several devices"); ``users_mesh()`` then spans the
+(see docs/scaling.md, "Several hosts"); ``users_mesh()`` then spans the
 devices of all hosts, and each host passes its *global* batch to
 :func:`shard_users` (every host must build the same batch, e.g. from the same
 key) -- ``jax.device_put`` keeps only the rows of local devices.
@@ -38,7 +38,8 @@ import numpy as np
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from dennl_jax.batching import _pad_leading
+from dennl_jax.batch import Batch
+from dennl_jax.chunking import pad_leading
 
 USERS = "users"
 
@@ -100,8 +101,7 @@ def shard_users(tree, mesh):
 
 
 def _pad(tree, num_users: int, size: int):
-  from dennl_jax.training import Batch
-  padded = _pad_leading(tree, size)
+  padded = pad_leading(tree, size)
   if not isinstance(tree, Batch):
     return padded
   if tree.target is not None:

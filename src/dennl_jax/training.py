@@ -1,4 +1,7 @@
-"""One training loop for every trained model (DENNL and the baselines).
+"""Losses, the jitted train step, :func:`train` and :func:`predict` for NNX models.
+
+:func:`train` runs the step through :func:`dennl_jax.loop.fit`, the step driver
+shared by every trained model (DENNL and the baselines).
 
 The loop is functional: the module is split once into a static ``graphdef``
 and a ``state`` pytree of parameters (``flax.nnx.split``), and the jitted
@@ -24,21 +27,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dennl_jax.batching import chunked_map
 from dennl_jax import loop
+from dennl_jax.batch import Batch
+from dennl_jax.chunking import chunked_map
 from dennl_jax.loop import History  # noqa: F401 -- re-exported
-
-
-class Batch(NamedTuple):
-  """A minibatch of users (every field has a leading user axis B).
-
-  embedding: (B, E); obs: (B, T, ...); mask: (B, T) bool;
-  target: (B, P) regression target (EM Mapping) or None.
-  """
-  embedding: jax.Array
-  obs: jax.Array
-  mask: jax.Array
-  target: Optional[jax.Array] = None
 
 
 def mean_negative_log_likelihood(params, obs, mask):

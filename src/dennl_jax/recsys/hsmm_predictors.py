@@ -58,7 +58,7 @@ from flax import nnx
 
 import dennl_jax as dj
 from dennl_jax import loop
-from dennl_jax.baselines import best_of_restarts
+from dennl_jax.per_user_em import best_of_restarts
 from dennl_jax import training as Tr
 from dennl_jax.recsys import metrics as rmetrics
 from dennl_jax.recsys.baselines import TIE_BREAK, popularity_vector

@@ -7,7 +7,7 @@ by the metrics only, and every predictor must use ``history_mask`` steps (and
 the embeddings) alone — ``tests/test_recsys_baselines.py`` checks this by
 poisoning the target step.
 
-Split (``dennl_jax.data.events.time_split``): per user, last valid step =
+Split (``dennl_jax.recsys.events.time_split``): per user, last valid step =
 test, second-last = validation, the rest = training.  The validation task
 predicts the validation step from the training steps; the test task predicts
 the test step from the training steps plus the validation step.  Everything
