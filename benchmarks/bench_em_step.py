@@ -102,7 +102,8 @@ def time_dennl_step(config):
 
   def train_step(gradient):
     model = dj.DENNL(ParamCodec(template), template, config.dennl_embed_dim,
-                     num_stages=config.dennl_stages, gradient=gradient, rngs=nnx.Rngs(0))
+                     num_stages=config.dennl_stages, layer=dj.EMLayer(gradient=gradient),
+                     rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     args = (state, optimizer.init(state), batch, jax.random.PRNGKey(3))
     return dj.make_train_step(graphdef, dj.likelihood_loss, optimizer), args

@@ -103,7 +103,10 @@ def profile(compiled, args, calls: int = 3) -> list[dict]:
   """Per-operation time of ``compiled(*args)``, traced over ``calls`` calls.
 
   compiled: a ``jax.stages.Compiled`` (``jax.jit(f).lower(*args).compile()``),
-    already called once (so no first-call work is traced).
+    already called once (so no first-call work is traced).  A call dispatched
+    before and not waited for may run late (XLA:CPU executes asynchronously, on
+    its own threads): one blocked call settles it, so no operation of an earlier
+    call is counted in the traced ones.
   Returns one row per HLO instruction that ran (loops and calls with their own
   time only), largest first: ``{op, seconds_per_call, count_per_call, shape,
   opcode, op_name, loops, computation, calls}``.
@@ -111,6 +114,7 @@ def profile(compiled, args, calls: int = 3) -> list[dict]:
   if calls < 1:
     raise ValueError(f"calls must be >= 1, got {calls}")
   instructions = parse_hlo(compiled.as_text())
+  jax.block_until_ready(compiled(*args))  # untraced: earlier asynchronous calls are done
   with tempfile.TemporaryDirectory(prefix="op_profile_") as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(calls):

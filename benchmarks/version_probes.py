@@ -103,9 +103,12 @@ def _dennl_step_call(case):
     _, obs = jax.vmap(lambda k: dj.sample(k, template, steps))(keys)
   embedding = jax.random.normal(jax.random.PRNGKey(2), (users, case["embed_dim"]))
   batch = dj.Batch(embedding, obs, jnp.ones((users, steps), bool))
+  # Commits before dj.EMLayer took the layer's settings as keywords.
+  layer = (dict(layer=dj.EMLayer(gradient="exact")) if hasattr(dj, "EMLayer")
+           else dict(gradient="exact"))
   model = dj.DENNL(ParamCodec(template), template, case["embed_dim"],
-                   num_stages=case["stages"], hidden=tuple(case["hidden"]), gradient="exact",
-                   rngs=nnx.Rngs(0))
+                   num_stages=case["stages"], hidden=tuple(case["hidden"]), rngs=nnx.Rngs(0),
+                   **layer)
   graphdef, state = nnx.split(model)
   optimizer = dj.make_optimizer(1e-3)
   step = dj.make_train_step(graphdef, dj.likelihood_loss, optimizer)

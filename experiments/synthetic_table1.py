@@ -94,7 +94,7 @@ def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: i
       batch_size=s.config.batch_size, key=s.keys[5], log_every=s.config.log_every,
       log=common.log, name=f"{s.name}/{method}", workdir=common.subdir(s.workdir, method),
       progress=s.progress, eval_fn=evaluate if early else None,
-      eval_every=s.config.eval_every if early else 0, mode="min", return_fit=True)
+      eval_every=s.config.eval_every if early else 0, mode="min")
   s.curves[method] = {"step": history.step.tolist(), "loss": history.loss.tolist(),
                       "seconds": history.seconds.tolist()}
   if early:
@@ -202,12 +202,17 @@ def _mlp_mapper(s: Setting, rngs: nnx.Rngs):
   return dj.EmbeddingMapper(s.codec, s.start, s.synthetic.embed_dim, rngs=rngs)
 
 
+def _em_layer(c) -> dj.EMLayer:
+  """The config's EM-layer settings (gradient mode and the SPSA estimator's)."""
+  return dj.EMLayer(gradient=c.gradient, num_samples=c.spsa_samples,
+                    perturbation=c.spsa_perturbation)
+
+
 def _initial_fusion(s: Setting, rngs: nnx.Rngs):
   """Embedding -> EM start, then EM layers."""
   c = s.config
   return dj.InitialFusion(s.codec, s.start, s.synthetic.embed_dim, num_stages=c.num_stages,
-                          gradient=c.gradient, spsa_samples=c.spsa_samples,
-                          spsa_perturbation=c.spsa_perturbation, rngs=rngs)
+                          layer=_em_layer(c), rngs=rngs)
 
 
 def _dennl_builder(**ablation):
@@ -225,8 +230,7 @@ def _dennl_builder(**ablation):
     else:
       kwargs["user_start"] = None
     return dj.DENNL(s.codec, s.start, s.synthetic.embed_dim, hidden=(c.hidden, c.hidden),
-                    gradient=c.gradient, spsa_samples=c.spsa_samples,
-                    spsa_perturbation=c.spsa_perturbation, rngs=rngs, **kwargs)
+                    layer=_em_layer(c), rngs=rngs, **kwargs)
   build.__doc__ = ("The paper's network: EM layers with the embedding fused at every stage"
                    + (f" (ablation: {ablation})" if ablation else "") + ".")
   return build

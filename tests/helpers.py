@@ -15,6 +15,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
@@ -311,3 +312,9 @@ DURATIONS = {
     "categorical": DurationSpec("categorical", lambda rng, k, d: dj.CategoricalDuration(
         rng.dirichlet(np.ones(d), k))),
 }
+
+
+def slow_except(values, *fast):
+  """Parametrize ``values`` for the two tiers: those in ``fast`` run in the fast
+  tier (``-m "not slow"``), the others are marked ``slow``; the full suite runs all."""
+  return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]

@@ -33,6 +33,7 @@ def _src_modified() -> bool:
        "src"], capture_output=True, text=True).stdout.strip())
 
 
+@pytest.mark.slow
 @needs_git
 def test_tiny_run_times_both_codes_and_compares_outputs(tmp_path):
   config = common.get_config("bench_versions", "tiny")
@@ -51,6 +52,7 @@ def test_tiny_run_times_both_codes_and_compares_outputs(tmp_path):
   assert len(list((tmp_path / "logs").glob("*.log"))) == 2 * len(rows)
 
 
+@pytest.mark.slow
 def test_probe_must_import_the_code_it_was_given(tmp_path):
   case = bench_versions.cases(common.get_config("bench_versions", "tiny"))[0]
   # No dennl_jax under tmp_path: the installed one is imported instead.

@@ -23,12 +23,13 @@ def _eval(state):
   return -float(jnp.sum(state["w"] ** 2))
 
 
-def _fit(workdir=None, num_steps=STEPS, **kw):
+def _fit(workdir=None, num_steps=STEPS, save_every=0, **kw):
   state, opt_state = _init()
   return loop.fit(step, state, opt_state, num_steps=num_steps,
-                  batch_at=_batch_at(jax.random.key(1)), key=jax.random.key(2), eval_fn=_eval,
-                  eval_every=2, eval_at_start=True, workdir=workdir,
-                  config=CONFIG if workdir else None, **kw)
+                  batch_at=_batch_at(jax.random.key(1)), key=jax.random.key(2),
+                  validation=loop.Validation(_eval, every=2, at_start=True),
+                  checkpointing=(loop.Checkpointing(workdir, config=CONFIG, every=save_every)
+                                 if workdir else None), **kw)
 
 
 def _assert_same(a, b):
@@ -62,6 +63,7 @@ def test_stopped_run_resumes_to_the_uninterrupted_parameters(tmp_path, uninterru
   assert longer.start_step == STEPS and len(longer.history.loss) == STEPS + 2
 
 
+@pytest.mark.slow
 def test_killed_subprocess_resumes_to_the_uninterrupted_parameters(tmp_path, uninterrupted):
   workdir = str(tmp_path / "killed")
   tests_dir = os.path.dirname(os.path.abspath(__file__))
@@ -90,7 +92,8 @@ def test_another_or_unreadable_config_is_refused(tmp_path):
   state, opt_state = _init()
   with pytest.raises(checkpoint.CheckpointError, match=r"different config \(lr: 0.1 .* 0.2 now"):
     loop.fit(step, state, opt_state, num_steps=2, batch_at=_batch_at(jax.random.key(1)),
-             key=jax.random.key(2), workdir=workdir, config=dict(CONFIG, lr=0.2))
+             key=jax.random.key(2),
+             checkpointing=loop.Checkpointing(workdir, config=dict(CONFIG, lr=0.2)))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write("{not json")
   with pytest.raises(checkpoint.CheckpointError, match="config.json is corrupt"):

@@ -8,6 +8,10 @@ import pytest
 
 from dennl_jax import synthetic as S
 
+# float64, as these tests ran in the full suite before x64 became a per-test
+# marker (modules collected before them switched it on at import).
+pytestmark = pytest.mark.x64
+
 CONFIG = dataclasses.replace(S.SyntheticConfig(), num_states=4, obs_dim=2, max_duration=6,
                              embed_dim=8, num_factors=2)
 

@@ -140,6 +140,7 @@ def test_invalid_settings_raise():
 # ------------------------------------------------------- statistics on the EM map
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["spsa", "forward"])
 def test_estimates_are_unbiased_and_error_falls_like_inverse_sqrt_n(mode):
   estimates, exact, _ = _per_sample_vjps(mode)
@@ -158,6 +159,7 @@ def test_estimates_are_unbiased_and_error_falls_like_inverse_sqrt_n(mode):
   assert -0.6 < slope < -0.4, (slope, rms)
 
 
+@pytest.mark.slow
 def test_finite_difference_bias_shrinks_like_step_squared():
   # Theorem 1 with common random numbers: for the same Delta, the SPSA and
   # forward-gradient estimates differ only by the finite-difference error,
@@ -224,6 +226,7 @@ def test_orthogonal_spsa_with_m_samples_is_exact():
   assert not np.allclose(jax.vjp(lambda x: r(x, key), x)[1](v)[0], exact, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_orthogonal_spsa_beats_iid_at_equal_cost():
   """Against the exact VJP: at S = M/2 the mean squared error of orthogonal
   directions is below i.i.d. Rademacher's at equal cost (the same number of

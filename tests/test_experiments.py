@@ -65,6 +65,7 @@ def _package(name: str) -> str:
   return "benchmarks" if name.startswith("bench") else "experiments"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BINARIES)
 def test_binary_runs_on_tiny_config(name, tmp_path):
   config = common.get_config(name, "tiny")
@@ -184,6 +185,7 @@ def test_table1_rejects_unknown_names():
       common.get_config("synthetic_table1").methods)
 
 
+@pytest.mark.slow
 def test_readme_command_line_reaches_the_config():
   """The README's main job parses --quick and overrides (stopped by a bad method)."""
   result = subprocess.run(
@@ -250,6 +252,7 @@ def test_table1_stats_over_seeds_and_paired_differences():
   assert any("DENNL" in line and "conventional_em" in line for line in report.headline(summary))
 
 
+@pytest.mark.slow
 def test_bench_hsmm_runs_any_subset_of_its_tables(tmp_path):
   """Each of bench_hsmm's three tables can be switched off (an empty list of D)."""
   from benchmarks import bench_hsmm

@@ -8,7 +8,7 @@ gradient modes, and a DENNL forward and backward pass.  No library file names
 it.  README, "Adding an emission or duration family", walks through it.
 
 Part 2 is the contract every registered family must meet (the library's own,
-registered in conftest.py, and the Bernoulli one): both bijections round
+registered in helpers.py, and the Bernoulli one): both bijections round
 trip and map any real input to valid parameters, the M-step of exact
 statistics recovers the parameters, states without mass keep theirs, and
 samples pass the family's own observation checks.
@@ -26,7 +26,7 @@ from scipy import stats
 
 import dennl_jax as dj
 from helpers import (DURATIONS, EMISSIONS, BruteForce, EmissionSpec, pad_sequence,
-                      register_emission, stack_trees, tree_allclose)
+                     register_emission, stack_trees, tree_allclose)
 from dennl_jax.codec import ParamCodec
 from dennl_jax.families import keep_where_empty, safe_div
 from dennl_jax.networks import DENNL
@@ -171,6 +171,7 @@ def test_bernoulli_em_step_and_fit_em():
   assert np.all(trace[:, -1] > trace[:, 0])
 
 
+@pytest.mark.slow
 def test_bernoulli_em_layer_in_every_gradient_mode():
   rng = np.random.default_rng(92)
   hmm = jax.tree_util.tree_map(jnp.asarray, _bernoulli_hmm(rng))
@@ -195,13 +196,14 @@ def test_bernoulli_em_layer_in_every_gradient_mode():
     assert any(np.any(np.asarray(g) != 0) for g in leaves), mode
 
 
+@pytest.mark.slow
 def test_bernoulli_dennl_forward_and_backward():
   rng = np.random.default_rng(93)
   start = jax.tree_util.tree_map(jnp.asarray, _bernoulli_hmm(rng))
   _, obs = jax.vmap(lambda k: dj.sample(k, start, 6))(jax.random.split(jax.random.PRNGKey(0), 2))
   data = dj.Batch(jnp.asarray(rng.normal(size=(2, 4))), obs, jnp.ones((2, 6), bool))
   model = DENNL(ParamCodec(start), start, 4, num_stages=1, hidden=(8,), start_hidden=(8,),
-                latent_dim=2, gradient="exact", rngs=nnx.Rngs(0))
+                latent_dim=2, layer=dj.EMLayer(gradient="exact"), rngs=nnx.Rngs(0))
 
   @nnx.jit
   def run(model):

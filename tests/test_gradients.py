@@ -88,6 +88,7 @@ def _tiny_normaliser_models():
   return {"hmm": hmm, "hsmm": hsmm}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hmm", "hsmm"])
 def test_gradient_finite_with_tiny_float32_normaliser(kind):
   params = _tiny_normaliser_models()[kind]

@@ -377,6 +377,7 @@ def test_unconstrained_round_trip():
 # ---------------------------------------------------------------- EM
 
 
+@pytest.mark.slow
 def test_fit_em_monotone_and_recovers_durations():
   true_rates = np.array([3.0, 6.0, 10.0])
   true = HSMM(jnp.full(3, 1 / 3), jnp.array([[0.0, 0.6, 0.4], [0.5, 0.0, 0.5],
@@ -446,15 +447,23 @@ def test_fit_em_monotone_categorical_durations_with_padding():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU table entries")
-def test_cpu_gradients_of_vmapped_hsmms_take_the_kernel():
-  """On CPU, grad(vmap(.)) differentiates the users-minor HSMM kernel (its (D, K, U)
-  carry is in the gradient's jaxpr; faster since it keeps no joints, BUILD_NOTES
-  "Stop 17").  HMM derivatives stay per sequence (dennl_jax._kernel_hmm's tables)."""
+def test_cpu_score_vjp_of_vmapped_hsmms_takes_the_kernel_jvp():
+  """On CPU, the backward pass of the score VJP (``em_step(score_vjp=True)``, the
+  exact EM layer) of a vmapped HSMM runs the users-minor kernel's JVP (faster, as it
+  keeps no joints): the gradient's jaxpr holds more of its (D, K, U) carries than the
+  values' jaxpr.  Plain derivatives (``grad`` of ``posterior``) differentiate the
+  per-sequence code, values included: no kernel carry in their jaxpr."""
   num_states, max_duration, num_users, num_steps = 3, 4, 5, 6
   models = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[
       random_hsmm(seed, num_states, max_duration) for seed in range(num_users)])
   obs = jnp.stack([random_obs(seed, models, num_steps) for seed in range(num_users)])
   mask = jnp.ones((num_users, num_steps), bool)
-  loss = lambda m: jnp.sum(jax.vmap(dj.posterior)(m, obs, mask).smoothed_probs ** 2)
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(models))
-  assert f"f64[{max_duration},{num_states},{num_users}]" in jaxpr
+  carry = f"f64[{max_duration},{num_states},{num_users}]"
+  step = jax.vmap(lambda m, o, k: dj.em_step(m, o, k, score_vjp=True))
+  score_loss = lambda m: jnp.sum(step(m, obs, mask).transition ** 2)
+  values = str(jax.make_jaxpr(score_loss)(models)).count(carry)
+  gradient = str(jax.make_jaxpr(jax.grad(score_loss))(models)).count(carry)
+  assert values > 0 and gradient > values
+  plain_loss = lambda m: jnp.sum(jax.vmap(dj.posterior)(m, obs, mask).smoothed_probs ** 2)
+  assert str(jax.make_jaxpr(plain_loss)(models)).count(carry) > 0
+  assert str(jax.make_jaxpr(jax.grad(plain_loss))(models)).count(carry) == 0

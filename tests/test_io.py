@@ -157,6 +157,7 @@ for i in range(10_000):
 """
 
 
+@pytest.mark.slow
 def test_sigkilled_save_never_leaves_a_partial_file(tmp_path):
   """SIGKILL while a save is writing (its temporary file exists): the file stays whole."""
   path = tmp_path / "big.npz"

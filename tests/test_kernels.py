@@ -16,7 +16,7 @@ import pytest
 import dennl_jax as dj
 from dennl_jax import _kernel_hmm
 from helpers import (DURATIONS, FAMILIES, pad_sequence, random_emission, random_hmm, random_obs,
-                      stack_trees, tree_allclose)
+                     stack_trees, tree_allclose)
 
 pytestmark = pytest.mark.x64
 

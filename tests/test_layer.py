@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import dennl_jax as dj
+from helpers import slow_except
 from test_estimators import K, T, V, _problem, _random_hmm, _tree_vec
 
 pytestmark = pytest.mark.x64
@@ -93,7 +94,7 @@ def test_perturbations_leave_tiny_probabilities_valid():
   assert np.all(np.isfinite(_tree_vec(grad)))
 
 
-@pytest.mark.parametrize("mode", dj.GRADIENT_MODES)
+@pytest.mark.parametrize("mode", slow_except(dj.GRADIENT_MODES, "exact"))
 def test_stacked_layers_grad_under_jit_vmap_and_scan(mode):
   params, _, _, _, _ = _problem()
   num_users, num_layers = 3, 3
@@ -129,6 +130,7 @@ def test_stacked_layers_grad_under_jit_vmap_and_scan(mode):
     np.testing.assert_allclose(jnp.sum(_tree_vec(grad)), fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_other_emission_families_give_finite_gradients():
   key = jax.random.PRNGKey(6)
   base = _random_hmm(key)

@@ -1,4 +1,5 @@
 """The generic training loop: batch schedule, best-state selection, skipped updates, resume."""
+import dataclasses
 import math
 
 import jax
@@ -98,7 +99,8 @@ def test_best_state_on_a_hand_made_curve(mode, values, best_step):
     return values[len(evaluated) - 1]
 
   lines = []
-  result = _fit(eval_fn=eval_fn, eval_every=3, eval_at_start=True, mode=mode, log=lines.append)
+  result = _fit(validation=loop.Validation(eval_fn, every=3, at_start=True, mode=mode),
+                reporting=loop.Reporting(log=lines.append))
   assert [c[0] for c in result.curve] == [0, 3, 6, 9]
   assert [c[2] for c in result.curve] == values
   assert math.isnan(result.curve[0][1]) and result.curve[1][1] == result.history.loss[2]
@@ -109,14 +111,15 @@ def test_best_state_on_a_hand_made_curve(mode, values, best_step):
 
 
 def test_zero_steps_only_evaluate_the_start():
-  result = _fit(num_steps=0, eval_fn=lambda s: 0.5, eval_at_start=True)
+  result = _fit(num_steps=0, validation=loop.Validation(lambda s: 0.5, at_start=True))
   assert result.curve[0][0] == 0 and result.curve[0][2] == 0.5 and len(result.curve) == 1
   assert result.history.loss.size == 0 and result.best_step == 0
   assert result.state is result.best_state
 
 
 def test_without_eval_at_start_the_last_step_is_always_evaluated():
-  result = _fit(num_steps=7, eval_fn=lambda s: float(s["b"]), eval_every=3, mode="max")
+  result = _fit(num_steps=7, validation=loop.Validation(lambda s: float(s["b"]), every=3,
+                                                        mode="max"))
   assert [c[0] for c in result.curve] == [3, 6, 7]
 
 
@@ -130,7 +133,7 @@ def test_skipped_updates_are_counted_and_reported():
   lines = []
   state, opt_state = _init()
   result = loop.fit(nan_step, state, opt_state, num_steps=9, batch_at=_batch_at(jax.random.key(1)),
-                    key=jax.random.key(2), log=lines.append)
+                    key=jax.random.key(2), reporting=loop.Reporting(log=lines.append))
   assert result.skipped == int(result.history.skipped.sum()) > 0
   assert np.isnan(result.history.loss[result.history.skipped]).all()
   assert any("WARNING" in line and f"{result.skipped} of 9" in line for line in lines)
@@ -139,5 +142,28 @@ def test_skipped_updates_are_counted_and_reported():
 def test_bad_arguments():
   with pytest.raises(ValueError, match="num_steps"):
     _fit(num_steps=-1)
-  with pytest.raises(ValueError, match="mode"):
-    _fit(mode="best")
+  with pytest.raises(TypeError, match="validation must be a dennl_jax.loop.Validation"):
+    _fit(validation=lambda s: 0.5)
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: loop.Validation(lambda s: 0.0, mode="best"), "Validation.mode must be 'max' or 'min'"),
+    (lambda: loop.Validation(lambda s: 0.0, every=-1), "Validation.every must be >= 0"),
+    (lambda: loop.Validation(0.5), "Validation.fn must be callable"),
+    (lambda: loop.Checkpointing("run", every=-1), "Checkpointing.every must be >= 0"),
+    (lambda: loop.Checkpointing("run", keep=0), "Checkpointing.keep must be >= 1"),
+    (lambda: loop.Checkpointing(""), "Checkpointing.workdir must be a non-empty path"),
+    (lambda: loop.Reporting(log_every=-1), "Reporting.log_every must be >= 0"),
+])
+def test_option_groups_check_their_fields(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()
+
+
+def test_option_groups_are_frozen_with_the_old_defaults():
+  v, c, r = loop.Validation(len), loop.Checkpointing("run"), loop.Reporting()
+  assert (v.every, v.at_start, v.mode, v.name) == (0, False, "max", "val")
+  assert (c.config, c.every, c.keep) == (None, 0, 3)
+  assert (r.name, r.log, r.log_every, r.progress, r.tracker) == ("train", None, 0, False, None)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    v.every = 3

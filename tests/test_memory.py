@@ -41,6 +41,7 @@ def _faults(mode, extra_env=()):
   return int(out.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_kept_memory_is_reused_without_page_faults():
   pages = (64 << 20) // 4096  # one fault per 4 KiB page touched, per cycle

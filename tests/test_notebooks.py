@@ -63,6 +63,7 @@ def test_committed_notebook_is_stripped(name):
   assert "REPO_URL" in nb.cells[1].source, f"{name}: the first code cell must install the package"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes(name, tmp_path, monkeypatch):
   env = {}
@@ -77,6 +78,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
       f"{name} did not reach its last cell"
 
 
+@pytest.mark.slow
 def test_real_data_notebook_stops_without_movielens(tmp_path, monkeypatch):
   """Without the data, the data cell prints what to do and stops the run there."""
   nb, error = _execute("03_real_data.ipynb", tmp_path, monkeypatch,

@@ -31,6 +31,7 @@ def test_conventional_em_increases_likelihood_and_start_uses_own_data(batch):
                 (np.asarray(own.emission.mean) <= hi + 1e-9))
 
 
+@pytest.mark.slow
 def test_restarts_keep_each_users_best_final_likelihood(batch):
   """Brute force: every restart fitted on its own, the best by final
   log-likelihood kept -- conventional_em with restarts must return that fit."""

@@ -61,6 +61,7 @@ def _planted(seed, num_users=32):
   return tk.training_task(val_task), val_task, test_task
 
 
+# The tests that use these fixtures are slow: planting and fitting take ~20 s.
 @pytest.fixture(scope="module")
 def tasks():
   return _planted(0)
@@ -91,6 +92,7 @@ def _poisoned(task):
   return task._replace(strengths=np.where(task.history_mask[..., None], task.strengths, garbage))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ("conventional_em",) + NETWORKS)
 def test_predictions_are_distributions_from_history_only(name, tasks, fitted):
   _, val, test = tasks
@@ -109,6 +111,7 @@ def test_predictions_are_distributions_from_history_only(name, tasks, fitted):
   assert (tk.history_length(val)[tk.evaluated(val)] == 0).any()
 
 
+@pytest.mark.slow
 def test_conventional_em_keeps_the_best_restart(tasks):
   _, val, _ = tasks
   obs, hist = hf.history_inputs(val)
@@ -126,6 +129,7 @@ def test_conventional_em_keeps_the_best_restart(tasks):
   np.testing.assert_allclose(recomputed, best, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_length_buckets_leave_conventional_em_unchanged(tasks, monkeypatch):
   _, val, _ = tasks
   obs, hist = hf.history_inputs(val)
@@ -143,6 +147,7 @@ def test_length_buckets_leave_conventional_em_unchanged(tasks, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dennl_training_improves_validation_predictive_loss(tasks, fitted):
   _, val, _ = tasks
   f = fitted["dennl"]
@@ -158,6 +163,7 @@ def test_dennl_training_improves_validation_predictive_loss(tasks, fitted):
   assert cross_entropy(f["final_state"]) < cross_entropy(f["initial_state"]) - 1e-3
 
 
+@pytest.mark.slow
 def test_bad_settings_raise(tasks):
   train, val, _ = tasks
   with pytest.raises(ValueError, match="unknown HSMM predictor settings"):
@@ -166,6 +172,7 @@ def test_bad_settings_raise(tasks):
     hp._loss_fn(dict(hp.DEFAULTS, loss="mse"))
 
 
+@pytest.mark.slow
 def test_decode_marks_history_steps_only(tasks, fitted):
   _, _, test = tasks
   for name in ("conventional_em", "dennl"):
@@ -238,6 +245,7 @@ def test_predictive_loss_cold_term_scores_targets_under_the_start():
   assert np.abs(np.asarray(grad.emission.probs)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_cold_start_uses_the_forecast_validation_prefers(tasks, fitted):
   _, val, _ = tasks
   for name in NETWORKS:
@@ -265,6 +273,7 @@ def test_cold_start_uses_the_forecast_validation_prefers(tasks, fitted):
   np.testing.assert_array_equal(as_network[warm], as_popularity[warm])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ("initial_fusion", "dennl"))
 def test_em_layer_networks_train_without_skipped_updates(name, fitted):
   # A skipped update means a non-finite loss or gradient: the network did not train.

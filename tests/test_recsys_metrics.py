@@ -8,6 +8,10 @@ import pytest
 from dennl_jax.recsys import metrics as rm
 from dennl_jax.recsys.task import make_task
 
+# float64, as these tests ran in the full suite before x64 became a per-test
+# marker (modules collected before them switched it on at import).
+pytestmark = pytest.mark.x64
+
 
 def _task(target_vectors):
   """One history step + one target step per user; target_vectors (U, C)."""

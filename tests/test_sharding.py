@@ -48,7 +48,7 @@ def _dennl():
   start = dj.HMM(jnp.full(k, 1.0 / k), jnp.full((k, k), 1.0 / k),
                  dj.Categorical(jnp.asarray([[0.6, 0.3, 0.1], [0.1, 0.3, 0.6]])))
   return dj.DENNL(dj.ParamCodec(start), start, EMBED, num_stages=1, hidden=(8,),
-                  start_hidden=(8,), latent_dim=4, gradient="spsa", spsa_samples=2,
+                  start_hidden=(8,), latent_dim=4, layer=dj.EMLayer(gradient="spsa", num_samples=2),
                   rngs=nnx.Rngs(0))
 
 

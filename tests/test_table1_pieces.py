@@ -20,6 +20,7 @@ def test_piece_order_starts_with_one_piece_of_every_length():
   assert config.workers == 0 and common.get_config("synthetic_table1", "quick").workers == 1
 
 
+@pytest.mark.slow
 def test_table1_in_workers_equals_one_process(tmp_path):
   """Two seeds in 2 worker processes: the same per-user accuracies, tables and
   files as one process; a rerun keeps the finished pieces."""

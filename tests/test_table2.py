@@ -12,6 +12,10 @@ from dennl_jax.recsys import registry  # noqa: E402
 from experiments import common  # noqa: E402
 from experiments import table2  # noqa: E402
 
+# float64, as these tests ran in the full suite before x64 became a per-test
+# marker (modules collected before them switched it on at import).
+pytestmark = pytest.mark.x64
+
 
 def _tiny(methods=("popularity", "markov", "graphsage")):
   config = common.get_config("table2", "tiny")
@@ -20,6 +24,7 @@ def _tiny(methods=("popularity", "markov", "graphsage")):
   return config
 
 
+@pytest.mark.slow
 def test_tiny_marketplace_end_to_end(tmp_path, monkeypatch):
   seen = {"graph_masks": [], "fits": []}
   original_graph = table2.graphsage.graph_from_events

@@ -13,7 +13,7 @@ import pytest
 
 import dennl_jax as dj
 from helpers import (FAMILIES, BruteForce, pad_sequence, random_hmm, random_obs,
-                      tree_allclose)
+                     tree_allclose)
 from dennl_jax import time_parallel
 from dennl_jax._chain import masked_log_likelihoods
 from dennl_jax.hmm import hmm_smoother

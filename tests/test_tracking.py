@@ -57,8 +57,9 @@ def test_fit_with_a_workdir_tracks_every_step_and_resumes_without_duplicates(tmp
   def run(**kw):
     state, opt_state = _init()
     return loop.fit(step, state, opt_state, num_steps=6, batch_at=_batch_at(jax.random.key(1)),
-                    key=jax.random.key(2), eval_fn=lambda s: float(s["b"]), eval_every=3,
-                    eval_name="val_b", workdir=workdir, save_every=2, **kw)
+                    key=jax.random.key(2),
+                    validation=loop.Validation(lambda s: float(s["b"]), every=3, name="val_b"),
+                    checkpointing=loop.Checkpointing(workdir, every=2), **kw)
 
   def crash(done, loss):
     if done == 5:

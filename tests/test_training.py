@@ -41,7 +41,7 @@ def _problem():
 
 
 def _run(model, data, steps=25, loss_fn=Tr.likelihood_loss, lr=3e-2):
-  trained, history = Tr.train(model, data, loss_fn=loss_fn, optimizer=Tr.make_optimizer(lr),
+  trained, history, _ = Tr.train(model, data, loss_fn=loss_fn, optimizer=Tr.make_optimizer(lr),
                               num_steps=steps, batch_size=U, key=jax.random.PRNGKey(2),
                               log_every=0)
   return trained, history
@@ -55,11 +55,12 @@ def _eval(model):
   return lambda m: float(fn(nnx.split(m)[1], _problem()[1], jax.random.PRNGKey(3)))
 
 
+@pytest.mark.slow
 def test_dennl_and_mlp_mapper_losses_decrease():
   start, data = _problem()
   codec = ParamCodec(start)
   dennl = DENNL(codec, start, E, num_stages=2, hidden=(16,), start_hidden=(8,), latent_dim=4,
-                  gradient="exact", rngs=nnx.Rngs(0))
+                  layer=dj.EMLayer(gradient="exact"), rngs=nnx.Rngs(0))
   loss = _eval(dennl)
   before = loss(dennl)
   trained, history = _run(dennl, data, steps=15)
@@ -78,13 +79,14 @@ def test_dennl_and_mlp_mapper_losses_decrease():
   assert m_loss(m_trained) < m_before - 0.1
 
 
+@pytest.mark.slow
 def test_dennl_spsa_mode_trains():
   """SPSA backward (orthogonal directions, S = 16 < M = 33 parameters per user:
   a genuinely stochastic estimate) lowers the loss as the exact mode does."""
   start, data = _problem()
   codec = ParamCodec(start)
   dennl = DENNL(codec, start, E, num_stages=1, hidden=(16,), start_hidden=(8,), latent_dim=4,
-                  gradient="spsa", spsa_samples=16, spsa_perturbation="orthogonal",
+                  layer=dj.EMLayer(gradient="spsa", num_samples=16, perturbation="orthogonal"),
                   rngs=nnx.Rngs(0))
   size = ravel_pytree(start.to_unconstrained())[0].size
   assert size > 16, size
@@ -95,6 +97,7 @@ def test_dennl_spsa_mode_trains():
   assert loss(trained) < before - 0.05, (before, loss(trained))
 
 
+@pytest.mark.slow
 def test_regression_loss_decreases_for_em_mapping():
   start, data = _problem()
   codec = ParamCodec(start)
@@ -196,7 +199,7 @@ def test_early_stopping_returns_the_best_validated_model():
 
   common = dict(loss_fn=Tr.likelihood_loss, optimizer=Tr.make_optimizer(3e-2), num_steps=12,
                 batch_size=U, key=jax.random.PRNGKey(2), log_every=0, eval_every=4,
-                eval_fn=score, return_fit=True)
+                eval_fn=score)
   best, history, fit = Tr.train(mapper, data, mode="min", **common)
   assert len(seen) == 4 and [int(c[0]) for c in fit.curve] == [0, 4, 8, 12]
   assert loss(best) == min(seen) == fit.best_value

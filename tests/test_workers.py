@@ -55,6 +55,7 @@ def test_resolve_workers():
     workers.resolve_workers(-1)
 
 
+@pytest.mark.slow
 def test_terminating_the_caller_stops_its_pieces(tmp_path):
   """``kill <pid>`` of a binary running pieces (SIGTERM, as a job scheduler or
   timeout sends) must not leave its workers running on."""

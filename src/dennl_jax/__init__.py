@@ -55,7 +55,7 @@ from dennl_jax.inference import (checked, decode_states, expected_transition_cou
 from dennl_jax.em import em_step, em_step_with_log_likelihood, fit_em
 from dennl_jax.forecast import Forecast, forecast
 from dennl_jax.estimators import PERTURBATIONS, forward_gradient, perturbation_directions, spsa
-from dennl_jax.layer import GRADIENT_MODES, em_layer
+from dennl_jax.layer import GRADIENT_MODES, EMLayer, em_layer
 from dennl_jax.chunking import chunked_map
 from dennl_jax.codec import ParamCodec
 from dennl_jax.networks import DENNL, EmbeddingMapper, InitialFusion
@@ -63,7 +63,7 @@ from dennl_jax.starts import pooled_start
 from dennl_jax.per_user_em import conventional_em
 from dennl_jax.labelling import confusion_matrix, labelling_accuracy, per_user_accuracy
 from dennl_jax.training import (Batch, heldout_step_loss, likelihood_loss, make_optimizer,
-                                make_train_step, predict, regression_loss, train)
+                                make_train_step, predict, regression_loss, train, TrainResult)
 from dennl_jax import synthetic
 from dennl_jax import interop, io
 from dennl_jax.io import load_params, save_params
@@ -83,11 +83,11 @@ __all__ = [
     "smoothed_posteriors", "expected_transition_counts", "viterbi", "sample",
     "stationary_distribution", "decode_states", "forecast", "Forecast",
     # EM, the layer and its estimators
-    "em_step", "em_step_with_log_likelihood", "fit_em", "em_layer", "GRADIENT_MODES",
+    "em_step", "em_step_with_log_likelihood", "fit_em", "em_layer", "EMLayer", "GRADIENT_MODES",
     "spsa", "forward_gradient", "perturbation_directions", "PERTURBATIONS",
     # networks, baselines and training
     "ParamCodec", "DENNL", "InitialFusion", "EmbeddingMapper", "pooled_start",
-    "conventional_em", "chunked_map", "Batch", "train", "predict", "make_optimizer",
+    "conventional_em", "chunked_map", "Batch", "train", "TrainResult", "predict", "make_optimizer",
     "make_train_step", "likelihood_loss", "heldout_step_loss", "regression_loss",
     # labelling metrics and the synthetic worlds
     "labelling_accuracy", "per_user_accuracy", "confusion_matrix", "synthetic",

@@ -3,8 +3,9 @@
 The public functions validate their inputs when they are called with concrete
 arrays (eager mode) and raise ``ValueError`` naming the problem.  Under ``jit``
 or ``vmap`` the inputs are tracers and value checks are impossible without
-``checkify``; callers there should run :func:`dennl_jax.validate` once on the
-concrete batch before entering the traced region (see README).
+``checkify`` (:func:`dennl_jax.checked`); callers there should run
+:func:`dennl_jax.validate` once on the concrete batch before entering the
+traced region.
 """
 from __future__ import annotations
 
@@ -71,3 +72,13 @@ def check_mask(mask, num_steps: int) -> np.ndarray:
   if not mask.any():
     raise ValueError("mask has no valid step; a sequence needs at least one observation")
   return mask
+
+
+def reverse_mode_only(err: TypeError, what: str, instead: str) -> TypeError:
+  """JAX's error for forward mode through a ``custom_vjp`` function, naming the
+  mode that supports it; any other ``TypeError`` unchanged."""
+  if "forward-mode autodiff" not in str(err):
+    return err
+  return TypeError(f"{what} defines reverse mode only (jax.grad, jax.vjp); forward mode "
+                   f"(jax.jvp, jax.jacfwd, jax.linearize, Hessians) needs {instead}, which "
+                   "differentiates the same function by plain autodiff")

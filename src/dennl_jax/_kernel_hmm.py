@@ -14,7 +14,7 @@ The HSMM kernels (:mod:`dennl_jax._kernel_hsmm`) carry the joint over
 whole ``(K, U)`` slabs and the D-sums are ones-vector products.  They keep
 no joint per step: the smoothed marginals come from segment starts and ends.
 
-Dispatch.  :func:`batched_dispatch` turns a per-sequence function and its
+Dispatch.  :class:`Dispatch` turns a per-sequence function and its
 batched twin into one function that equals the per-sequence one everywhere
 and, under ``jax.vmap``, runs the batched twin.  Public JAX only:
 
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
 from dennl_jax import chunking
-from dennl_jax._numerics import normalize, scaled_likelihoods
+from dennl_jax._numerics import filled_like, normalize, scaled_likelihoods
 
 # Backend -> vmapped values run the users-minor kernels (``kernels="auto"``).
 # Measured on CPU (benchmarks/bench_em_step.py, BUILD_NOTES "Users-minor
@@ -370,11 +370,13 @@ def _hmm_forward(initial, trans, likes, shift, mask):
     # materialised once: inside the next step XLA fuses the K-term mat-vec into
     # every consumer of the prediction, and its JVP into every consumer of the
     # tangent (the kernel's JVP was 10x slower, an unblocked em_step 1.6x; the
-    # blocked CPU em_step is within 1-4 %, BUILD_NOTES "Stop 17").
+    # blocked CPU em_step is within 1-4 %, measured).
     return (alpha, mix(alpha, trans), ll, seen | valid_t), (alpha, norm, moves_t, valid_t & ~seen)
 
   users = initial.shape[1:]
-  init = (initial, mix(initial, trans), jnp.zeros(users, likes.dtype), jnp.zeros(users, bool))
+  refs = (initial, trans, likes, mask)
+  init = (initial, mix(initial, trans), filled_like(0, users, likes.dtype, *refs),
+          filled_like(False, users, bool, *refs))
   (_, _, ll, _), (filtered, norms, moves, is_first) = jax.lax.scan(
       step, init, (likes, shift, mask))
   return filtered, norms, ll, moves, is_first
@@ -413,9 +415,10 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
 
   num_states, num_users = alphas.shape[1:]
   dtype = alphas.dtype
-  init = (jnp.ones((num_states, num_users), dtype),
-          jnp.zeros((num_states, num_states, num_users), dtype),
-          jnp.zeros((num_states, num_users), dtype))
+  refs = (trans, alphas, likes, norms, moves, is_first)
+  init = (filled_like(1, (num_states, num_users), dtype, *refs),
+          filled_like(0, (num_states, num_states, num_users), dtype, *refs),
+          filled_like(0, (num_states, num_users), dtype, *refs))
   moves_next = jnp.concatenate([moves[1:], jnp.zeros_like(moves[:1])])
   (_, pairs, first_msg), smoothed = jax.lax.scan(
       step, init, (alphas, likes, norms, moves_next, is_first), reverse=True)

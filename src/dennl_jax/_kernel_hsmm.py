@@ -1,7 +1,7 @@
 """Users-minor batched HSMM recursions (the HSMM half of :mod:`dennl_jax._kernel_hmm`).
 
 Reached from ``jax.vmap`` of :func:`dennl_jax.hsmm.hsmm_smoother` /
-``hsmm_filter`` through :func:`dennl_jax._kernel_hmm.batched_dispatch`, exactly as
+``hsmm_filter`` through :class:`dennl_jax._kernel_hmm.Dispatch`, exactly as
 the HMM kernels are; the users-minor helpers (K-sums, transposes, scaled
 likelihoods) are the HMM kernels' own.
 """
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dennl_jax._kernel_hmm import chain_inputs, mix, sum_rows, users_first, users_minor
-from dennl_jax._numerics import normalize
+from dennl_jax._numerics import filled_like, normalize
 
 
 # --------------------------------------------------------------------------
@@ -90,7 +90,8 @@ def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_segments=True):
     return carry, out
 
   start = initial[None] * dur
-  init = (start, mix(start[0], trans), _sum_leading(start), jnp.zeros(initial.shape[1:], bool))
+  init = (start, mix(start[0], trans), _sum_leading(start),
+          filled_like(False, initial.shape[1:], bool, initial, trans, dur, likes, mask))
   (_, _, _, any_valid), outs = jax.lax.scan(step, init, (likes, mask))
   # Summed after the scan, as per sequence: a float32 running sum in the carry
   # loses ten times more (measured at T = 2000).
@@ -153,11 +154,12 @@ def _hsmm_backward(trans, dur, endings, entering, last_filtered, likes, norms, m
   max_duration = dur.shape[0]
   num_states, num_users = last_filtered.shape
   dtype = last_filtered.dtype
-  init = (jnp.ones((max_duration, num_states, num_users), dtype),
+  refs = (trans, dur, endings, entering, last_filtered, likes, norms, moves, is_first)
+  init = (filled_like(1, (max_duration, num_states, num_users), dtype, *refs),
           last_filtered,
-          jnp.zeros((max_duration, num_states, num_users), dtype),
-          jnp.zeros((num_states, num_states, num_users), dtype),
-          jnp.zeros((num_states, num_users), dtype))
+          filled_like(0, (max_duration, num_states, num_users), dtype, *refs),
+          filled_like(0, (num_states, num_states, num_users), dtype, *refs),
+          filled_like(0, (num_states, num_users), dtype, *refs))
   (_, _, entered, jumps, first_entry), smoothed = jax.lax.scan(
       step, init, (endings, entering, likes, norms, moves, is_first), reverse=True)
   return smoothed, dur * entered, jumps, first_entry

@@ -148,3 +148,18 @@ def fill_leading(per_step, mask):
   first_value = per_step[jnp.argmax(mask)]
   shape = before_first.shape + (1,) * (per_step.ndim - 1)
   return jnp.where(before_first.reshape(shape), first_value[None], per_step)
+
+
+def filled_like(value, shape, dtype, *refs):
+  """``jnp.full(shape, value, dtype)`` that varies over whatever ``refs`` vary over.
+
+  A scan's initial carry must have the type of its output, and inside
+  ``jax.shard_map`` (with its default checks) an array computed from inputs
+  that differ across devices is typed as varying; a constant initial carry
+  is not.  ``zeros_like``/``full_like`` of the inputs carry their type, and
+  their sum is the same constant, so values are unchanged.
+  """
+  out = jnp.full_like(refs[0], value, dtype=dtype, shape=shape)
+  for ref in refs[1:]:
+    out = out + jnp.zeros_like(ref, dtype=dtype, shape=shape)
+  return out

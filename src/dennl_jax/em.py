@@ -10,16 +10,19 @@ log_likelihood_before)``.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Real
 
-from dennl_jax import inference
+from dennl_jax import _checks, inference
 from dennl_jax.time_parallel import em_step as time_parallel_em_step
 
 
-def em_step(params, obs, mask, *, time_parallel: bool = False, score_vjp: bool = False):
+def em_step(params, obs: Real[Array, "num_timesteps ..."], mask: Bool[Array, "num_timesteps"], *,
+            time_parallel: bool = False, score_vjp: bool = False):
   """One EM iteration on one sequence.
 
   Args:
@@ -49,10 +52,16 @@ def em_step(params, obs, mask, *, time_parallel: bool = False, score_vjp: bool =
     raise ValueError("time_parallel and score_vjp cannot be combined")
   if time_parallel:
     return time_parallel_em_step(params, obs, mask)[0]
-  return params.em_step(obs, jnp.asarray(mask, bool), score_vjp=score_vjp)[0]
+  try:
+    return params.em_step(obs, jnp.asarray(mask, bool), score_vjp=score_vjp)[0]
+  except TypeError as err:
+    raise _checks.reverse_mode_only(err, "em_step(..., score_vjp=True)",
+                                    "em_step(..., score_vjp=False)") from err
 
 
-def em_step_with_log_likelihood(params, obs, mask):
+def em_step_with_log_likelihood(params, obs: Real[Array, "num_timesteps ..."],
+                                mask: Bool[Array, "num_timesteps"]
+                                ) -> tuple[Any, Float[Array, ""]]:
   """``(em_step(params, obs, mask), log_likelihood(params, obs, mask))`` in one pass.
 
   The log-likelihood () is the one *before* the update (a by-product of the E-step).
@@ -74,7 +83,9 @@ def _fit_em_batch(params, obs, mask, num_iters):
   return fitted, jnp.concatenate([trace, final_ll[None]], axis=0).T
 
 
-def fit_em(params, obs, mask, num_iters: int):
+def fit_em(params, obs: Real[Array, "num_users num_timesteps ..."],
+           mask: Bool[Array, "num_users num_timesteps"],
+           num_iters: int) -> tuple[Any, Float[Array, "num_users num_iters_plus_1"]]:
   """Conventional EM for a batch of users, each with its own model.
 
   Args:

@@ -25,6 +25,11 @@ from dennl_jax.families import (EmissionFamily, Positive, PositiveDefinite, Real
                                 param)
 
 
+def _on_valid_steps(bad, mask):
+  """Whether ``bad`` (..., T) holds on some valid step of ``mask`` (..., T)."""
+  return jnp.any(bad & jnp.asarray(mask, bool))
+
+
 @struct.dataclass
 class Categorical(EmissionFamily):
   """Discrete observations ``obs: (T,) int`` in ``{0, ..., V-1}``.
@@ -81,6 +86,11 @@ class Categorical(EmissionFamily):
       raise ValueError(
           f"Categorical obs out of range: value {valid[bad][0]} is not in "
           f"[0, {self.num_symbols - 1}]")
+
+  def observation_errors(self, obs, mask):
+    num_symbols = self.probs.shape[-1]
+    return [(f"Categorical obs out of range: a valid step is not in [0, {num_symbols - 1}]",
+             _on_valid_steps((obs < 0) | (obs >= num_symbols), mask))]
 
 
 
@@ -160,6 +170,12 @@ class Multinomial(EmissionFamily):
     if np.any(valid < 0):
       raise ValueError("Multinomial obs have negative counts on valid steps")
 
+  def observation_errors(self, obs, mask):
+    return [("Multinomial obs contain NaN or inf on valid steps",
+             _on_valid_steps(jnp.any(~jnp.isfinite(obs), axis=-1), mask)),
+            ("Multinomial obs have negative counts on valid steps",
+             _on_valid_steps(jnp.any(obs < 0, axis=-1), mask))]
+
 
 
 @struct.dataclass
@@ -207,6 +223,12 @@ class Poisson(EmissionFamily):
     if np.any(valid != np.round(valid)):
       raise ValueError("Poisson obs must be whole numbers")
 
+  def observation_errors(self, obs, mask):
+    return [("Poisson obs contain NaN or inf on valid steps",
+             _on_valid_steps(~jnp.isfinite(obs), mask)),
+            ("Poisson obs have negative counts on valid steps", _on_valid_steps(obs < 0, mask)),
+            ("Poisson obs must be whole numbers", _on_valid_steps(obs != jnp.round(obs), mask))]
+
 
 
 class _RealVectorFamily(EmissionFamily):
@@ -228,6 +250,10 @@ class _RealVectorFamily(EmissionFamily):
       raise ValueError(f"{name} obs must have shape (T, {dim}), got {obs.shape}")
     if not np.all(np.isfinite(obs[np.asarray(mask)])):
       raise ValueError(f"{name} obs contain NaN or inf on valid steps")
+
+  def observation_errors(self, obs, mask):
+    return [(f"{type(self).__name__} obs contain NaN or inf on valid steps",
+             _on_valid_steps(jnp.any(~jnp.isfinite(obs), axis=-1), mask))]
 
   def _second_moment(self, weights, diff):
     """(T, K) weights, (T, K, D) centred observations -> the second-moment statistic."""

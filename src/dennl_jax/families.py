@@ -390,6 +390,18 @@ class EmissionFamily(Parameterised, abc.ABC):
   def check_observations(self, obs, mask) -> None:
     """Raise ``ValueError`` naming the problem with concrete ``obs`` on valid steps."""
 
+  def observation_errors(self, obs, mask) -> list:
+    """The traceable twin of :meth:`check_observations` (``dennl_jax.checked``).
+
+    obs: (..., T, ...) and mask: (..., T) bool, traced or concrete, with any
+    leading batch axes.  Returns ``[(message, flag)]``: ``flag`` a bool
+    scalar, True when some valid step is outside the family's domain.  The
+    default has none; families whose log-likelihoods are only defined on part
+    of their observation space name it here.
+    """
+    del obs, mask
+    return []
+
 
 class DurationFamily(Parameterised, abc.ABC):
   """Per-state segment-duration distributions ``p_k(d)``, ``d = 1 ... D``, of an HSMM.

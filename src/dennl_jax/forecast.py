@@ -22,23 +22,23 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Bool, Float, Real
 
 from dennl_jax.inference import as_mask, validate_if_concrete
 
 
 class Forecast(NamedTuple):
-  """Predictive distribution of the next ``H`` steps of one sequence.
+  """Predictive distribution of the next ``H`` (``num_steps``) steps of one sequence.
 
   state_probs: (H, K) p(z_{t*+h} | valid observations), rows sum to one.
   observation_mean: (H, ...) predictive mean of the observation at t*+h:
     (H, V) for Categorical and Multinomial, (H,) for Poisson, (H, D) for the
     Gaussians.
   """
-  state_probs: jax.Array
-  observation_mean: jax.Array
+  state_probs: Float[Array, "num_steps num_states"]
+  observation_mean: Float[Array, "num_steps ..."]
 
 
 def _check_num_steps(num_steps) -> int:
@@ -51,7 +51,8 @@ def _check_num_steps(num_steps) -> int:
   return int(num_steps)
 
 
-def forecast(params, obs, mask, num_steps: int) -> Forecast:
+def forecast(params, obs: Real[Array, "num_timesteps ..."], mask: Bool[Array, "num_timesteps"],
+             num_steps: int) -> Forecast:
   """Forecast ``num_steps`` steps past the last valid step of one sequence.
 
   params: ``HMM`` or ``HSMM``; obs: (T, ...); mask: (T,) bool with at least

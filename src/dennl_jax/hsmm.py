@@ -56,8 +56,8 @@ from flax import struct
 
 from dennl_jax import _kernel_hmm, _kernel_hsmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
-from dennl_jax._numerics import (append_blank_steps, fill_leading, normalize, scaled_likelihoods,
-                                 step_structure)
+from dennl_jax._numerics import (append_blank_steps, fill_leading, filled_like, normalize,
+                                 scaled_likelihoods, step_structure)
 from dennl_jax.families import DurationFamily, EmissionFamily, Simplex, param
 
 
@@ -147,11 +147,12 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
 
   num_states, max_duration = dur_probs.shape
   dtype = alphas.dtype
-  init = (jnp.ones((num_states, max_duration), dtype),
-          jnp.zeros((num_states, max_duration), dtype),
-          jnp.zeros((num_states, num_states), dtype),
+  refs = (transition, dur_probs, alphas, likes, norms, moves, is_first)
+  init = (filled_like(1, (num_states, max_duration), dtype, *refs),
+          filled_like(0, (num_states, max_duration), dtype, *refs),
+          filled_like(0, (num_states, num_states), dtype, *refs),
           is_first[-1] * alphas[-1],
-          jnp.zeros(num_states, dtype))
+          filled_like(0, num_states, dtype, *refs))
   (beta_0, entered, jumps, first, first_entry), smoothed = jax.lax.scan(
       step, init,
       (alphas[:-1], likes[1:], norms[1:], moves[1:], is_first[:-1], is_first[1:]),

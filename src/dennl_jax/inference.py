@@ -7,18 +7,25 @@ inputs first, raising ``ValueError`` that names the problem.  Inside ``jit``
 or ``vmap`` the value checks cannot run; call :func:`validate` on the
 concrete batch beforehand (or wrap with ``jax.experimental.checkify``; see
 :func:`checked`).
+
+Signatures carry the shapes as jaxtyping annotations (``num_timesteps`` = T,
+``num_states`` = K, ``num_users`` = U); they document, nothing checks them at
+run time.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real, Shaped
 
 from dennl_jax import _checks
 from dennl_jax.chunking import chunked_map
 
 
-def validate(params, obs, mask) -> None:
+def validate(params, obs: Real[Array, "..."],
+             mask: Bool[Array, "*num_users num_timesteps"]) -> None:
   """Raise ``ValueError`` naming the first problem with (params, obs, mask).
 
   Works on one sequence (``obs: (T, ...)``, ``mask: (T,)``) or on a batch
@@ -52,22 +59,24 @@ def validate(params, obs, mask) -> None:
   params.emission.check_observations(obs_np, mask_np)
 
 
-def validate_if_concrete(params, obs, mask) -> None:
+def validate_if_concrete(params, obs: Real[Array, "..."],
+                         mask: Bool[Array, "*num_users num_timesteps"]) -> None:
   if _checks.is_concrete(params, obs, mask):
     validate(params, obs, mask)
 
 
-def as_mask(mask):
+def as_mask(mask: Shaped[ArrayLike, "*shape"]) -> Bool[Array, "*shape"]:
   return jnp.asarray(mask, bool)
 
 
-def log_likelihood(params, obs, mask):
+def log_likelihood(params, obs: Real[Array, "num_timesteps ..."],
+                   mask: Bool[Array, "num_timesteps"]) -> Float[Array, ""]:
   """Marginal log-likelihood () of the valid steps of one sequence."""
   validate_if_concrete(params, obs, mask)
   return params.log_likelihood(obs, as_mask(mask))
 
 
-def posterior(params, obs, mask):
+def posterior(params, obs: Real[Array, "num_timesteps ..."], mask: Bool[Array, "num_timesteps"]):
   """All posterior summaries of one sequence as a NamedTuple.
 
   ``HMMPosterior`` for an HMM, ``HSMMPosterior`` for an HSMM; both carry
@@ -77,18 +86,24 @@ def posterior(params, obs, mask):
   return params.posterior(obs, as_mask(mask))
 
 
-def filtered_posteriors(params, obs, mask):
+def filtered_posteriors(
+    params, obs: Real[Array, "num_timesteps ..."],
+    mask: Bool[Array, "num_timesteps"]) -> Float[Array, "num_timesteps num_states"]:
   """p(z_t | o_{1:t}) for every step, (T, K)."""
   validate_if_concrete(params, obs, mask)
   return params.filtered_posteriors(obs, as_mask(mask))
 
 
-def smoothed_posteriors(params, obs, mask):
+def smoothed_posteriors(
+    params, obs: Real[Array, "num_timesteps ..."],
+    mask: Bool[Array, "num_timesteps"]) -> Float[Array, "num_timesteps num_states"]:
   """p(z_t | o_{1:T}) for every step, (T, K)."""
   return posterior(params, obs, mask).smoothed_probs
 
 
-def expected_transition_counts(params, obs, mask):
+def expected_transition_counts(
+    params, obs: Real[Array, "num_timesteps ..."],
+    mask: Bool[Array, "num_timesteps"]) -> Float[Array, "num_states num_states"]:
   """sum_t p(z_{t-1}=i, z_t=j | o) over consecutive valid steps, (K, K).
 
   For an HSMM these are the expected counts of segment-to-segment jumps.
@@ -96,7 +111,8 @@ def expected_transition_counts(params, obs, mask):
   return posterior(params, obs, mask).transition_counts
 
 
-def viterbi(params, obs, mask):
+def viterbi(params, obs: Real[Array, "num_timesteps ..."],
+            mask: Bool[Array, "num_timesteps"]) -> Int[Array, "num_timesteps"]:
   """Most likely state path of one sequence.
 
   Args:
@@ -116,7 +132,8 @@ def viterbi(params, obs, mask):
   return params.most_likely_states(obs, as_mask(mask))
 
 
-def sample(key, params, num_steps: int):
+def sample(key: PRNGKeyArray, params, num_steps: int
+           ) -> tuple[Int[Array, "num_steps"], Real[Array, "num_steps ..."]]:
   """Draw one sequence from one model.
 
   Args:
@@ -146,7 +163,9 @@ def _batched_viterbi(chunk, index):
   return jax.vmap(lambda p, o, m: p.most_likely_states(o, m))(params, obs, mask)
 
 
-def decode_states(params, obs, mask, chunk_size: int = 256):
+def decode_states(params, obs: Real[Array, "num_users num_timesteps ..."],
+                  mask: Bool[Array, "num_users num_timesteps"],
+                  chunk_size: int = 256) -> Int[Array, "num_users num_timesteps"]:
   """Viterbi paths of a batch of users: (U, T) int32.
 
   params: batched model (leading U); obs: (U, T, ...); mask: (U, T) bool.
@@ -156,7 +175,8 @@ def decode_states(params, obs, mask, chunk_size: int = 256):
   return chunked_map(_batched_viterbi, (params, obs, mask), chunk_size)
 
 
-def stationary_distribution(transition):
+def stationary_distribution(
+    transition: Float[Array, "num_states num_states"]) -> Float[Array, "num_states"]:
   """Stationary distribution pi = pi A of an ergodic chain, (K,).
 
   Solves (A^T - I) pi = 0 with the normalisation sum(pi) = 1 replacing one
@@ -173,11 +193,47 @@ def stationary_distribution(transition):
 
 
 def checked(fn):
-  """Wrap a public function so its value checks also run under ``jit``.
+  """Wrap a public function ``fn(params, obs, mask, ...)`` so its value checks
+  also run under ``jit`` and ``vmap``.
 
-  Uses ``jax.experimental.checkify``: ``err, out = checked(log_likelihood)(
-  params, obs, mask)`` then ``err.throw()``.  It flags NaN/inf produced
-  anywhere inside (e.g. from out-of-domain observations).
+  Uses ``jax.experimental.checkify``: ``err, out = dj.checked(dj.log_likelihood)(
+  params, obs, mask)``, then ``err.throw()``.  It flags, by name:
+
+  * a sequence whose mask has no valid step;
+  * observations outside the emission family's domain on valid steps (the
+    family's ``observation_errors``: a category out of range, a negative,
+    non-finite or fractional Poisson count, non-finite or negative
+    Multinomial counts, non-finite Gaussian observations);
+  * a NaN anywhere in the result.
+
+  ``fn`` may be batched (``dj.checked(jax.vmap(dj.em_step))``: the checks see
+  the leading user axis) or batched around (``jax.vmap(dj.checked(fn))``: the
+  error names the user).  The checks are a ``checkify`` function of the
+  inputs and the result, beside ``fn`` rather than around it: checkify
+  cannot transform a batched while loop (the Poisson-duration M-step's
+  Newton iterations) nor look inside the users-minor kernels, so it checks
+  what goes in and what comes out.  A ``-inf`` log-likelihood (an impossible
+  sequence) is a value, not an error.
   """
-  from jax.experimental import checkify
-  return checkify.checkify(fn, errors=checkify.float_checks | checkify.user_checks)
+  name = getattr(fn, "__name__", "the function")
+
+  def checks(params, obs, mask, out):
+    valid = jnp.asarray(mask, bool)
+    checkify.check(jnp.all(jnp.any(valid, axis=-1)),
+                   "mask has no valid step; a sequence needs at least one observation")
+    for message, bad in params.emission.observation_errors(jnp.asarray(obs), valid):
+      checkify.check(~bad, message)
+    floats = [x for x in jax.tree_util.tree_leaves(out)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if floats:
+      checkify.check(~jnp.any(jnp.stack([jnp.any(jnp.isnan(x)) for x in floats])),
+                     f"{name} returned NaN")
+
+  checkified = checkify.checkify(checks, errors=checkify.user_checks)
+
+  def with_checks(params, obs, mask, *args, **kwargs):
+    out = fn(params, obs, mask, *args, **kwargs)
+    err, _ = checkified(params, obs, mask, out)
+    return err, out
+
+  return with_checks

@@ -7,11 +7,17 @@ the number of agreeing steps (Hungarian algorithm on the confusion matrix,
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
+from jaxtyping import ArrayLike, Bool, Float, Int
 from scipy.optimize import linear_sum_assignment
 
 
-def confusion_matrix(true_states, decoded, num_states: int, mask=None) -> np.ndarray:
+def confusion_matrix(true_states: Int[ArrayLike, "num_timesteps"],
+                     decoded: Int[ArrayLike, "num_timesteps"], num_states: int,
+                     mask: Optional[Bool[ArrayLike, "num_timesteps"]] = None
+                     ) -> Int[np.ndarray, "num_states num_states"]:
   """(K, K) counts ``[true, decoded]`` over the valid steps of one sequence."""
   true_states = np.asarray(true_states).ravel()
   decoded = np.asarray(decoded).ravel()
@@ -28,14 +34,19 @@ def confusion_matrix(true_states, decoded, num_states: int, mask=None) -> np.nda
   return confusion
 
 
-def matched_steps(true_states, decoded, num_states: int, mask=None) -> tuple[int, int]:
+def matched_steps(true_states: Int[ArrayLike, "num_timesteps"],
+                  decoded: Int[ArrayLike, "num_timesteps"], num_states: int,
+                  mask: Optional[Bool[ArrayLike, "num_timesteps"]] = None) -> tuple[int, int]:
   """(number of steps that agree under the best relabelling, number of valid steps)."""
   confusion = confusion_matrix(true_states, decoded, num_states, mask)
   rows, cols = linear_sum_assignment(-confusion)
   return int(confusion[rows, cols].sum()), int(confusion.sum())
 
 
-def labelling_accuracy(true_states, decoded, num_states: int, mask=None) -> float:
+def labelling_accuracy(true_states: Int[ArrayLike, "num_users num_timesteps"],
+                       decoded: Int[ArrayLike, "num_users num_timesteps"], num_states: int,
+                       mask: Optional[Bool[ArrayLike, "num_users num_timesteps"]] = None
+                       ) -> float:
   """Labelling accuracy over users, averaged over all valid time steps.
 
   true_states, decoded: (U, T) int; mask: (U, T) bool or None.  Each user
@@ -60,7 +71,10 @@ def labelling_accuracy(true_states, decoded, num_states: int, mask=None) -> floa
   return hits / total
 
 
-def per_user_accuracy(true_states, decoded, num_states: int, mask=None) -> np.ndarray:
+def per_user_accuracy(true_states: Int[ArrayLike, "num_users num_timesteps"],
+                      decoded: Int[ArrayLike, "num_users num_timesteps"], num_states: int,
+                      mask: Optional[Bool[ArrayLike, "num_users num_timesteps"]] = None
+                      ) -> Float[np.ndarray, "num_users"]:
   """(U,) each user's accuracy under its own best relabelling."""
   true_states = np.asarray(true_states)
   decoded = np.asarray(decoded)

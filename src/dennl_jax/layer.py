@@ -3,18 +3,23 @@
 The forward value is ``em_step``; the backward pass is chosen by
 ``gradient`` (paper sections 3-4): an SPSA estimate, a forward-gradient
 estimate (both from :mod:`dennl_jax.estimators`) or exact reverse-mode
-autodiff.  All modes differentiate the same map of the *unconstrained*
+autodiff.  Only the exact-autodiff mode has forward mode (``jax.jvp``); the others
+define a custom VJP and say so when forward mode is tried.  All modes
+differentiate the same map of the *unconstrained*
 parameters (:meth:`~dennl_jax.families.Parameterised.to_unconstrained`), so
 a perturbed model is always a valid distribution.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, PRNGKeyArray, Real
 
-from dennl_jax import inference
+from dennl_jax import _checks, inference
 from dennl_jax.estimators import check_settings, forward_gradient, spsa
 
 GRADIENT_MODES = ("spsa", "forward", "exact", "exact_autodiff")
@@ -43,8 +48,8 @@ def _layer_function(gradient, num_samples, step, perturbation):
     checkpointed = jax.checkpoint(_em_of_unconstrained)
     return lambda theta, obs, mask, key: checkpointed(theta, obs, mask)
   # No jax.checkpoint: the score VJP keeps only the E-step's inputs, so a stack of
-  # layers needs less memory than checkpointed autodiff through the scans did
-  # (BUILD_NOTES "Stop 15"), and nothing is computed twice.
+  # layers needs less memory than checkpointed autodiff through the scans
+  # (docs/performance.md), and nothing is computed twice.
   return lambda theta, obs, mask, key: _em_of_unconstrained(theta, obs, mask, score_vjp=True)
 
 
@@ -54,20 +59,51 @@ def check_gradient_mode(gradient: str) -> None:
     raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
 
 
-def em_layer(params, obs, mask, key=None, *, gradient: str = "spsa", num_samples: int = 16,
-             step: float = 1e-3, perturbation: str = "rademacher"):
+@dataclasses.dataclass(frozen=True)
+class EMLayer:
+  """The EM layer's settings, callable as the layer: ``EMLayer(...)(params, obs,
+  mask, key)`` is ``em_layer(params, obs, mask, key, **settings)``.
+
+  Frozen and hashable, so a network keeps it as a static attribute.  Fields as
+  in :func:`em_layer`: ``gradient`` (one of :data:`GRADIENT_MODES`),
+  ``num_samples``, ``step`` and ``perturbation`` (the estimators' settings).
+  """
+  gradient: str = "spsa"
+  num_samples: int = 16
+  step: float = 1e-3
+  perturbation: str = "rademacher"
+
+  def __post_init__(self):
+    check_gradient_mode(self.gradient)
+    check_settings(self.num_samples, self.step, self.perturbation)
+
+  def __call__(self, params, obs: Real[Array, "num_timesteps ..."],
+               mask: Bool[Array, "num_timesteps"], key: Optional[PRNGKeyArray] = None):
+    return em_layer(params, obs, mask, key, gradient=self.gradient,
+                    num_samples=self.num_samples, step=self.step,
+                    perturbation=self.perturbation)
+
+
+def em_layer(params, obs: Real[Array, "num_timesteps ..."], mask: Bool[Array, "num_timesteps"],
+             key: Optional[PRNGKeyArray] = None, *, gradient: str = "spsa",
+             num_samples: int = 16, step: float = 1e-3, perturbation: str = "rademacher"):
   """One EM iteration as a differentiable network layer (paper sections 3-4).
 
   Args:
     params: ``HMM`` or ``HSMM`` for one sequence (no user axis).
-    obs: (T, ...) observations; mask: (T,) bool.  Neither gets a gradient.
+    obs: (T, ...) observations; mask: (T,) bool.  Neither gets a gradient, in
+      any mode: the estimators perturb parameters only, so the exact modes
+      stop the gradient to ``obs`` too and every mode differentiates the same
+      function of ``params``.
     key: PRNG key (typed or raw uint32) for the gradient estimate; unused
       (may be None) with the exact modes.
     gradient:
       ``"spsa"``    -- SPSA estimate of the VJP (paper), ``2 * num_samples``
                       batched em_step evaluations, perturbation ``+- step * Delta``.
-      ``"forward"`` -- same random directions, exact directional derivatives
+      ``"forward"`` -- the forward-gradient estimate of the same VJP: same
+                      random directions, exact directional derivatives
                       (jax.linearize); no finite-difference error, unbiased.
+                      The layer itself still has reverse mode only.
       ``"exact"``   -- the exact gradient by reverse mode, with the E-step's
                       VJP computed as one forward-mode pass through the scans
                       (``em_step(..., score_vjp=True)``, :mod:`dennl_jax._score`);
@@ -111,4 +147,10 @@ def em_layer(params, obs, mask, key=None, *, gradient: str = "spsa", num_samples
   mask = jnp.asarray(mask, bool)
   inference.validate_if_concrete(params, obs, mask)
   layer = _layer_function(gradient, num_samples, float(step), perturbation)
-  return layer(params.to_unconstrained(), obs, mask, key)
+  obs = jax.lax.stop_gradient(obs)
+  try:
+    return layer(params.to_unconstrained(), obs, mask, key)
+  except TypeError as err:
+    raise _checks.reverse_mode_only(err, f"em_layer(gradient={gradient!r})",
+                            'em_layer(..., gradient="exact_autodiff")') from err
+

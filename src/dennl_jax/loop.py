@@ -9,23 +9,36 @@ permutation every epoch), so a run resumed from a checkpoint at step ``k``
 sees exactly the batches and keys an uninterrupted run sees after ``k`` --
 and reaches bit-identical parameters.
 
-Around the step it does what every trainer needs once:
+Around the step it does what every trainer needs once; the options come in
+three small frozen groups, each checked when it is built:
 
-* validation: ``eval_fn(state) -> float`` after every ``eval_every`` steps
-  and after the last (and before the first with ``eval_at_start``); the
-  best state by ``mode`` (``"max"`` or ``"min"``, strict improvement, so
-  ties keep the earlier state) is returned beside the final one;
-* skipped updates (the step's non-finite flag) are counted and reported;
-* ``workdir``: periodic orbax checkpoints (:mod:`dennl_jax.checkpoint`,
-  every ``save_every`` steps and at the end, the last ``keep`` kept) and the
-  run's ``config`` (JSON); rerunning with the same workdir resumes, a
-  mismatched or corrupt checkpoint raises
+* :class:`Validation` (``validation=``): ``fn(state) -> float`` after every
+  ``every`` steps and after the last (and before the first with
+  ``at_start``); the best state by ``mode`` (``"max"`` or ``"min"``, strict
+  improvement, so ties keep the earlier state) is returned beside the final
+  one;
+* :class:`Checkpointing` (``checkpointing=``): periodic orbax checkpoints in
+  ``workdir`` (:mod:`dennl_jax.checkpoint`, every ``every`` steps and at the
+  end, the last ``keep`` kept) and the run's ``config`` (JSON); rerunning
+  with the same workdir resumes, a mismatched or corrupt checkpoint raises
   :class:`~dennl_jax.checkpoint.CheckpointError`.  Metrics go to
   ``workdir/metrics`` (:mod:`dennl_jax.tracking`: TensorBoard + JSONL);
-* ``progress``: a tqdm bar (progress lines on stderr where tqdm is not
-  installed); ``log``/``log_every``: progress lines;
+* :class:`Reporting` (``reporting=``): ``name`` prefixes log lines and the
+  progress bar; ``log``/``log_every``: progress lines; ``progress``: a tqdm
+  bar (progress lines on stderr where tqdm is not installed); ``tracker``:
+  metrics to a :class:`dennl_jax.tracking.Tracker`;
+* skipped updates (the step's non-finite flag) are counted and reported;
 * ``mesh``: batches through :func:`dennl_jax.sharding.shard_users` and the
   state through :func:`dennl_jax.sharding.replicate` (data parallel).
+
+For example::
+
+    indices = loop.epoch_batches(k_perm, num_users, 32)
+    result = loop.fit(step_fn, state, opt_state, num_steps=1000,
+                      batch_at=lambda i: take(data, indices(i)), key=k_steps,
+                      validation=loop.Validation(val_loss, every=100, mode="min"),
+                      checkpointing=loop.Checkpointing("runs/a", config=config),
+                      reporting=loop.Reporting(name="dennl", log=print, log_every=50))
 
 Step numbering: a loss is recorded under the index ``i`` of the step that
 computed it (``History.step``); evaluations, checkpoints and tracked metrics
@@ -33,6 +46,7 @@ are numbered by the count of updates done, ``i + 1`` (0 = before training).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -58,9 +72,9 @@ class FitResult(NamedTuple):
   """What :func:`fit` returns.
 
   state, opt_state: after the last step run; best_state: the state with the
-  best validation value (``state`` without ``eval_fn``); best_value: its
+  best validation value (``state`` without ``validation``); best_value: its
   value (``-inf``/``inf`` when no evaluation improved on the start, NaN
-  without ``eval_fn``); best_step: updates done at that point; curve: one
+  without ``validation``); best_step: updates done at that point; curve: one
   ``(updates done, loss of the last step, value)`` per evaluation (loss NaN
   at 0); skipped: number of skipped updates; seconds: wall clock, resumed
   runs included; start_step: the step this call started from (> 0 when it
@@ -76,6 +90,87 @@ class FitResult(NamedTuple):
   skipped: int
   seconds: float
   start_step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+  """Validation and early stopping of :func:`fit`.
+
+  Attributes:
+    fn: ``state -> float``, the validation value of a state.
+    every: updates between evaluations (0: after the last step only; the last
+      step is always evaluated).
+    at_start: also evaluate before the first step (a fresh run only).
+    mode: ``"max"`` or ``"min"``: which values are better.  Strict
+      improvement, so ties keep the earlier state.
+    name: the value's name in log lines and tracked metrics.
+  """
+  fn: Callable[[Any], float]
+  every: int = 0
+  at_start: bool = False
+  mode: str = "max"
+  name: str = "val"
+
+  def __post_init__(self):
+    if not callable(self.fn):
+      raise ValueError(f"Validation.fn must be callable, got {self.fn!r}")
+    if self.every < 0:
+      raise ValueError(f"Validation.every must be >= 0, got {self.every}")
+    if self.mode not in ("max", "min"):
+      raise ValueError(f"Validation.mode must be 'max' or 'min', got {self.mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+  """Checkpoints, resume and metrics of :func:`fit` in a work directory.
+
+  Attributes:
+    workdir: directory of the checkpoints, ``config.json`` and (without a
+      ``Reporting.tracker``) ``metrics/``; rerunning with it resumes.
+    config: JSON-able description of the run, compared on resume (leave out
+      what may change between runs, such as ``num_steps``).
+    every: steps between checkpoints (0: ``ceil(num_steps / 10)``); one is
+      also written at the end and when ``should_stop`` stops the run.
+    keep: checkpoints kept (the latest ones).
+  """
+  workdir: str
+  config: Any = None
+  every: int = 0
+  keep: int = 3
+
+  def __post_init__(self):
+    if not self.workdir:
+      raise ValueError(f"Checkpointing.workdir must be a non-empty path, got {self.workdir!r} "
+                       "(pass checkpointing=None to run without checkpoints)")
+    if self.every < 0:
+      raise ValueError(f"Checkpointing.every must be >= 0, got {self.every}")
+    if self.keep < 1:
+      raise ValueError(f"Checkpointing.keep must be >= 1, got {self.keep}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reporting:
+  """What :func:`fit` reports while it runs.
+
+  Attributes:
+    name: prefix of log lines and the progress bar's label.
+    log: ``log(line)``, called every ``log_every`` steps, at each evaluation,
+      on resume and for skipped updates (None: silent).
+    log_every: steps between progress lines (0: none; evaluations are still
+      logged).
+    progress: show a tqdm progress bar.
+    tracker: a :class:`dennl_jax.tracking.Tracker` for the metrics (default
+      with :class:`Checkpointing`: one writing to ``workdir/metrics``).
+  """
+  name: str = "train"
+  log: Optional[Callable[[str], None]] = None
+  log_every: int = 0
+  progress: bool = False
+  tracker: Any = None
+
+  def __post_init__(self):
+    if self.log_every < 0:
+      raise ValueError(f"Reporting.log_every must be >= 0, got {self.log_every}")
 
 
 def epoch_batches(key, num_examples: int, batch_size: int) -> Callable[[int], np.ndarray]:
@@ -154,12 +249,9 @@ def _progress_bar(progress: bool, total: int, initial: int, name: str):
 
 
 def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
-        batch_at: Callable[[int], Any], key, eval_fn: Optional[Callable[[Any], float]] = None,
-        eval_every: int = 0, eval_at_start: bool = False, mode: str = "max",
-        eval_name: str = "val", workdir: Optional[str] = None, config=None,
-        save_every: int = 0, keep: int = 3, tracker=None, progress: bool = False, mesh=None,
-        name: str = "train", log: Optional[Callable[[str], None]] = None, log_every: int = 0,
-        should_stop: Optional[Callable[[int, float], bool]] = None) -> FitResult:
+        batch_at: Callable[[int], Any], key, validation: Optional[Validation] = None,
+        checkpointing: Optional[Checkpointing] = None, reporting: Reporting = Reporting(),
+        mesh=None, should_stop: Optional[Callable[[int, float], bool]] = None) -> FitResult:
   """Run ``step_fn`` from ``state``/``opt_state`` to ``num_steps`` steps.
 
   Args:
@@ -172,29 +264,34 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
       only the start evaluation).
     batch_at: ``i -> batch``, a pure function of ``i``.
     key: step ``i`` gets ``fold_in(key, i)``.
-    eval_fn, eval_every, eval_at_start, mode, eval_name: validation (see
-      the module docstring); ``eval_every=0`` evaluates after the last step only.
-    workdir: checkpoints, config and metrics (resume by rerunning);
-      config: JSON-able description of the run, compared on resume (leave
-      out what may change between runs, such as ``num_steps``);
-      save_every: steps between checkpoints (0: ``ceil(num_steps / 10)``);
-      keep: checkpoints kept.
-    tracker: a :class:`dennl_jax.tracking.Tracker` (default with a workdir:
-      one writing to ``workdir/metrics``).
-    progress: tqdm progress bar.  mesh: see the module docstring.
-    name: prefix of log lines and the progress bar.
-    log, log_every: ``log(line)`` every ``log_every`` steps and at each evaluation.
-    should_stop: ``(updates done, loss) -> bool``; True checkpoints (with a
-      workdir) and returns early, as a preempted job would.
+    validation: a :class:`Validation` (None: no evaluation; the final state
+      is also the best).
+    checkpointing: a :class:`Checkpointing`: checkpoints, config and metrics
+      in its workdir (resume by rerunning); None: nothing written.
+    reporting: a :class:`Reporting`: log lines, progress bar, tracker.
+    mesh: see the module docstring.
+    should_stop: ``(updates done, loss) -> bool``; True checkpoints (with
+      ``checkpointing``) and returns early, as a preempted job would.
 
   Returns:
     :class:`FitResult`.
   """
   if num_steps < 0:
     raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-  if eval_every < 0 or save_every < 0 or keep < 1:
-    raise ValueError(f"eval_every, save_every must be >= 0 and keep >= 1; got {eval_every}, "
-                     f"{save_every}, {keep}")
+  reporting = Reporting() if reporting is None else reporting
+  for arg, value, cls in (("validation", validation, Validation),
+                          ("checkpointing", checkpointing, Checkpointing),
+                          ("reporting", reporting, Reporting)):
+    if value is not None and not isinstance(value, cls):
+      raise TypeError(f"{arg} must be a dennl_jax.loop.{cls.__name__}, got {value!r}")
+  eval_fn, eval_every, eval_at_start, mode, eval_name = (
+      (validation.fn, validation.every, validation.at_start, validation.mode, validation.name)
+      if validation is not None else (None, 0, False, "max", "val"))
+  workdir, config, save_every, keep = (
+      (checkpointing.workdir, checkpointing.config, checkpointing.every, checkpointing.keep)
+      if checkpointing is not None else (None, None, 0, 3))
+  name, log, log_every, progress, tracker = (reporting.name, reporting.log, reporting.log_every,
+                                             reporting.progress, reporting.tracker)
   better = _better(mode)
   place_state, place_batch = _placement(mesh)
   state, opt_state = place_state(state), place_state(opt_state)

@@ -25,7 +25,6 @@ user's start toward its own parameters.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Sequence
 
 import jax
@@ -33,25 +32,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dennl_jax.codec import ParamCodec
-from dennl_jax.layer import check_gradient_mode, em_layer
+from dennl_jax.layer import EMLayer
 
 # Pre-activations fed to an MLP are clipped to this range (a probability of
 # 1e-6 is about -13.8); the residual path itself is never clipped.
 INPUT_CLIP = 10.0
 
 
-def _em_layers(params, obs, mask, key, settings):
-  """:func:`~dennl_jax.em_layer` for every user of a batch.
+def _em_layers(params, obs, mask, key, layer: EMLayer):
+  """``layer`` (an :class:`~dennl_jax.EMLayer`) for every user of a batch.
 
   params: batched model (leading axis B); obs: (B, T, ...); mask: (B, T);
-  key: one PRNG key, split into one key per user (independent SPSA draws);
-  settings: (gradient, num_samples, step, perturbation).
+  key: one PRNG key, split into one key per user (independent SPSA draws).
   """
-  gradient, num_samples, step, perturbation = settings
   keys = jax.random.split(key, mask.shape[0])
-  layer = partial(em_layer, gradient=gradient, num_samples=num_samples, step=step,
-                  perturbation=perturbation)
   return jax.vmap(layer)(params, obs, mask, keys)
+
+
+def _check_layer(layer) -> None:
+  if not isinstance(layer, EMLayer):
+    raise TypeError(f"layer must be a dennl_jax.EMLayer (the EM layer's settings), got "
+                    f"{type(layer).__name__}")
 
 
 class MLP(nnx.Module):
@@ -110,17 +111,16 @@ class InitialFusion(nnx.Module):
   """``lambda0 = g(e)`` then ``num_stages`` plain EM layers (Fig. 2 right)."""
 
   def __init__(self, codec: ParamCodec, start, embed_dim: int, *, num_stages: int = 3,
-               hidden: Sequence[int] = (128, 128), gradient: str = "spsa",
-               spsa_samples: int = 16, spsa_step: float = 1e-3,
-               spsa_perturbation: str = "rademacher", rngs: nnx.Rngs):
-    check_gradient_mode(gradient)
+               hidden: Sequence[int] = (128, 128), layer: EMLayer = EMLayer(),
+               rngs: nnx.Rngs):
+    _check_layer(layer)
     self.start = StartNetwork(codec, start, embed_dim, hidden, rngs=rngs)
     self.num_stages = num_stages
-    self.layer_settings = (gradient, spsa_samples, spsa_step, spsa_perturbation)
+    self.layer = layer
 
   def __call__(self, embedding, obs, mask, key):
     def stage(params, key_k):
-      return _em_layers(params, obs, mask, key_k, self.layer_settings), None
+      return _em_layers(params, obs, mask, key_k, self.layer), None
 
     # A scan over stages compiles the EM layer once, not num_stages times.
     params, _ = jax.lax.scan(stage, self.start(embedding),
@@ -149,12 +149,10 @@ class DENNL(nnx.Module):
 
   def __init__(self, codec: ParamCodec, start, embed_dim: int, *, num_stages: int = 3,
                hidden: Sequence[int] = (256, 256), start_hidden: Sequence[int] = (128, 128),
-               latent_dim: int = 32, correction_scale: float = 0.1, gradient: str = "spsa",
-               spsa_samples: int = 16, spsa_step: float = 1e-3,
-               spsa_perturbation: str = "rademacher", residual: bool = True,
-               use_latent: bool = True, embed_in_stage: bool = True, user_start=None,
-               rngs: nnx.Rngs):
-    check_gradient_mode(gradient)
+               latent_dim: int = 32, correction_scale: float = 0.1,
+               layer: EMLayer = EMLayer(), residual: bool = True, use_latent: bool = True,
+               embed_in_stage: bool = True, user_start=None, rngs: nnx.Rngs):
+    _check_layer(layer)
     self.codec = codec
     self.start = StartNetwork(codec, start, embed_dim, start_hidden, rngs=rngs)
     self.context = nnx.Linear(embed_dim, latent_dim, rngs=rngs)
@@ -171,14 +169,14 @@ class DENNL(nnx.Module):
     self.next_latent = nnx.Linear(hidden[-1], latent_dim, rngs=rngs)
     self.num_stages = num_stages
     self.correction_scale = correction_scale
-    self.layer_settings = (gradient, spsa_samples, spsa_step, spsa_perturbation)
+    self.layer = layer
     self.residual, self.use_latent, self.embed_in_stage = residual, use_latent, embed_in_stage
     self.user_start = user_start
 
   def _scan(self, embedding, obs, mask, key):
     def stage(carry, key_k):
       params, latent = carry
-      after_em = _em_layers(params, obs, mask, key_k, self.layer_settings)
+      after_em = _em_layers(params, obs, mask, key_k, self.layer)
       pre = self.codec.encode_batch(after_em)
       stage_embedding = embedding if self.embed_in_stage else jnp.zeros_like(embedding)
       features = jnp.concatenate(

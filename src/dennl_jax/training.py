@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, Real
 
 from dennl_jax import loop
 from dennl_jax.batch import Batch
@@ -33,14 +34,15 @@ from dennl_jax.chunking import chunked_map
 from dennl_jax.loop import History  # noqa: F401 -- re-exported
 
 
-def mean_negative_log_likelihood(params, obs, mask):
+def mean_negative_log_likelihood(params, obs: Real[Array, "num_users num_timesteps ..."],
+                                 mask: Bool[Array, "num_users num_timesteps"]) -> Float[Array, ""]:
   """-sum_u log p(o_u | lambda_u) / (number of valid steps); params batched."""
   mask = jnp.asarray(mask, bool)
   lls = jax.vmap(lambda p, o, m: p.log_likelihood(o, m))(params, obs, mask)
   return -jnp.sum(lls) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def likelihood_loss(model, batch: Batch, key):
+def likelihood_loss(model, batch: Batch, key: PRNGKeyArray) -> Float[Array, ""]:
   """Paper eq. 9 per valid time step, for any model ``(e, obs, mask, key) -> params``."""
   params = model(batch.embedding, batch.obs, batch.mask, key)
   return mean_negative_log_likelihood(params, batch.obs, batch.mask)
@@ -59,7 +61,10 @@ def floor_probabilities(params):
   return jax.vmap(lambda p: type(p).from_preactivation(p.to_preactivation()))(params)
 
 
-def heldout_nll(params, obs, mask, visible, *, floor: bool = True):
+def heldout_nll(params, obs: Real[Array, "num_users num_timesteps ..."],
+                mask: Bool[Array, "num_users num_timesteps"],
+                visible: Bool[Array, "num_users num_timesteps"], *,
+                floor: bool = True) -> Float[Array, ""]:
   """-sum_u [log p(o_u | lambda_u) - log p(o_u[visible] | lambda_u)] / #held.
 
   params: batched (leading U), fitted on the ``visible`` steps; obs: (U, T, ...);
@@ -76,7 +81,8 @@ def heldout_nll(params, obs, mask, visible, *, floor: bool = True):
   return -jnp.sum(gain) / jnp.maximum(jnp.sum(mask & ~visible), 1)
 
 
-def heldout_split(mask, key, holdout: float = 0.2):
+def heldout_split(mask: Bool[Array, "num_users num_timesteps"], key: PRNGKeyArray,
+                  holdout: float = 0.2) -> Bool[Array, "num_users num_timesteps"]:
   """(U, T) visible steps: ``mask`` less a random ``holdout`` fraction of each
   user's valid steps (every user keeps at least one visible step).  The
   draw uses ``fold_in(key, 1)``."""
@@ -86,7 +92,8 @@ def heldout_split(mask, key, holdout: float = 0.2):
   return jnp.where(jnp.any(visible, axis=1, keepdims=True), visible, mask)
 
 
-def heldout_step_loss(model, batch: Batch, key, holdout: float = 0.2, floor: bool = True):
+def heldout_step_loss(model, batch: Batch, key: PRNGKeyArray, holdout: float = 0.2,
+                      floor: bool = True) -> Float[Array, ""]:
   """NLL of randomly held-out steps given the rest (an anti-overfitting variant of eq. 9).
 
   A fraction ``holdout`` of each user's valid steps is hidden from the model
@@ -106,7 +113,7 @@ def heldout_step_loss(model, batch: Batch, key, holdout: float = 0.2, floor: boo
   return heldout_nll(params, batch.obs, batch.mask, visible, floor=floor)
 
 
-def regression_loss(model, batch: Batch, key):
+def regression_loss(model, batch: Batch, key: PRNGKeyArray) -> Float[Array, ""]:
   """Mean squared error of the start network's pre-activations vs ``batch.target``."""
   del key
   pred = model.start.preactivation(batch.embedding)
@@ -167,26 +174,40 @@ def _take(data: Batch, index) -> Batch:
   return Batch(*(None if x is None else x[index] for x in data))
 
 
+class TrainResult(NamedTuple):
+  """What :func:`train` returns.
+
+  model: the trained model (the best-scoring one with early stopping);
+  history: the per-step losses (:class:`dennl_jax.loop.History`);
+  fit: the training loop's whole result (:class:`dennl_jax.loop.FitResult`:
+  validation curve, best step and value, skipped updates, seconds).
+  """
+  model: nnx.Module
+  history: loop.History
+  fit: loop.FitResult
+
+
 def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss,
           optimizer: Optional[optax.GradientTransformation] = None, num_steps: int = 200,
-          batch_size: int = 32, key, log_every: int = 25, log: Callable[[str], None] = print,
+          batch_size: int = 32, key: PRNGKeyArray, log_every: int = 25,
+          log: Callable[[str], None] = print,
           name: str = "model", workdir: Optional[str] = None, progress: bool = False,
           save_every: int = 0, keep: int = 3, mesh=None,
           eval_fn: Optional[Callable[[nnx.Module], float]] = None, eval_every: int = 0,
-          mode: str = "min", return_fit: bool = False):
+          mode: str = "min") -> "TrainResult":
   """Minibatch training of ``model`` on users ``data`` (leading axis U).
 
   Each step draws ``batch_size`` users without replacement (a fresh
-  permutation every epoch, :func:`dennl_jax.loop.epoch_batches`).  Returns
-  ``(trained model, History)``; the model passed in is not modified.
+  permutation every epoch, :func:`dennl_jax.loop.epoch_batches`).  Returns a
+  :class:`TrainResult` ``(model, history, fit)``; the model passed in is not
+  modified.
   Progress lines ``name step loss elapsed`` every ``log_every`` steps.
 
   Early stopping: with ``eval_fn(model) -> float`` (e.g. a validation loss,
   ``mode="min"``, or accuracy, ``mode="max"``), the model is scored at the
   start and every ``eval_every`` steps (0: after the last step only), and the
-  best-scoring model is returned instead of the last one.  ``return_fit``:
-  return ``(model, History, FitResult)`` (the validation curve, best step
-  and value are in the :class:`dennl_jax.loop.FitResult`).
+  best-scoring model is returned instead of the last one (the validation
+  curve, best step and value are in ``fit``).
   ``workdir``, ``progress``, ``save_every``, ``keep``, ``mesh``: checkpoints
   and resume, metrics, progress bar and data parallelism of
   :func:`dennl_jax.loop.fit` (the workdir's config records the loss, batch
@@ -195,6 +216,13 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
   """
   if num_steps < 1 or batch_size < 1:
     raise ValueError(f"num_steps and batch_size must be positive, got {num_steps}, {batch_size}")
+  # Checked here too: the loop's option groups are built only when used (with
+  # eval_fn, with a workdir), and a bad value is an error either way.
+  if eval_every < 0 or save_every < 0 or keep < 1:
+    raise ValueError(f"eval_every, save_every must be >= 0 and keep >= 1; got {eval_every}, "
+                     f"{save_every}, {keep}")
+  if mode not in ("max", "min"):
+    raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
   num_users = data.mask.shape[0]
   optimizer = optimizer or make_optimizer()
   graphdef, state = nnx.split(model)
@@ -210,18 +238,20 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
     if eval_fn is not None:   # absent otherwise, so earlier workdirs still resume
       config["early_stopping"] = dict(every=eval_every, mode=mode)
   state_eval = None if eval_fn is None else (lambda st: eval_fn(nnx.merge(graphdef, st)))
-  result = loop.fit(step_fn, state, optimizer.init(state), num_steps=num_steps,
-                    batch_at=lambda i: _take(data, indices(i)), key=key_steps, workdir=workdir,
-                    config=config, save_every=save_every, keep=keep, progress=progress,
-                    mesh=mesh, name=name, log=log, log_every=log_every, eval_fn=state_eval,
-                    eval_every=eval_every, eval_at_start=eval_fn is not None, mode=mode)
+  result = loop.fit(
+      step_fn, state, optimizer.init(state), num_steps=num_steps,
+      batch_at=lambda i: _take(data, indices(i)), key=key_steps,
+      validation=None if eval_fn is None else loop.Validation(
+          state_eval, every=eval_every, at_start=True, mode=mode),
+      checkpointing=(loop.Checkpointing(workdir, config=config, every=save_every, keep=keep)
+                     if workdir else None),
+      reporting=loop.Reporting(name=name, log=log, log_every=log_every, progress=progress),
+      mesh=mesh)
   trained = nnx.merge(graphdef, result.best_state if eval_fn is not None else result.state)
-  if return_fit:
-    return trained, result.history, result
-  return trained, result.history
+  return TrainResult(trained, result.history, result)
 
 
-def predict(model: nnx.Module, data: Batch, key, *, chunk_size: int = 256):
+def predict(model: nnx.Module, data: Batch, key: PRNGKeyArray, *, chunk_size: int = 256):
   """The model's batched parameters for all users (leading axis U).
 
   Users go through in chunks of ``chunk_size`` (the last one padded, so one

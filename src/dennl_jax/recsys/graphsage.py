@@ -326,9 +326,12 @@ def train_graphsage(key, graph: BipartiteGraph, config=None, *,
     run_config = {k: v for k, v in dataclasses.asdict(config).items()
                   if k not in ("num_steps", "log_every")}
     run_config.update(key=fingerprint(key), graph=fingerprint(tuple(graph)))
-  result = loop.fit(step_fn, state, optimizer.init(state), num_steps=config.num_steps,
-                    batch_at=lambda i: batch, key=k_train, workdir=workdir, config=run_config,
-                    progress=progress, name="graphsage", log=log, log_every=config.log_every)
+  result = loop.fit(
+      step_fn, state, optimizer.init(state), num_steps=config.num_steps,
+      batch_at=lambda i: batch, key=k_train,
+      checkpointing=loop.Checkpointing(workdir, config=run_config) if workdir else None,
+      reporting=loop.Reporting(name="graphsage", log=log, log_every=config.log_every,
+                               progress=progress))
   train_seconds, losses, skipped = result.seconds, result.history.loss, result.skipped
   model = nnx.merge(graphdef, result.state)
 

@@ -226,16 +226,16 @@ class FlooredOutput(nnx.Module):
 def build_network(kind: str, codec, start, embed_dim: int, cfg: dict, key) -> nnx.Module:
   rngs = nnx.Rngs(params=key)
   hidden, start_hidden = (cfg["hidden"],) * 2, (cfg["start_hidden"],) * 2
+  layer = dj.EMLayer(gradient=cfg["gradient"], num_samples=cfg["spsa_samples"])
   if kind == "mlp_mapper":
     inner = dj.EmbeddingMapper(codec, start, embed_dim, hidden=start_hidden, rngs=rngs)
   elif kind == "initial_fusion":
     inner = dj.InitialFusion(codec, start, embed_dim, num_stages=cfg["num_stages"],
-                            hidden=start_hidden, gradient=cfg["gradient"],
-                            spsa_samples=cfg["spsa_samples"], rngs=rngs)
+                            hidden=start_hidden, layer=layer, rngs=rngs)
   elif kind == "dennl":
     inner = dj.DENNL(codec, start, embed_dim, num_stages=cfg["num_stages"], hidden=hidden,
-                    start_hidden=start_hidden, latent_dim=cfg["latent_dim"],
-                    gradient=cfg["gradient"], spsa_samples=cfg["spsa_samples"], rngs=rngs)
+                    start_hidden=start_hidden, latent_dim=cfg["latent_dim"], layer=layer,
+                    rngs=rngs)
   else:
     raise ValueError(f"unknown HSMM network {kind!r}; choose from {KINDS}")
   return FlooredOutput(inner, cfg["prob_floor"])
@@ -352,10 +352,13 @@ def _train_one(kind, key, cfg, data: Tr.Batch, val_task, codec, start, pop, embe
   result = loop.fit(
       step_fn, state, optimizer.init(state), num_steps=cfg["num_steps"],
       batch_at=lambda i: Tr.Batch(*(jnp.asarray(x[indices(i)]) for x in data[:3])),
-      key=key_steps, eval_fn=lambda s: _validation_score(dict(run, state=s), val_task, pop, cfg),
-      eval_every=cfg["eval_every"], eval_at_start=True, eval_name=f"val {cfg['select_by']}",
-      workdir=workdir, config=setting, progress=cfg.get("progress", False),
-      name=f"{kind}/{cfg['loss']}", log=cfg.get("log"))
+      key=key_steps,
+      validation=loop.Validation(
+          lambda s: _validation_score(dict(run, state=s), val_task, pop, cfg),
+          every=cfg["eval_every"], at_start=True, name=f"val {cfg['select_by']}"),
+      checkpointing=loop.Checkpointing(workdir, config=setting) if workdir else None,
+      reporting=loop.Reporting(name=f"{kind}/{cfg['loss']}", log=cfg.get("log"),
+                               progress=cfg.get("progress", False)))
   return dict(run, state=result.best_state, final_state=result.state, value=result.best_value,
               steps=result.best_step, curve=result.curve, skipped=result.skipped,
               seconds=result.seconds)

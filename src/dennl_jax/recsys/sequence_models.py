@@ -195,11 +195,14 @@ def _train_one(key, kind, cfg, train_task, val_task, pop):
     setting.update(kind=kind, key=fingerprint(key),
                    data=fingerprint((emb[rows], hist[rows], mask[rows])))
     workdir = os.path.join(cfg["workdir"], f"{kind}-{fingerprint(setting)[:8]}")
-  result = loop.fit(step_fn, state, optimizer.init(state), num_steps=cfg["num_steps"],
-                    batch_at=batch_at, key=key_steps, eval_fn=validation,
-                    eval_every=cfg["eval_every"], eval_name=f"val {cfg['select_by']}",
-                    workdir=workdir, config=setting, progress=cfg.get("progress", False),
-                    name=kind, log=cfg.get("log"))
+  result = loop.fit(
+      step_fn, state, optimizer.init(state), num_steps=cfg["num_steps"],
+      batch_at=batch_at, key=key_steps,
+      validation=loop.Validation(validation, every=cfg["eval_every"],
+                                 name=f"val {cfg['select_by']}"),
+      checkpointing=loop.Checkpointing(workdir, config=setting) if workdir else None,
+      reporting=loop.Reporting(name=kind, log=cfg.get("log"),
+                               progress=cfg.get("progress", False)))
   return {"value": result.best_value, "steps": result.best_step, "state": result.best_state,
           "graphdef": graphdef, "curve": result.curve, "skipped": result.skipped}
 
