@@ -32,6 +32,7 @@ def test_decoding_any_vector_gives_valid_parameters():
   assert_valid_batch(codec.decode_batch(vectors))
 
 
+@pytest.mark.slow
 def test_encoding_a_decoded_near_singular_covariance_is_finite():
   # A network output with a small Cholesky diagonal under large off-diagonal
   # entries decodes to L L^T + floor I with L L^T (nearly) singular: a

@@ -27,14 +27,7 @@ NUM_USERS, NUM_STEPS, NUM_STATES, NUM_SYMBOLS, MAX_DURATION = 3, 7, 3, 4, 4
 KERNELS = ("users_minor", "per_sequence")
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-  previous = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.x64
 
 
 def make_batch(kind: str, kernels: str, seed: int = 0, dtype=np.float64):
@@ -82,7 +75,11 @@ def em_loss(params, obs, mask):
   return jnp.sum(new.transition ** 2) + jnp.sum(new.emission.probs ** 2)
 
 
-@pytest.mark.parametrize("kind", ["hmm", "hsmm"])
+# The fast tier runs the HMM; the full suite the HSMM too.
+KINDS = ["hmm", pytest.param("hsmm", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_vmap_and_gradients_equal_per_user(kind, kernels):
   params, obs, mask = make_batch(kind, kernels)
@@ -99,7 +96,7 @@ def test_vmap_and_gradients_equal_per_user(kind, kernels):
     assert_trees_close(grads, reference)
 
 
-@pytest.mark.parametrize("kind", ["hmm", "hsmm"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_forward_mode_equals_reverse_mode(kind, kernels):
   params, obs, mask = make_batch(kind, kernels)

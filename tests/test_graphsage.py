@@ -37,6 +37,7 @@ def planted_graph(seed=0, num_users=80, num_items=40, degree=8, p_in=0.9, user_f
   return gs.BipartiteGraph(edge_user, edge_item, num_users, num_items, features, users)
 
 
+# The tests that use this trained model are slow (training takes a few seconds).
 @pytest.fixture(scope="module")
 def trained():
   graph = planted_graph(user_features=True)
@@ -100,6 +101,7 @@ def test_link_auc_matches_sklearn_with_ties():
     gs.link_auc(pos, [])
 
 
+@pytest.mark.slow
 def test_planted_communities_beat_popularity(trained):
   _, _, embeddings, report, lines = trained
   assert report["num_heldout_edges"] > 50 and report["skipped_steps"] == 0
@@ -111,6 +113,7 @@ def test_planted_communities_beat_popularity(trained):
   assert any("held-out AUC" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_same_key_same_embeddings(trained):
   graph, _, embeddings, report, _ = trained
   _, again, report_again = gs.train_graphsage(jax.random.key(0), graph, CONFIG)
@@ -120,6 +123,7 @@ def test_same_key_same_embeddings(trained):
   assert np.abs(other - embeddings).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_inductive_cold_and_new_users(trained):
   graph, model, embeddings, _, _ = trained
   np.testing.assert_allclose(gs.embed_users(model, graph), embeddings, atol=1e-6)
@@ -191,6 +195,7 @@ def test_graph_from_events_keeps_only_training_events():
     gs.graph_from_events(log, seqs, mask.astype(int))
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(trained, tmp_path):
   _, _, embeddings, report, _ = trained
   paths = gs.save_embeddings(tmp_path / "emb.npz", embeddings, CONFIG, report)
@@ -218,6 +223,7 @@ def test_bad_graph_raises(change, message):
     gs.train_graphsage(jax.random.key(0), graph._replace(**change), CONFIG)
 
 
+@pytest.mark.slow
 def test_bad_config_and_mismatched_model_raise(trained):
   graph, model, *_ = trained
   with pytest.raises(ValueError, match="unknown GraphSAGE config"):

@@ -159,6 +159,7 @@ def test_gradient_compositions():
   tree_allclose(jac, user(reference, 0), **TOL)
 
 
+@pytest.mark.slow
 def test_hsmm_float32_long_sequences_keep_per_sequence_accuracy():
   """The HSMM kernel's smoothed marginals come from segment starts and ends
   (differences, not products): in float32 over T = 1000 they stay non-negative
@@ -221,7 +222,7 @@ def test_fit_em_equals_per_user(duration):
   np.testing.assert_allclose(trace, ref_trace, **TOL)
 
 
-@pytest.mark.parametrize("duration", [None, "poisson"])
+@pytest.mark.parametrize("duration", [None, pytest.param("poisson", marks=pytest.mark.slow)])
 def test_user_blocks_equal_per_user(duration):
   """Blocks of users under vmap (``USERS_PER_BLOCK``; 3 here, so 7 users run as 3 blocks
   of 3 with 2 padding copies; HSMMs opt out): EM steps, posteriors, their gradient and

@@ -136,6 +136,7 @@ def test_without_latent_and_stage_embedding_the_embedding_is_ignored(batch):
                            _apply(full, other, obs, mask, key).emission.mean), switches
 
 
+@pytest.mark.slow
 def test_user_start_comes_from_each_users_own_data(batch):
   start, obs, mask, emb = batch
   from functools import partial

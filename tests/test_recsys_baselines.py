@@ -121,6 +121,7 @@ def test_history_methods_fall_back_to_popularity_at_h0():
     np.testing.assert_allclose(scores, np.broadcast_to(fitted["popularity"], scores.shape))
 
 
+@pytest.mark.slow
 def test_gru_learns_cyclic_pattern():
   s, mask = _cyclic()
   train, val, test = _tasks(s, mask)

@@ -183,6 +183,7 @@ def test_decode_marks_history_steps_only(tasks, fitted):
     assert paths.max() < K
 
 
+@pytest.mark.slow
 def test_predictive_loss_scores_last_active_steps_against_forecasts():
   # One fixed HSMM for every user; the loss must equal the cross-entropy of the
   # last active step (idle category 3 excluded and renormalised away) under
@@ -207,6 +208,7 @@ def test_predictive_loss_scores_last_active_steps_against_forecasts():
   np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_predictive_loss_cold_term_scores_targets_under_the_start():
   # lambda_0 (start_params) differs from the history model; the cold term is
   # the cross-entropy of every user's last active step under lambda_0's

@@ -127,6 +127,7 @@ def _check_user_blocks(mesh):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one():
   flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
                                  "--xla_force_host_platform_device_count=4"]))

@@ -187,6 +187,7 @@ def test_rate_in_state_optimizer_matches_constant_rate():
   np.testing.assert_allclose(out[0], out[1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_early_stopping_returns_the_best_validated_model():
   start, data = _problem()
   mapper = EmbeddingMapper(ParamCodec(start), start, E, hidden=(8,), rngs=nnx.Rngs(0))

@@ -79,6 +79,7 @@ def reverse_mode_only(err: TypeError, what: str, instead: str) -> TypeError:
   mode that supports it; any other ``TypeError`` unchanged."""
   if "forward-mode autodiff" not in str(err):
     return err
-  return TypeError(f"{what} defines reverse mode only (jax.grad, jax.vjp); forward mode "
+  return TypeError(f"{what} defines reverse mode only (jax.grad, jax.vjp: it is a "
+                   f"jax.custom_vjp); forward mode "
                    f"(jax.jvp, jax.jacfwd, jax.linearize, Hessians) needs {instead}, which "
                    "differentiates the same function by plain autodiff")
