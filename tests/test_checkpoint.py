@@ -98,6 +98,9 @@ def test_another_or_unreadable_config_is_refused(tmp_path):
     f.write("{not json")
   with pytest.raises(checkpoint.CheckpointError, match="config.json is corrupt"):
     _fit(workdir, num_steps=4)
+  os.remove(os.path.join(workdir, "config.json"))   # deleted: never resume under another config
+  with pytest.raises(checkpoint.CheckpointError, match="no config.json"):
+    _fit(workdir, num_steps=4)
 
 
 def test_another_model_structure_is_refused(tmp_path):

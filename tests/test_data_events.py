@@ -271,6 +271,38 @@ def test_read_event_log_bad_input(tmp_path, events, items, match):
     ev.read_event_log(write(tmp_path, "e.csv", events), write(tmp_path, "i.csv", items))
 
 
+def test_read_event_log_encodings_and_long_fields(tmp_path):
+  items = write(tmp_path, "i.csv", ITEMS)
+  # A UTF-8 byte-order mark (spreadsheets write one) is not part of the first column's name.
+  bom = tmp_path / "bom.csv"
+  bom.write_bytes(b"\xef\xbb\xbfuser,timestamp,item\n1,0,sofa\n")
+  assert list(ev.read_event_log(str(bom), items).item) == ["sofa"]
+  # latin-1: the error names the file and the line of the first bad byte.
+  latin = tmp_path / "latin.csv"
+  latin.write_bytes("user,timestamp,item\n1,0,sofa\n2,0,caf\u00e9\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=r"latin.csv line 3: not UTF-8"):
+    ev.read_event_log(str(latin), items)
+  # A 200 kB field is read (then refused by the catalogue, naming it), not a csv.Error.
+  long_item = "x" * 200_000
+  with pytest.raises(ValueError, match="not in the catalogue"):
+    ev.read_event_log(write(tmp_path, "long.csv", f"user,timestamp,item\n1,0,{long_item}\n"),
+                      items)
+
+
+def test_to_sequences_refuses_overflowing_values_and_non_integer_settings(tmp_path):
+  items = write(tmp_path, "i.csv", ITEMS)
+  log = ev.read_event_log(write(tmp_path, "e.csv", "user,timestamp,item,value\n"
+                                "1,0,sofa,1e308\n1,10,sofa,1e308\n"), items)
+  with pytest.raises(ValueError, match="non-finite strength"):
+    ev.to_sequences(log)
+  ok = ev.read_event_log(write(tmp_path, "ok.csv", "user,timestamp,item\n1,0,sofa\n"), items)
+  for bad in (2.0, True, 0):
+    with pytest.raises(ValueError, match="max_steps"):
+      ev.to_sequences(ok, max_steps=bad)
+    with pytest.raises(ValueError, match="events_per_step"):
+      ev.to_sequences(ok, unit="events", events_per_step=bad)
+
+
 def test_read_event_log_missing_file(tmp_path):
   with pytest.raises(ValueError, match="none.csv: file not found"):
     ev.read_event_log(str(tmp_path / "none.csv"), write(tmp_path, "i.csv", ITEMS))

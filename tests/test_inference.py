@@ -279,6 +279,18 @@ def test_stationary_distribution_matches_eigenvector():
   np.testing.assert_allclose(pi @ transition, pi, atol=1e-12)
 
 
+@pytest.mark.parametrize("transition", [
+    np.eye(2),
+    np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.5, 0.5]]),
+    np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+])
+def test_stationary_distribution_of_a_reducible_chain_is_one_of_its_solutions(transition):
+  pi = np.asarray(dj.stationary_distribution(transition))
+  assert np.all(np.isfinite(pi)) and np.all(pi >= -1e-12)
+  np.testing.assert_allclose(pi.sum(), 1.0, atol=1e-12)
+  np.testing.assert_allclose(pi @ transition, pi, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # jit + vmap over users for every public function.
 # ---------------------------------------------------------------------------

@@ -178,6 +178,21 @@ def test_sigkilled_save_never_leaves_a_partial_file(tmp_path):
   loaded = io.load_params(path)["x"]
   assert loaded.shape == (4_000_000,) and loaded[0] in (0.0, 1.0)
   np.testing.assert_array_equal(loaded, np.full(4_000_000, loaded[0]))
+  # The next save of the same file removes the dead writer's temporary file.
+  io.save_params(path, {"x": np.zeros(3)})
+  assert sorted(os.listdir(tmp_path)) == ["big.npz"]
+
+
+def test_a_live_writers_temporary_file_is_kept(tmp_path):
+  """Only temporary files of processes that are gone are stale."""
+  path = tmp_path / "m.npz"
+  child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True)
+  dead, live = int(child.stdout), os.getppid()
+  for pid in (dead, live):
+    (tmp_path / f".m.npz.{pid}.abc.tmp").write_bytes(b"partial")
+  io.save_params(path, {"x": np.ones(2)})
+  assert sorted(os.listdir(tmp_path)) == [f".m.npz.{live}.abc.tmp", "m.npz"]
 
 
 def test_unsavable_input_writes_nothing(tmp_path):
@@ -234,6 +249,53 @@ def test_not_a_parameter_file(tmp_path, content):
   path = tmp_path / "x.npz"
   path.write_bytes(content)
   with pytest.raises(ValueError, match="corrupt or not a parameter file"):
+    io.load_params(path)
+
+
+def test_every_single_byte_flip_is_refused_or_harmless(tmp_path):
+  """Flip each byte of a saved file in turn: loading raises ValueError naming the
+  file, or returns exactly the saved parameters -- never another exception, never
+  different values."""
+  path, hmm = _saved(tmp_path)
+  data = path.read_bytes()
+  expected = jax.tree_util.tree_leaves(hmm)
+  refused = 0
+  for i in range(len(data)):
+    flipped = bytearray(data)
+    flipped[i] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    try:
+      loaded = io.load_params(path)
+    except ValueError as err:
+      assert str(path) in str(err), (i, err)
+      refused += 1
+      continue
+    leaves = jax.tree_util.tree_leaves(loaded)
+    assert len(leaves) == len(expected), i
+    for a, b in zip(leaves, expected):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"byte {i}")
+  assert refused > len(data) // 2
+
+
+def test_plain_npy_and_edited_descriptions_raise_value_error(tmp_path):
+  np.save(tmp_path / "a.npy", np.ones(3))
+  with pytest.raises(ValueError, match="single numpy array"):
+    io.load_params(tmp_path / "a.npy")
+  path, _ = _saved(tmp_path)
+  _rewrite_description(path, lambda d: d["tree"].pop("fields"))
+  with pytest.raises(ValueError, match="malformed description|malformed"):
+    io.load_params(path)
+  # A description nested deeper than Python's recursion limit (written as text:
+  # json.dumps itself refuses it).
+  with np.load(path) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  text = json.loads(arrays["__metadata__"].tobytes())
+  head = json.dumps({k: v for k, v in text.items() if k != "tree"})[:-1]
+  deep = '{"list": [' * 5000 + "null" + "]}" * 5000
+  arrays["__metadata__"] = np.frombuffer(f'{head}, "tree": {deep}}}'.encode(), np.uint8)
+  with open(path, "wb") as handle:
+    np.savez(handle, **arrays)
+  with pytest.raises(ValueError, match=str(path.name)):
     io.load_params(path)
 
 

@@ -167,3 +167,22 @@ def test_validate_with_user_axis():
     dj.validate(batch, obs, _set(masks, 2, False))
   with pytest.raises(ValueError, match="leading user axis"):
     dj.validate(batch, obs[:2], masks)
+
+
+def test_decode_states_validates_concrete_inputs():
+  rng = np.random.default_rng(5)
+  hmms = jax.tree_util.tree_map(lambda *x: np.stack(x),
+                                *[random_hmm("categorical", rng, 3) for _ in range(3)])
+  obs = rng.integers(0, NUM_SYMBOLS, (3, 6))
+  mask = np.ones((3, 6), bool)
+  assert dj.decode_states(hmms, obs, mask).shape == (3, 6)
+  with pytest.raises(ValueError, match="leading user axis of size 2"):
+    dj.decode_states(hmms, obs[:2], mask[:2])          # one user's parameters too many
+  bad = obs.copy()
+  bad[1, 2] = NUM_SYMBOLS + 3
+  with pytest.raises(ValueError, match="user 1: Categorical obs out of range"):
+    dj.decode_states(hmms, bad, mask)
+  with pytest.raises(ValueError, match=r"mask must have shape \(U, T\)"):
+    dj.decode_states(jax.tree_util.tree_map(lambda x: x[0], hmms), obs[0], mask[0])
+  with pytest.raises(ValueError, match="chunk_size"):
+    dj.decode_states(hmms, obs, mask, chunk_size=0)

@@ -77,11 +77,18 @@ def check_config(workdir: str, config) -> None:
 
   Raises:
     CheckpointError: the workdir was written with another config (the
-      message lists the differing fields), or its config.json is unreadable.
+      message lists the differing fields), its config.json is unreadable, or
+      it holds checkpoints but no config.json (a run whose config cannot be
+      compared is never resumed).
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   given = json.loads(json.dumps(_plain(config)))
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.exists(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    raise CheckpointError(
+        f"workdir {workdir} holds checkpoints but no config.json, so its run's config cannot "
+        "be checked; restore config.json or delete the workdir to start over")
   if not os.path.exists(path):
     with open(path + ".tmp", "w") as f:
       json.dump(given, f, indent=1, sort_keys=True)
@@ -269,10 +276,17 @@ def cached_chunks(fn: Callable, workdir: str, config=None) -> Callable:
       except Exception as e:   # noqa: BLE001 -- any failure to read is corruption
         raise CheckpointError(f"chunk file {path} is corrupt ({type(e).__name__}: {e}); "
                               "delete it to recompute that chunk") from e
+      if not isinstance(record, dict) or not {"inputs", "leaves"} <= set(record):
+        raise CheckpointError(f"chunk file {path} is corrupt (its record lacks inputs or "
+                              "leaves); delete it to recompute that chunk")
       if record["inputs"] != inputs:
         raise CheckpointError(f"chunk file {path} was computed from other inputs (data or "
                               f"keys changed); use another workdir or delete {directory}")
       _check_structure(f"chunk file {path}", record["leaves"], spec)
+      missing = [f"{j:06d}" for j in range(len(leaves)) if f"{j:06d}" not in saved]
+      if missing:
+        raise CheckpointError(f"chunk file {path} is corrupt (arrays {missing[:3]} missing); "
+                              "delete it to recompute that chunk")
       arrays = [saved[f"{j:06d}"] for j in range(len(leaves))]
       return _rebuild({"out": shapes}, arrays)["out"]
     out = fn(chunk, index)

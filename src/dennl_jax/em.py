@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import chex
+import numpy as np
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Real
@@ -105,10 +105,13 @@ def fit_em(params, obs: Real[Array, "num_users num_timesteps ..."],
     starts = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (U,) + x.shape), hmm)
     fitted, trace = dj.fit_em(starts, obs, mask, num_iters=20)
   """
-  mask = jnp.asarray(mask, bool)
-  chex.assert_rank(mask, 2)
-  chex.assert_equal_shape_prefix([obs, mask], 2)
-  if not isinstance(num_iters, int) or num_iters < 0:
+  if np.ndim(mask) != 2:
+    raise ValueError(f"mask must have shape (U, T) (a batch of users), got {np.shape(mask)}")
+  if np.shape(obs)[:2] != np.shape(mask):
+    raise ValueError(f"obs has shape {np.shape(obs)}; its leading axes must be the mask's "
+                     f"(U, T) = {np.shape(mask)}")
+  if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 0:
     raise ValueError(f"num_iters must be a non-negative int, got {num_iters!r}")
   inference.validate_if_concrete(params, obs, mask)
+  mask = jnp.asarray(mask, bool)
   return _fit_em_batch(params, obs, mask, num_iters)

@@ -251,6 +251,12 @@ class _RealVectorFamily(EmissionFamily):
     if not np.all(np.isfinite(obs[np.asarray(mask)])):
       raise ValueError(f"{name} obs contain NaN or inf on valid steps")
 
+  def check_parameters(self) -> None:
+    if not (np.isfinite(self.min_covar) and self.min_covar >= 0):
+      raise ValueError(f"{type(self).__name__}.min_covar must be a finite number >= 0 (a floor "
+                       f"added to the covariance diagonal), got {self.min_covar!r}")
+    super().check_parameters()
+
   def observation_errors(self, obs, mask):
     return [(f"{type(self).__name__} obs contain NaN or inf on valid steps",
              _on_valid_steps(jnp.any(~jnp.isfinite(obs), axis=-1), mask))]

@@ -327,6 +327,10 @@ class Parameterised:
   def check_parameters(self) -> None:
     """Raise ``ValueError`` naming the first invalid declared array (concrete input)."""
     for name, constraint, value in self.parameters():
+      dtype = np.asarray(value).dtype
+      if dtype not in (np.float32, np.float64):
+        raise ValueError(f"{type(self).__name__}.{name} has dtype {dtype}; parameters must be "
+                         "float32 or float64 (cast them, e.g. with jnp.asarray(x, jnp.float32))")
       constraint.check(f"{type(self).__name__}.{name}", value, self)
 
 

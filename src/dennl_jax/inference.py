@@ -151,9 +151,11 @@ def sample(key: PRNGKeyArray, params, num_steps: int
     keys = jax.random.split(key, num_users)
     states, obs = jax.vmap(lambda k: dj.sample(k, hmm, 100))(keys)   # (U, T), (U, T, ...)
   """
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
   if _checks.is_concrete(params):
     params.check_parameters()
-  return params.sample(key, num_steps)
+  return params.sample(key, int(num_steps))
 
 
 @jax.jit
@@ -170,8 +172,14 @@ def decode_states(params, obs: Real[Array, "num_users num_timesteps ..."],
 
   params: batched model (leading U); obs: (U, T, ...); mask: (U, T) bool.
   Users go through in chunks of ``chunk_size`` (the last one padded), so
-  every call with the same T reuses one compiled function.
+  every call with the same T reuses one compiled function.  Concrete inputs
+  are validated as :func:`validate` does (the user axes must agree).
   """
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  if np.ndim(mask) != 2:
+    raise ValueError(f"mask must have shape (U, T) (a batch of users), got {np.shape(mask)}")
+  validate_if_concrete(params, obs, mask)
   return chunked_map(_batched_viterbi, (params, obs, mask), chunk_size)
 
 
@@ -179,17 +187,19 @@ def stationary_distribution(
     transition: Float[Array, "num_states num_states"]) -> Float[Array, "num_states"]:
   """Stationary distribution pi = pi A of an ergodic chain, (K,).
 
-  Solves (A^T - I) pi = 0 with the normalisation sum(pi) = 1 replacing one
-  equation; for a reducible chain the result is one of several solutions.
+  Solves (A^T - I) pi = 0 together with sum(pi) = 1 by least squares.  For a
+  reducible chain (several closed classes) the solutions form a set; the
+  result is its minimum-norm member, itself a stationary distribution (for
+  the identity, the uniform one).
   """
   transition = jnp.asarray(transition)
   if _checks.is_concrete(transition):
     _checks.check_distribution("transition", transition, axis=-1)
   num_states = transition.shape[-1]
-  system = transition.T - jnp.eye(num_states, dtype=transition.dtype)
-  system = system.at[-1].set(1.0)
-  rhs = jnp.zeros(num_states, transition.dtype).at[-1].set(1.0)
-  return jnp.linalg.solve(system, rhs)
+  system = jnp.concatenate([transition.T - jnp.eye(num_states, dtype=transition.dtype),
+                            jnp.ones((1, num_states), transition.dtype)])
+  rhs = jnp.zeros(num_states + 1, transition.dtype).at[-1].set(1.0)
+  return jnp.linalg.lstsq(system, rhs)[0]
 
 
 def checked(fn):

@@ -242,9 +242,47 @@ def save_params(path, params, metadata=None) -> None:
   _write_atomically(os.fspath(path), arrays)
 
 
+def _temp_prefix(path: str, pid: int) -> str:
+  return f".{os.path.basename(path)}.{pid}."
+
+
+def _remove_stale_temporaries(path: str) -> None:
+  """Delete the temporary files of earlier saves of ``path`` whose process is gone.
+
+  A save killed between writing its temporary file and renaming it (SIGKILL,
+  power loss) leaves ``.NAME.PID.*.tmp`` beside the target.  The writer's PID
+  is in the name, so a temporary file of a process that still runs (another
+  save in progress) is kept.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  head = f".{os.path.basename(path)}."
+  for name in os.listdir(directory):
+    if not (name.startswith(head) and name.endswith(".tmp")):
+      continue
+    pid_text = name[len(head):].split(".", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_alive(int(pid_text)):
+      continue
+    try:
+      os.unlink(os.path.join(directory, name))
+    except FileNotFoundError:
+      pass
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:      # alive, owned by another user
+    return True
+  return True
+
+
 def _write_atomically(path: str, arrays: dict) -> None:
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  _remove_stale_temporaries(path)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path, os.getpid()),
+                             suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as handle:
       np.savez(handle, **arrays)
@@ -267,15 +305,19 @@ def _read(path, with_arrays: bool):
     raise FileNotFoundError(f"no parameter file at {path}")
   # Every way a damaged file can fail to read (truncated zip, bad CRC,
   # bad npy header, not a zip at all) becomes one ValueError naming the file.
+  # (NotImplementedError and RuntimeError: numpy's readers raise them for some
+  # flipped header bytes, e.g. an unsupported compression method.)
   damaged = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, UnicodeDecodeError,
-             zlib.error)
+             zlib.error, NotImplementedError, RuntimeError)
   try:
     npz = np.load(path, allow_pickle=False)
   except damaged as err:
     raise ValueError(f"{path} is corrupt or not a parameter file ({type(err).__name__}: "
                      f"{err})") from None
+  if not isinstance(npz, np.lib.npyio.NpzFile):       # a plain .npy array
+    raise ValueError(f"{path} is a single numpy array, not a parameter file")
   with npz:
-    if not isinstance(npz, np.lib.npyio.NpzFile) or _METADATA_KEY not in npz.files:
+    if _METADATA_KEY not in npz.files:
       raise ValueError(f"{path} has no dennl_jax description (not written by save_params)")
     try:
       text = npz[_METADATA_KEY].tobytes().decode("utf-8")
@@ -284,8 +326,9 @@ def _read(path, with_arrays: bool):
       raise ValueError(f"{path} is corrupt ({type(err).__name__}: {err})") from None
   try:
     description = json.loads(text)
-  except json.JSONDecodeError as err:
-    raise ValueError(f"{path}: its description is not valid JSON ({err})") from None
+  except (json.JSONDecodeError, RecursionError) as err:
+    raise ValueError(f"{path}: its description is not valid JSON ({type(err).__name__}: "
+                     f"{err})") from None
   if not isinstance(description, dict) or description.get("format") != FORMAT:
     raise ValueError(f"{path} is not a {FORMAT} file")
   if description.get("format_version") != FORMAT_VERSION:
@@ -318,7 +361,12 @@ def load_params(path, *, like=None):
   arrays.  Raises ``FileNotFoundError`` or ``ValueError`` (see module docstring).
   """
   description, arrays = _read(path, with_arrays=True)
-  tree = _rebuild(description["tree"], "params", arrays)
+  try:
+    tree = _rebuild(description["tree"], "params", arrays)
+  except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as err:
+    # A description edited by hand or damaged in a way JSON still parses.
+    raise ValueError(f"{os.fspath(path)}: malformed description ({type(err).__name__}: "
+                     f"{err})") from None
   if like is not None:
     check_same_structure(tree, like, f"{os.fspath(path)}")
   return tree

@@ -144,8 +144,8 @@ def em_layer(params, obs: Real[Array, "num_timesteps ..."], mask: Bool[Array, "n
   check_settings(num_samples, step, perturbation)
   if key is None and gradient not in _KEYLESS_MODES:
     raise ValueError(f"gradient={gradient!r} needs a PRNG key; got key=None")
+  inference.validate_if_concrete(params, obs, mask)   # before the cast: a float mask is refused
   mask = jnp.asarray(mask, bool)
-  inference.validate_if_concrete(params, obs, mask)
   layer = _layer_function(gradient, num_samples, float(step), perturbation)
   obs = jax.lax.stop_gradient(obs)
   try:

@@ -180,6 +180,8 @@ def pooled_start(key, obs, mask, *, num_states: int, max_duration: int,
   points = obs[mask]
   if points.shape[0] == 0:
     raise ValueError("pooled_start needs at least one valid step")
+  if not np.all(np.isfinite(points)):
+    raise ValueError("pooled_start: obs contain NaN or inf on valid steps")
   key_sub, key_km = jax.random.split(key)
   if points.shape[0] > max_points:
     pick = np.asarray(jax.random.choice(key_sub, points.shape[0], (max_points,), replace=False))

@@ -14,8 +14,26 @@ import numpy as np
 def read_csv(path, required: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
   if not os.path.isfile(path):
     raise ValueError(f"{path}: file not found")
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.reader(f))
+  # utf-8-sig: a leading byte-order mark (spreadsheets write one) is not part of
+  # the first column's name.  Fields may be as long as the file.
+  limit = max(csv.field_size_limit(), os.path.getsize(path) + 1)
+  previous = csv.field_size_limit(limit)
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      rows = []
+      reader = csv.reader(f)
+      while True:
+        try:
+          row = next(reader)
+        except StopIteration:
+          break
+        except UnicodeDecodeError:
+          raise _not_utf8(path) from None
+        except csv.Error as err:
+          raise ValueError(f"{path} line {reader.line_num}: {err}") from None
+        rows.append(row)
+  finally:
+    csv.field_size_limit(previous)
   if not rows:
     raise ValueError(f"{path}: empty file (a header row is required)")
   header = [h.strip() for h in rows[0]]
@@ -28,6 +46,19 @@ def read_csv(path, required: tuple[str, ...]) -> tuple[list[str], list[list[str]
   if bad.size:
     raise ValueError(f"{path} line {bad[0] + 2}: {width[bad[0]]} fields, header has {len(header)}")
   return header, body
+
+
+def _not_utf8(path) -> ValueError:
+  """The error for a file that is not UTF-8, naming the line of its first bad byte."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError as err:
+    line = data.count(b"\n", 0, err.start) + 1
+    return ValueError(f"{path} line {line}: not UTF-8 (byte 0x{data[err.start]:02x}: "
+                      f"{err.reason}); save the file as UTF-8")
+  return ValueError(f"{path}: not UTF-8; save the file as UTF-8")
 
 
 def column(header, body, name) -> np.ndarray:

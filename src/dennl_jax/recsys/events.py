@@ -236,6 +236,11 @@ class Sequences(NamedTuple):
   report: dict
 
 
+def _is_positive_int(value) -> bool:
+  return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+          and value >= 1)
+
+
 def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
                  max_steps: int | None = None, idle_category: str | None = None) -> Sequences:
   """Aggregate ``log`` into per-user strength sequences.
@@ -259,9 +264,9 @@ def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
     raise ValueError(f"log must be an EventLog, got {type(log).__name__}")
   if unit not in ("day", "events"):
     raise ValueError(f"unit must be 'day' or 'events', got {unit!r}")
-  if unit == "events" and (int(events_per_step) != events_per_step or events_per_step < 1):
+  if unit == "events" and not _is_positive_int(events_per_step):
     raise ValueError(f"events_per_step must be an integer >= 1, got {events_per_step!r}")
-  if max_steps is not None and (int(max_steps) != max_steps or max_steps < 1):
+  if max_steps is not None and not _is_positive_int(max_steps):
     raise ValueError(f"max_steps must be None or an integer >= 1, got {max_steps!r}")
   names = log.catalogue.category_names
   if idle_category is not None:
@@ -312,6 +317,11 @@ def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
   for c in np.flatnonzero(cats.any(axis=0)):  # loop over categories, not events
     strengths[:, c] = np.bincount(flat, weights=weights * cats[rows, c], minlength=num_users * num_steps)
   strengths = strengths.reshape(num_users, num_steps, num_cats)
+  overflow = ~np.isfinite(strengths).all(-1)
+  if overflow.any():
+    u, s = np.argwhere(overflow)[0]
+    raise ValueError(f"the event values of user {user_ids[u]!r}, step {s} (after cuts) sum to a "
+                     "non-finite strength; rescale the 'value' column")
 
   t = np.arange(num_steps)
   mask = t[None, :] < lengths[:, None]
@@ -374,6 +384,8 @@ def time_split(seqs: Sequences) -> TimeSplit:
   t = np.arange(mask.shape[1])[None, :]
   test = np.where(lengths >= 1, lengths - 1, -1)
   idle = np.asarray(seqs.idle, bool)
+  if idle.shape != mask.shape:
+    raise ValueError(f"seqs.idle has shape {idle.shape}, expected the mask's {mask.shape}")
   candidate = mask & ~idle & (t < test[:, None])
   val = np.where(candidate.any(1), mask.shape[1] - 1 - np.argmax(candidate[:, ::-1], axis=1), -1)
   train = mask & (t < val[:, None])
