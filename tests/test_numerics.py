@@ -22,7 +22,7 @@ except ImportError:
   given = None
 
 import dennl_jax as dj
-from dennl_jax import oracles
+from dennl_jax import oracles, time_parallel
 
 KERNELS = ("per_sequence", "users_minor")
 
@@ -122,6 +122,9 @@ def test_issue_reproduction_float32(kernels):
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(post))
   for new in both_paths(dj.em_step, model, obs, mask):
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(new))
+  parallel = time_parallel.posterior(model, obs, mask)
+  np.testing.assert_allclose(parallel.log_likelihood, -103.0594, rtol=1e-6)
+  np.testing.assert_allclose(parallel.smoothed_probs, ref_smoothed, atol=1e-6)
 
 
 @pytest.mark.x64
@@ -132,7 +135,8 @@ def test_issue_reproduction_float64(kernels):
   obs, mask = np.full((3, 1), 40.), np.ones(3, bool)
   ref_ll, ref_smoothed, _, _ = expected_reproduction(np.float64, 40.0)
   assert np.isfinite(ref_ll)
-  for post in both_paths(dj.posterior, model, obs, mask):
+  for post in both_paths(dj.posterior, model, obs, mask) + (
+      time_parallel.posterior(model, obs, mask),):
     np.testing.assert_allclose(post.log_likelihood, ref_ll, rtol=1e-12)
     np.testing.assert_allclose(post.smoothed_probs, ref_smoothed, atol=1e-12)
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(post))
@@ -217,6 +221,8 @@ def test_impossible_sequence(case, kernels):
   tree_close = functools.partial(jax.tree_util.tree_map,
                                  functools.partial(np.testing.assert_allclose, atol=1e-6))
   tree_close(posts[0], posts[1])
+  # Time-parallel smoothing follows the same convention (one impossible step here).
+  tree_close(time_parallel.posterior(model, obs, mask), posts[0])
   news = both_paths(dj.em_step, model, obs, mask)
   for new in news:
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(new))
@@ -292,7 +298,7 @@ def _compiled():
 
   one = jax.jit(functools.partial(run, kernels="per_sequence"))
   batched = jax.jit(jax.vmap(functools.partial(run, kernels="users_minor")))
-  return one, batched
+  return one, batched, jax.jit(time_parallel.hmm_smoother)
 
 
 def _random_case(seed, gap, zero_prob):
@@ -321,12 +327,14 @@ def _random_case(seed, gap, zero_prob):
 
 def _property(seed, gap, zero_prob):
   initial, transition, log_likes, mask = _random_case(seed, gap, zero_prob)
-  ref_ll, ref_smoothed, _, underflow = reference(initial, transition, log_likes, mask)
-  one, batched = _compiled()
+  ref_ll, ref_smoothed, impossible, underflow = reference(initial, transition, log_likes, mask)
+  one, batched, parallel = _compiled()
   post = one(initial, transition, log_likes, mask)
   post_b = jax.tree_util.tree_map(lambda x: x[0], batched(
       initial[None], transition[None], log_likes[None], mask[None]))
-  for p in (post, post_b):
+  # Time-parallel smoothing keeps the convention up to the first impossible step.
+  post_p = parallel(initial, transition, log_likes, mask)
+  for p in (post, post_b) + ((post_p,) if impossible.sum() <= 1 else ()):
     assert not np.isnan(p.log_likelihood)
     leaves = jax.tree_util.tree_leaves(p._replace(log_likelihood=0.0))
     assert all(np.isfinite(x).all() for x in leaves)
@@ -340,6 +348,9 @@ def _property(seed, gap, zero_prob):
       np.testing.assert_allclose(p.smoothed_probs, ref_smoothed, atol=1e-7)
     elif np.isfinite(ref_ll):
       assert p.log_likelihood <= ref_ll + 1e-6 * abs(ref_ll)
+  assert not np.isnan(post_p.log_likelihood)
+  assert all(np.isfinite(x).all()
+             for x in jax.tree_util.tree_leaves(post_p._replace(log_likelihood=0.0)))
   np.testing.assert_allclose(post.log_likelihood, post_b.log_likelihood, rtol=1e-12)
   np.testing.assert_allclose(post.smoothed_probs, post_b.smoothed_probs, atol=1e-12)
 
