@@ -366,3 +366,28 @@ else:
          zero_prob=st.sampled_from([0.0, 0.3, 0.6]))
   def test_property_against_log_domain_reference(seed, gap, zero_prob):
     _property(seed, gap, zero_prob)
+
+
+def test_gradients_finite_where_the_best_state_is_unreachable():
+  # Capped backward messages have zero derivative (normalize_capped), so the
+  # gradients of the log-likelihood and of an EM layer stay finite.  (Derivatives
+  # are the per-sequence code's on either kernel path, see _kernel_hmm.)
+  f, kernels = np.float32, "users_minor"
+  model = jax.tree_util.tree_map(jnp.asarray, issue_hmm(f, 14.0, kernels))
+  obs, mask = jnp.full((2, 3, 1), 14., f), jnp.ones((2, 3), bool)
+  impossible, impossible_obs = impossible_hmm("transition_middle", f, kernels)
+  impossible = jax.tree_util.tree_map(jnp.asarray, impossible)
+
+  def layer_loss(params, obs, mask, gradient):
+    return jax.vmap(lambda o, m: sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(
+        dj.em_layer(params, o, m, gradient=gradient))))(obs, mask).sum()
+
+  # d ll / d initial[1] is e^98-ish here: capped at finfo.max, one user only
+  # (two would sum to inf -- an overflow, not a NaN).
+  grads = [jax.grad(lambda p: jax.vmap(dj.log_likelihood, in_axes=(None, 0, 0))(
+      p, obs[:1], mask[:1]).sum())(model)]
+  for gradient in ("exact", "exact_autodiff"):
+    grads.append(jax.grad(layer_loss)(model, obs, mask, gradient))
+    grads.append(jax.grad(layer_loss)(impossible, jnp.asarray(impossible_obs)[None],
+                                      jnp.ones((1, 4), bool), gradient))
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(grads))

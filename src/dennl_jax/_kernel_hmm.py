@@ -424,7 +424,7 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
     # A masked next step has b = 1 and c = 1, so its message passes through.
     beta = jnp.where(moves_next, clamp_finite(mix(msg_next, trans_by_target)), msg_next)
     pairs = clamp_finite(pairs + alpha_t[:, None] * jnp.where(moves_next, msg_next, 0.0)[None])
-    msg = clamp_finite(normalize(b_t * beta, norm_t))
+    msg = _numerics.normalize_capped(b_t * beta, norm_t)
     first_msg = jnp.where(is_first_t, msg, first_msg)
     return (msg, pairs, first_msg), alpha_t * beta
 

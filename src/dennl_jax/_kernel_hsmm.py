@@ -145,7 +145,7 @@ def _hsmm_backward(trans, dur, endings, entering, last_filtered, likes, norms, m
     # A masked step has b = 1 and c = 1: msg = beta passes through.
     # Capped at the largest finite float (_numerics.clamp_finite): the messages
     # of unreachable states may be astronomically large; they meet zero weights.
-    msg = clamp_finite(beta * clamp_finite(normalize(b_t, norm_t))[None])
+    msg = clamp_finite(beta * _numerics.normalize_capped(b_t, norm_t)[None])
     entry = clamp_finite(_sum_leading(dur * msg))             # (K, U)
     entered = clamp_finite(entered + entering_t[None] * msg)
     jumps = clamp_finite(jumps + ending_t[:, None] * entry[None])

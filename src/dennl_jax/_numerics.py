@@ -176,6 +176,31 @@ def _normalize_jvp(primals, tangents):
   return out, (d_unnorm - out * d_norm) / norm
 
 
+@jax.custom_jvp
+def normalize_capped(unnorm, norm):
+  """``min(unnorm / norm, finfo.max)``: :func:`normalize` for backward messages.
+
+  ``unnorm`` may overflow to inf (a capped message times a huge emission
+  factor of an unreachable state).  Capping after :func:`normalize` would keep
+  the value finite but not its derivatives: the transposed JVP multiplies the
+  (infinite) quotient by the zero cotangent of the capped entry, NaN.  Here
+  the JVP is zero on capped entries and uses the capped quotient elsewhere,
+  so every derivative is finite where the inputs are.
+  """
+  return clamp_finite(unnorm / norm)
+
+
+@normalize_capped.defjvp
+def _normalize_capped_jvp(primals, tangents):
+  unnorm, norm = primals
+  d_unnorm, d_norm = tangents
+  raw = unnorm / norm
+  big = jnp.finfo(raw.dtype).max
+  capped = raw > big
+  out = jnp.where(capped, big, raw)
+  return out, jnp.where(capped, 0.0, (d_unnorm - out * d_norm) / norm)
+
+
 def fill_masked(obs, mask):
   """``obs: (T, ...)`` with masked steps replaced by zeros.
 

@@ -39,7 +39,8 @@ from flax import struct
 
 from dennl_jax import _kernel_hmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
-from dennl_jax._numerics import (append_blank_steps, clamp_finite, normalize, scaled_step,
+from dennl_jax._numerics import (append_blank_steps, clamp_finite, normalize, normalize_capped,
+                                 scaled_step,
                                  step_scaling, step_structure)
 from dennl_jax.families import EmissionFamily, Simplex, param
 
@@ -92,7 +93,7 @@ def _backward(transition, likes, norms, moves):
 
   def step(beta_next, inputs):
     b_next, norm_next, moves_next = inputs
-    msg = clamp_finite(normalize(b_next * beta_next, norm_next))
+    msg = normalize_capped(b_next * beta_next, norm_next)
     # A masked next step has b = 1 and c = 1, so msg = beta_next passes
     # through; the first valid step (no transition into it) contributes its
     # emission, so leading padded steps report the carried state's posterior.
@@ -119,7 +120,7 @@ def _forward_backward(initial, transition, log_likes, mask):
   # msg_t = b_t beta_t / c_t: d ll / d initial is msg at the first valid step, and
   # d ll / d transition sums alpha_{t-1}(i) msg_t(j) -- one (K,T)x(T,K) product
   # rather than T outer products.  (Capped: see _backward.)
-  msgs = clamp_finite(normalize(likes * betas, norms[:, None]))
+  msgs = normalize_capped(likes * betas, norms[:, None])
   d_initial = jnp.sum(jnp.where(is_first[:, None], msgs, 0.0), axis=0)
   d_transition = clamp_finite(filtered[:-1].T @ jnp.where(moves[1:, None], msgs[1:], 0.0))
   return ll, filtered, filtered * betas, d_initial, d_transition

@@ -59,7 +59,8 @@ from flax import struct
 from dennl_jax import _kernel_hmm, _kernel_hsmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import (append_blank_steps, clamp_finite, fill_leading, filled_like,
-                                 normalize, scaled_step, step_scaling, step_structure)
+                                 normalize, normalize_capped, scaled_step, step_scaling,
+                                 step_structure)
 from dennl_jax.families import DurationFamily, EmissionFamily, Simplex, param
 
 
@@ -139,7 +140,7 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
     # msg(j, d) = b_{t+1}(j) beta_{t+1}(j, d) / c_{t+1}: backward weight of
     # being in (j, d) at t+1.  A jump i -> j at t+1 with duration d has
     # posterior mass alpha_t(i, 1) A_ij p_j(d) msg(j, d).
-    msg = clamp_finite(normalize(b_next[:, None] * beta_next, norm_next))
+    msg = normalize_capped(b_next[:, None] * beta_next, norm_next)
     entry = clamp_finite(jnp.sum(dur_probs * msg, axis=1))       # (K,)
     moved = jnp.concatenate([clamp_finite(transition @ entry)[:, None], msg[:, :-1]], axis=1)
     beta = jnp.where(moves_next, moved, beta_next)
@@ -167,7 +168,7 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
   duration_counts = first + dur_probs * entered
   # The entry weight sum_d p(d) msg_f(d) at the first valid step f is d ll / d initial;
   # the scan forms it for f >= 1, step 0 here.
-  msg_0 = clamp_finite(normalize(likes[0][:, None] * beta_0, norms[0]))
+  msg_0 = normalize_capped(likes[0][:, None] * beta_0, norms[0])
   entry_0 = clamp_finite(jnp.sum(dur_probs * msg_0, axis=1))
   d_initial = jnp.where(is_first[0] > 0, entry_0, first_entry)
   return smoothed, duration_counts, jumps, first.sum(-1), d_initial

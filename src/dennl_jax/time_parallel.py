@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from dennl_jax import _numerics
-from dennl_jax._numerics import clamp_finite, normalize, step_structure
+from dennl_jax._numerics import clamp_finite, normalize, normalize_capped, step_structure
 from dennl_jax.hmm import HMM, HMMPosterior
 
 
@@ -149,7 +149,7 @@ def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   ok = moves[1:, None] & (z > 0)
   # Capped at the largest finite float: an unreachable state's weight may be
   # astronomically large and only meets zero transition entries (0 * inf = NaN).
-  weights = jnp.where(ok, clamp_finite(normalize(w, jnp.where(ok, z, 1.0))), 0.0)
+  weights = jnp.where(ok, normalize_capped(w, jnp.where(ok, z, 1.0)), 0.0)
   counts = transition * clamp_finite(filtered[:-1].T @ weights)
   initial_probs = jnp.sum(jnp.where(is_first[:, None], smoothed, 0.0), axis=0)
   return HMMPosterior(log_likelihood, filtered, smoothed, counts, initial_probs)
