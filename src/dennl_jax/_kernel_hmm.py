@@ -421,7 +421,7 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
     alpha_t, b_t, norm_t, moves_next, is_first_t = inputs
     # A masked next step has b = 1 and c = 1, so its message passes through.
     beta = jnp.where(moves_next, clamp_finite(mix(msg_next, trans_by_target)), msg_next)
-    pairs = clamp_finite(pairs + alpha_t[:, None] * jnp.where(moves_next, msg_next, 0.0)[None])
+    pairs = pairs + alpha_t[:, None] * jnp.where(moves_next, msg_next, 0.0)[None]
     msg = _numerics.normalize_capped(b_t * beta, norm_t)
     first_msg = jnp.where(is_first_t, msg, first_msg)
     return (msg, pairs, first_msg), alpha_t * beta
@@ -435,7 +435,8 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
   moves_next = jnp.concatenate([moves[1:], jnp.zeros_like(moves[:1])])
   (_, pairs, first_msg), smoothed = jax.lax.scan(
       step, init, (alphas, likes, norms, moves_next, is_first), reverse=True)
-  return smoothed, pairs, first_msg
+  # Capped once after the scan: the sum only grows, so inf becomes finfo.max.
+  return smoothed, clamp_finite(pairs), first_msg
 
 
 def hmm_filter_batched(initial, transition, log_likes, mask):

@@ -147,8 +147,8 @@ def _hsmm_backward(trans, dur, endings, entering, last_filtered, likes, norms, m
     # of unreachable states may be astronomically large; they meet zero weights.
     msg = clamp_finite(beta * _numerics.normalize_capped(b_t, norm_t)[None])
     entry = clamp_finite(_sum_leading(dur * msg))             # (K, U)
-    entered = clamp_finite(entered + entering_t[None] * msg)
-    jumps = clamp_finite(jumps + ending_t[:, None] * entry[None])
+    entered = entered + entering_t[None] * msg
+    jumps = jumps + ending_t[:, None] * entry[None]
     first_entry = jnp.where(is_first_t, entry, first_entry)
     leaving = clamp_finite(mix(entry, trans_by_target))
     moved = jnp.concatenate([leaving[None], msg[:-1]])
@@ -170,7 +170,8 @@ def _hsmm_backward(trans, dur, endings, entering, last_filtered, likes, norms, m
           filled_like(0, (num_states, num_users), dtype, *refs))
   (_, _, entered, jumps, first_entry), smoothed = jax.lax.scan(
       step, init, (endings, entering, likes, norms, moves, is_first), reverse=True)
-  return smoothed, dur * entered, jumps, first_entry
+  # The sums only grow: capped once after the scan (inf becomes finfo.max).
+  return smoothed, dur * clamp_finite(entered), clamp_finite(jumps), first_entry
 
 
 def hsmm_filter_batched(initial, transition, dur_log_probs, log_likes, mask):

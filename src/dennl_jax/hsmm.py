@@ -145,8 +145,8 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
     moved = jnp.concatenate([clamp_finite(transition @ entry)[:, None], msg[:, :-1]], axis=1)
     beta = jnp.where(moves_next, moved, beta_next)
     ending = alpha_t[:, 0] * moves_next
-    entered = clamp_finite(entered + (ending @ transition)[:, None] * msg)
-    jumps = clamp_finite(jumps + ending[:, None] * entry[None, :])
+    entered = entered + (ending @ transition)[:, None] * msg
+    jumps = jumps + ending[:, None] * entry[None, :]
     joint = alpha_t * beta
     first = first + is_first_t * joint
     first_entry = jnp.where(is_first_next > 0, entry, first_entry)
@@ -165,7 +165,9 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
       (alphas[:-1], likes[1:], norms[1:], moves[1:], is_first[:-1], is_first[1:]),
       reverse=True)
   smoothed = jnp.concatenate([smoothed, alphas[-1].sum(-1)[None]], axis=0)
-  duration_counts = first + dur_probs * entered
+  # The sums only grow: capped once here (inf becomes finfo.max).
+  duration_counts = first + dur_probs * clamp_finite(entered)
+  jumps = clamp_finite(jumps)
   # The entry weight sum_d p(d) msg_f(d) at the first valid step f is d ll / d initial;
   # the scan forms it for f >= 1, step 0 here.
   msg_0 = normalize_capped(likes[0][:, None] * beta_0, norms[0])
