@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
-from dennl_jax import chunking
-from dennl_jax._numerics import filled_like, normalize, scaled_likelihoods
+from dennl_jax import _numerics, chunking
+from dennl_jax._numerics import clamp_finite, filled_like, normalize
 
 # Backend -> vmapped values run the users-minor kernels (``kernels="auto"``).
 # Measured on CPU (benchmarks/bench_em_step.py, BUILD_NOTES "Users-minor
@@ -335,51 +335,63 @@ def users_first(x):
 
 
 def chain_inputs(log_likes, mask):
-  """Scaled likelihoods time-major with users minor.
+  """Log-likelihoods time-major with users minor.
 
-  log_likes: (U, T, K), mask: (U, T) -> likes (T, K, U), shift (T, U), mask (T, U).
-  XLA:CPU fuses the exp into the transpose; that fusion (strided, ~10 ms at
-  U = 2000, T = 100, K = 10 on one core) is the largest single cost of the
-  smoother outside the two scans.  Computing the max and exp after the
-  transpose, or per step inside the forward scan, was slower (measured).
+  log_likes: (U, T, K), mask: (U, T) -> log_likes (T, K, U), mask (T, U).
+  The emission factors are exponentiated inside the forward scan
+  (:func:`step_scaling`): the shift of each step is the best log-likelihood
+  over the states with positive predicted mass, which only the forward step
+  knows (see :mod:`dennl_jax.hmm`, "Numerics").
   """
-  likes, shift = jax.vmap(scaled_likelihoods)(log_likes)
-  return users_minor(likes), shift.T, mask.T
+  return users_minor(log_likes), mask.T
 
 
-def _hmm_forward(initial, trans, likes, shift, mask):
+def step_scaling(reachable, log_likes_t):
+  """:func:`dennl_jax._numerics.step_scaling` on (K, U).
+
+  The K-maximum is one reduce (``jnp.max(axis=0)``), not K - 1 unrolled maxima
+  as :func:`sum_rows` does for sums: XLA fused the unrolled chain (which reads
+  the prediction) into every consumer of the factors, K times the work -- the
+  forward pass was 6.5 ms instead of 0.9 (U = 256, T = 100, K = 10, measured).
+  """
+  return _numerics.step_scaling(reachable, log_likes_t)
+
+
+def _hmm_forward(initial, trans, log_likes, mask):
   """Scaled forward pass (hmm._forward with users minor).
 
-  initial (K, U), trans (K, K, U), likes (T, K, U), shift/mask (T, U).
-  Returns filtered (T, K, U), normalisers (T, U), log-likelihood (U,) and
-  the step structure of ``_numerics.step_structure``, moves and is_first
-  (T, U) -- tracked here with a "seen a valid step" flag rather than a
-  cumulative sum over T, which costs as much as the whole scan on CPU.
+  initial (K, U), trans (K, K, U), log_likes (T, K, U), mask (T, U).
+  Returns filtered (T, K, U), the emission factors b_t (T, K, U) and
+  normalisers (T, U) the backward pass uses, the log-likelihood (U,) and the
+  step structure of ``_numerics.step_structure``, moves and is_first (T, U)
+  -- tracked here with a "seen a valid step" flag rather than a cumulative
+  sum over T, which costs as much as the whole scan on CPU.  The per-step
+  log-likelihood terms are summed after the scan, as per sequence: a float32
+  running sum in the carry drifted by 1-2 nats at T = 100,000.
   """
 
   def step(carry, inputs):
-    alpha_prev, moved, ll, seen = carry
-    b_t, shift_t, valid_t = inputs
+    alpha_prev, moved, seen = carry
+    ll_t, valid_t = inputs
     moves_t = valid_t & seen
     pred = jnp.where(moves_t, moved, alpha_prev)
-    unnorm = pred * b_t
-    norm = jnp.where(valid_t, sum_rows(unnorm), 1.0)
-    alpha = jnp.where(valid_t, normalize(unnorm, norm), pred)
-    ll = ll + jnp.where(valid_t, jnp.log(norm) + shift_t, 0.0)
+    b_t, shift_t, possible = step_scaling(pred > 0, ll_t)
+    alpha, b_used, norm, term, _ = _numerics.scaled_step(pred, b_t, shift_t, possible, valid_t,
+                                                      state_sum=sum_rows)
     # The next step's prediction alpha A is computed here and carried, so it is
     # materialised once: inside the next step XLA fuses the K-term mat-vec into
     # every consumer of the prediction, and its JVP into every consumer of the
     # tangent (the kernel's JVP was 10x slower, an unblocked em_step 1.6x; the
     # blocked CPU em_step is within 1-4 %, measured).
-    return (alpha, mix(alpha, trans), ll, seen | valid_t), (alpha, norm, moves_t, valid_t & ~seen)
+    return ((alpha, mix(alpha, trans), seen | valid_t),
+            (alpha, b_used, norm, term, moves_t, valid_t & ~seen))
 
   users = initial.shape[1:]
-  refs = (initial, trans, likes, mask)
-  init = (initial, mix(initial, trans), filled_like(0, users, likes.dtype, *refs),
-          filled_like(False, users, bool, *refs))
-  (_, _, ll, _), (filtered, norms, moves, is_first) = jax.lax.scan(
-      step, init, (likes, shift, mask))
-  return filtered, norms, ll, moves, is_first
+  refs = (initial, trans, log_likes, mask)
+  init = (initial, mix(initial, trans), filled_like(False, users, bool, *refs))
+  _, (filtered, likes, norms, terms, moves, is_first) = jax.lax.scan(
+      step, init, (log_likes, mask))
+  return filtered, likes, norms, users_first(terms).sum(-1), moves, is_first
 
 
 def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
@@ -399,7 +411,8 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
   inputs to T - 1 steps and concatenating the last marginal copies them.
   (Overwriting the filtered marginals in place with a fori_loop would save a
   buffer, but XLA:CPU then copies the whole buffer twice per step: 2x slower,
-  measured.)
+  measured.)  Messages, beta and the two-slice sums are capped at the largest
+  finite float (``_numerics.clamp_finite``, as in hmm._backward).
   """
   trans_by_target = jnp.swapaxes(trans, 0, 1)          # [j, i, u] = A[i, j, u]
 
@@ -407,9 +420,9 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
     msg_next, pairs, first_msg = carry
     alpha_t, b_t, norm_t, moves_next, is_first_t = inputs
     # A masked next step has b = 1 and c = 1, so its message passes through.
-    beta = jnp.where(moves_next, mix(msg_next, trans_by_target), msg_next)
+    beta = jnp.where(moves_next, clamp_finite(mix(msg_next, trans_by_target)), msg_next)
     pairs = pairs + alpha_t[:, None] * jnp.where(moves_next, msg_next, 0.0)[None]
-    msg = normalize(b_t * beta, norm_t)
+    msg = _numerics.normalize_capped(b_t * beta, norm_t)
     first_msg = jnp.where(is_first_t, msg, first_msg)
     return (msg, pairs, first_msg), alpha_t * beta
 
@@ -422,24 +435,25 @@ def _hmm_backward(trans, alphas, likes, norms, moves, is_first):
   moves_next = jnp.concatenate([moves[1:], jnp.zeros_like(moves[:1])])
   (_, pairs, first_msg), smoothed = jax.lax.scan(
       step, init, (alphas, likes, norms, moves_next, is_first), reverse=True)
-  return smoothed, pairs, first_msg
+  # Capped once after the scan: the sum only grows, so inf becomes finfo.max.
+  return smoothed, clamp_finite(pairs), first_msg
 
 
 def hmm_filter_batched(initial, transition, log_likes, mask):
   """:func:`dennl_jax.hmm.hmm_filter` for U sequences: leading U on every input and output."""
-  likes, shift, mask_t = chain_inputs(log_likes, mask)
-  filtered, _, ll, _, _ = _hmm_forward(users_minor(initial), users_minor(transition), likes,
-                                       shift, mask_t)
+  log_likes_t, mask_t = chain_inputs(log_likes, mask)
+  filtered, _, _, ll, _, _ = _hmm_forward(users_minor(initial), users_minor(transition),
+                                          log_likes_t, mask_t)
   return ll, users_first(filtered)
 
 
 def _hmm_forward_backward(initial, transition, log_likes, mask):
   """Both passes on leading-U inputs: log-likelihood (U,), then users-minor filtered and
   smoothed marginals (T, K, U), jump sums (K, K, U), first messages (K, U) and mask (T, U)."""
-  likes, shift, mask_t = chain_inputs(log_likes, mask)
+  log_likes_t, mask_t = chain_inputs(log_likes, mask)
   trans = users_minor(transition)
-  filtered, norms, ll, moves, is_first = _hmm_forward(users_minor(initial), trans, likes, shift,
-                                                      mask_t)
+  filtered, likes, norms, ll, moves, is_first = _hmm_forward(users_minor(initial), trans,
+                                                             log_likes_t, mask_t)
   smoothed, pairs, first_msg = _hmm_backward(trans, filtered, likes, norms, moves, is_first)
   return ll, filtered, smoothed, pairs, first_msg, mask_t
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dennl_jax._kernel_hmm import chain_inputs, mix, sum_rows, users_first, users_minor
-from dennl_jax._numerics import filled_like, normalize
+from dennl_jax import _numerics
+from dennl_jax._kernel_hmm import (chain_inputs, mix, step_scaling, sum_rows, users_first,
+                                   users_minor)
+from dennl_jax._numerics import clamp_finite, filled_like, normalize
 
 
 # --------------------------------------------------------------------------
@@ -36,18 +38,19 @@ def _sum_leading(x):
 
 def _hsmm_inputs(initial, transition, dur_log_probs, log_likes, mask):
   """Users-minor inputs: initial (K, U), transition (K, K, U), duration probs (D, K, U),
-  likes (T, K, U), shift/mask (T, U), from the leading-U arguments of hsmm_smoother."""
-  likes, shift, mask_t = chain_inputs(log_likes, mask)
+  log_likes (T, K, U), mask (T, U), from the leading-U arguments of hsmm_smoother."""
+  log_likes_t, mask_t = chain_inputs(log_likes, mask)
   return (users_minor(initial), users_minor(transition),
-          jnp.transpose(jnp.exp(dur_log_probs), (2, 1, 0)), likes, shift, mask_t)
+          jnp.transpose(jnp.exp(dur_log_probs), (2, 1, 0)), log_likes_t, mask_t)
 
 
-def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_segments=True):
+def _hsmm_forward(initial, trans, dur, log_likes, mask, keep_segments=True):
   """Scaled forward pass over (remaining, state) (hsmm._forward with users minor).
 
-  initial (K, U), trans (K, K, U), dur (D, K, U), likes (T, K, U), shift/mask (T, U).
+  initial (K, U), trans (K, K, U), dur (D, K, U), log_likes (T, K, U), mask (T, U).
   Returns the log-likelihood (U,), whether any step is valid (U,), filtered
-  state marginals (T, K, U), normalisers (T, U) and the step structure moves /
+  state marginals (T, K, U), the emission factors b_t (T, K, U) and normalisers
+  (T, U) the backward pass uses and the step structure moves /
   is_first / before_first (T, U) (tracked with a "seen a valid step" flag, as
   in _hmm_forward).  With ``keep_segments`` also what the backward pass reads:
   the mass that jumps out of a segment into step t, ``alpha_{t-1}[0]`` on moving
@@ -60,26 +63,29 @@ def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_segments=True):
 
   def step(carry, inputs):
     alpha_prev, jump_in, filtered_prev, seen = carry
-    b_t, valid_t = inputs
+    ll_t, valid_t = inputs
     moves_t = valid_t & seen
     is_first_t = valid_t & ~seen
     # Segments with one step left jump (jump_in = alpha_prev[0] A, carried) and
     # draw a new duration; the others count down.
     counted = jnp.concatenate([alpha_prev[1:], jnp.zeros_like(alpha_prev[:1])])
     pred = jnp.where(moves_t, counted + jump_in[None] * dur, alpha_prev)
-    unnorm = pred * b_t[None]
-    mass = _sum_leading(unnorm)                               # (K, U)
-    norm = jnp.where(valid_t, sum_rows(mass), 1.0)
-    alpha = jnp.where(valid_t, normalize(unnorm, norm), pred)
+    # b is per state, so the state marginal of pred * b is (marginal of pred) * b:
+    # one D-sum serves reachability and the normaliser.
+    pred_mass = _sum_leading(pred)                            # (K, U)
+    b_t, shift_t, possible = step_scaling(pred_mass > 0, ll_t)
+    marginal, b_used, norm, term, ok = _numerics.scaled_step(
+        pred_mass, b_t, shift_t, possible, valid_t, state_sum=sum_rows)
+    alpha = jnp.where(ok, normalize(pred * b_t[None], norm), pred)
     # A masked step keeps the joint, so its marginal is the previous one.
-    filtered = jnp.where(valid_t, normalize(mass, norm), filtered_prev)
+    filtered = jnp.where(valid_t, marginal, filtered_prev)
     seen_now = seen | valid_t
     # The next step's jump mass is computed here: a carry is materialised once,
     # whereas the K-term mat-vec written inside the next step's (D, K, U)
     # prediction is fused into it and recomputed D times (2x slower, measured).
     jump_next = mix(alpha[0], trans)
     carry = (alpha, jump_next, filtered, seen_now)
-    out = (filtered, norm, moves_t, is_first_t, ~seen_now)
+    out = (filtered, b_used, norm, term, moves_t, is_first_t, ~seen_now)
     if keep_segments:
       # What the backward pass reads is emitted from this step's new values and
       # shifted by one step after the scan: an output read from the incoming
@@ -91,21 +97,21 @@ def _hsmm_forward(initial, trans, dur, likes, shift, mask, keep_segments=True):
 
   start = initial[None] * dur
   init = (start, mix(start[0], trans), _sum_leading(start),
-          filled_like(False, initial.shape[1:], bool, initial, trans, dur, likes, mask))
-  (_, _, _, any_valid), outs = jax.lax.scan(step, init, (likes, mask))
+          filled_like(False, initial.shape[1:], bool, initial, trans, dur, log_likes, mask))
+  (_, _, _, any_valid), outs = jax.lax.scan(step, init, (log_likes, mask))
   # Summed after the scan, as per sequence: a float32 running sum in the carry
   # loses ten times more (measured at T = 2000).
-  norms = outs[1]
-  ll = jnp.sum(jnp.where(mask, jnp.log(norms) + shift, 0.0), axis=0)
+  ll = users_first(outs[3]).sum(-1)
+  outs = outs[:3] + outs[4:]
   if keep_segments:
-    moves, is_first = outs[2], outs[3]
+    moves, is_first = outs[3], outs[4]
     # Step t reads the one-step-left mass and the jump mass of step t - 1.
-    one_left_before = jnp.concatenate([start[None, 0], outs[5][:-1]])
-    jump_before = jnp.concatenate([init[1][None], outs[6][:-1]])
+    one_left_before = jnp.concatenate([start[None, 0], outs[6][:-1]])
+    jump_before = jnp.concatenate([init[1][None], outs[7][:-1]])
     endings = jnp.where(moves[:, None], one_left_before, 0.0)
     entering = jnp.where(moves[:, None], jump_before,
                          jnp.where(is_first[:, None], initial[None], 0.0))
-    outs = outs[:5] + (endings, entering)
+    outs = outs[:6] + (endings, entering)
   return (ll, any_valid) + tuple(outs)
 
 
@@ -137,12 +143,14 @@ def _hsmm_backward(trans, dur, endings, entering, last_filtered, likes, norms, m
     beta, smoothed, entered, jumps, first_entry = carry
     ending_t, entering_t, b_t, norm_t, moves_t, is_first_t = inputs
     # A masked step has b = 1 and c = 1: msg = beta passes through.
-    msg = beta * normalize(b_t, norm_t)[None]
-    entry = _sum_leading(dur * msg)                           # (K, U)
+    # Capped at the largest finite float (_numerics.clamp_finite): the messages
+    # of unreachable states may be astronomically large; they meet zero weights.
+    msg = clamp_finite(beta * _numerics.normalize_capped(b_t, norm_t)[None])
+    entry = clamp_finite(_sum_leading(dur * msg))             # (K, U)
     entered = entered + entering_t[None] * msg
     jumps = jumps + ending_t[:, None] * entry[None]
     first_entry = jnp.where(is_first_t, entry, first_entry)
-    leaving = mix(entry, trans_by_target)
+    leaving = clamp_finite(mix(entry, trans_by_target))
     moved = jnp.concatenate([leaving[None], msg[:-1]])
     beta = jnp.where(moves_t, moved, beta)
     before = jnp.where(moves_t, smoothed - entering_t * entry + ending_t * leaving, smoothed)
@@ -162,14 +170,15 @@ def _hsmm_backward(trans, dur, endings, entering, last_filtered, likes, norms, m
           filled_like(0, (num_states, num_users), dtype, *refs))
   (_, _, entered, jumps, first_entry), smoothed = jax.lax.scan(
       step, init, (endings, entering, likes, norms, moves, is_first), reverse=True)
-  return smoothed, dur * entered, jumps, first_entry
+  # The sums only grow: capped once after the scan (inf becomes finfo.max).
+  return smoothed, dur * clamp_finite(entered), clamp_finite(jumps), first_entry
 
 
 def hsmm_filter_batched(initial, transition, dur_log_probs, log_likes, mask):
   """:func:`dennl_jax.hsmm.hsmm_filter` for U sequences: leading U on every input and output."""
-  initial, trans, dur, likes, shift, mask_t = _hsmm_inputs(
+  initial, trans, dur, log_likes_t, mask_t = _hsmm_inputs(
       initial, transition, dur_log_probs, log_likes, mask)
-  ll, _, filtered, *_ = _hsmm_forward(initial, trans, dur, likes, shift, mask_t,
+  ll, _, filtered, *_ = _hsmm_forward(initial, trans, dur, log_likes_t, mask_t,
                                       keep_segments=False)
   return ll, users_first(filtered)
 
@@ -178,10 +187,10 @@ def _hsmm_forward_backward(initial, transition, dur_log_probs, log_likes, mask):
   """Both passes on leading-U inputs: the users-minor initial (K, U) and transition
   (K, K, U), the outputs of :func:`_hsmm_forward` without the joints, then those of
   :func:`_hsmm_backward`, and the mask (T, U)."""
-  initial, trans, dur, likes, shift, mask_t = _hsmm_inputs(
+  initial, trans, dur, log_likes_t, mask_t = _hsmm_inputs(
       initial, transition, dur_log_probs, log_likes, mask)
-  *forward, endings, entering = _hsmm_forward(initial, trans, dur, likes, shift, mask_t)
-  _, _, filtered, norms, moves, is_first, _ = forward
+  *forward, endings, entering = _hsmm_forward(initial, trans, dur, log_likes_t, mask_t)
+  _, _, filtered, likes, norms, moves, is_first, _ = forward
   backward = _hsmm_backward(trans, dur, endings, entering, filtered[-1], likes, norms, moves,
                             is_first)
   return initial, trans, forward, backward, mask_t
@@ -203,7 +212,7 @@ def hsmm_smoother_batched(initial, transition, dur_log_probs, log_likes, mask):
   each with leading U."""
   initial, trans, forward, backward, _ = _hsmm_forward_backward(
       initial, transition, dur_log_probs, log_likes, mask)
-  ll, any_valid, filtered, _, _, _, before_first = forward
+  ll, any_valid, filtered, _, _, _, _, before_first = forward
   smoothed, duration_counts, jumps, first_entry = backward
   initial_probs = initial * first_entry
   # Steps before the first valid one report its posterior (_numerics.fill_leading;

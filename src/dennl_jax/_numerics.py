@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # States whose expected occupancy is below this many time steps are treated
 # as empty and keep their parameters.  Testing `mass > 0` is not enough for
@@ -73,6 +74,84 @@ def scaled_likelihoods(log_likes):
   return jnp.exp(log_likes - shift[:, None]), shift
 
 
+def log_max(dtype):
+  """``floor(log(finfo(dtype).max))`` (88 in float32, 709 in float64): ``exp`` of it is
+  finite after rounding, which ``exp(log(max))`` itself is not always."""
+  return float(np.floor(np.log(np.finfo(dtype).max)))
+
+
+def clamp_finite(x):
+  """``x`` with values above the largest finite float (``+inf``) replaced by it.
+
+  The backward messages of a state that no path reaches may be astronomically
+  large (its future fits far better than the reachable states'); they only
+  ever meet a zero forward or transition weight, but ``inf * 0`` is NaN while
+  ``finfo.max * 0`` is 0.  A ``where`` (not ``minimum``): its JVP selects, so a
+  non-finite tangent of a clamped entry is dropped rather than multiplied by 0.
+  NaN stays NaN.
+  """
+  big = jnp.finfo(jnp.asarray(x).dtype).max
+  return jnp.where(x > big, big, x)
+
+
+def step_scaling(reachable, log_likes_t, max_over_states=None):
+  """Per-step emission scaling relative to the best *reachable* state.
+
+  reachable: (K, ...) bool, the states with positive predicted mass at this
+  step; log_likes_t: (K, ...) their emission log-likelihoods.  Returns
+  ``(b, shift, possible)``: ``b = exp(min(log_likes_t - shift, log_max))``
+  (K, ...), ``shift`` (...) the maximum log-likelihood over reachable states
+  (0 where there is none), and ``possible`` (...) whether some reachable state
+  can emit the observation.
+
+  Why not the maximum over all states (:func:`scaled_likelihoods`): if the
+  state that fits best is unreachable and every reachable state fits worse by
+  more than ~87 nats (float32; ~745 in float64), every ``pred * b`` underflows
+  to 0 and the normaliser is 0/0.  Relative to the best reachable state its
+  ``b`` is 1, so the normaliser is at least that state's predicted mass.  An
+  unreachable state that fits far better gets a huge but finite ``b`` (capped
+  at ``finfo.max``), and ``pred * b = 0 * b = 0`` for it.  The shift carries no
+  gradient (see :func:`scaled_likelihoods`); every user adds it back.
+  ``max_over_states``: the reduction over the leading axis (default
+  ``jnp.max(x, axis=0)``; the users-minor kernels pass an unrolled one).
+  """
+  max_over_states = max_over_states or (lambda x: jnp.max(x, axis=0))
+  shift = jax.lax.stop_gradient(max_over_states(jnp.where(reachable, log_likes_t, -jnp.inf)))
+  possible = shift > -jnp.inf
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  diff = log_likes_t - shift
+  diff = jnp.where(diff > log_max(diff.dtype), log_max(diff.dtype), diff)
+  return jnp.exp(diff), shift, possible
+
+
+def scaled_step(pred, b, shift, possible, valid, state_sum=jnp.sum):
+  """One valid-or-masked step of a scaled forward pass.
+
+  pred: the predicted state probabilities (K, ...) (for an HSMM, the state
+  marginal of the predicted joint); b, shift, possible from
+  :func:`step_scaling`; valid: whether the step is valid; state_sum: the sum
+  over the leading axis.  Returns ``(alpha, b_used, norm, term, ok)``: the
+  filtered state probabilities, the emission factor and normaliser the
+  backward pass must use (ones on masked and impossible steps), the step's
+  log-likelihood term ``log c_t + shift`` (0 on masked steps, ``-inf`` on
+  impossible ones), and whether the step is valid and possible (an HSMM
+  normalises its joint with ``norm`` where ``ok``).
+
+  Impossible step (no reachable state can emit the observation): the
+  log-likelihood is ``-inf`` from there on; the step is treated as carrying
+  no evidence (``alpha_t = pred``, ``b = 1``, ``c = 1``), so every output stays
+  finite and the posteriors are those of the sequence with the impossible
+  steps' observations dropped (the state still moves across them).
+  """
+  unnorm = pred * b
+  norm = state_sum(unnorm)
+  ok = valid & possible & (norm > 0)
+  norm = jnp.where(ok, norm, 1.0)
+  alpha = jnp.where(ok, normalize(unnorm, norm), pred)
+  term = jnp.where(valid, jnp.where(ok, jnp.log(norm) + shift, -jnp.inf), 0.0)
+  return alpha, jnp.where(ok, b, 1.0), norm, term, ok
+
+
 @jax.custom_jvp
 def normalize(unnorm, norm):
   """``unnorm / norm`` whose derivative never squares the normaliser.
@@ -95,6 +174,31 @@ def _normalize_jvp(primals, tangents):
   d_unnorm, d_norm = tangents
   out = unnorm / norm
   return out, (d_unnorm - out * d_norm) / norm
+
+
+@jax.custom_jvp
+def normalize_capped(unnorm, norm):
+  """``min(unnorm / norm, finfo.max)``: :func:`normalize` for backward messages.
+
+  ``unnorm`` may overflow to inf (a capped message times a huge emission
+  factor of an unreachable state).  Capping after :func:`normalize` would keep
+  the value finite but not its derivatives: the transposed JVP multiplies the
+  (infinite) quotient by the zero cotangent of the capped entry, NaN.  Here
+  the JVP is zero on capped entries and uses the capped quotient elsewhere,
+  so every derivative is finite where the inputs are.
+  """
+  return clamp_finite(unnorm / norm)
+
+
+@normalize_capped.defjvp
+def _normalize_capped_jvp(primals, tangents):
+  unnorm, norm = primals
+  d_unnorm, d_norm = tangents
+  raw = unnorm / norm
+  big = jnp.finfo(raw.dtype).max
+  capped = raw > big
+  out = jnp.where(capped, big, raw)
+  return out, jnp.where(capped, 0.0, (d_unnorm - out * d_norm) / norm)
 
 
 def fill_masked(obs, mask):

@@ -9,14 +9,24 @@ and carry no weight in any expected statistic.
 
 Numerics.  The forward/backward recursions run in the *linear* domain with a
 per-step normaliser (Rabiner's scaling): emission likelihoods are
-exponentiated after subtracting their per-step maximum (``log b_t - m_t``),
-the filtered vector is renormalised every step, and the log-likelihood is the
-sum of ``log c_t + m_t``.  Nothing is ever multiplied across more than one
-step, so there is no underflow at any T (tested at T = 100,000 in float32),
-and each step is a K x K matrix-vector product instead of a log-sum-exp,
-which is several times faster on CPU and keeps the EM map a rational
-function of the parameters (useful for the SPSA layer).  Viterbi works in log
-space with per-step max subtraction.
+exponentiated after subtracting ``m_t``, the maximum log-likelihood over the
+states with positive *predicted* probability at that step (``log b_t - m_t``,
+chosen inside the forward step), the filtered vector is renormalised every
+step, and the log-likelihood is the sum of ``log c_t + m_t``.  The maximum over
+reachable states (not over all states) makes ``c_t`` at least the predicted
+mass of the best reachable state, so it cannot underflow to 0 when an
+unreachable state fits far better; the forward pass hands its ``b_t`` and
+``c_t`` to the backward pass, whose messages are capped at the largest finite
+float (those of unreachable states may be astronomically large and only meet
+zero weights).  A step that no reachable state can emit makes the
+log-likelihood ``-inf`` and is treated as carrying no evidence, so posteriors
+stay finite: they are those of the sequence with the impossible steps'
+observations dropped (:func:`dennl_jax._numerics.scaled_step`).  Nothing is
+ever multiplied across more than one step, so there is no underflow at any T
+(tested at T = 100,000 in float32), and each step is a K x K matrix-vector
+product instead of a log-sum-exp, which is several times faster on CPU and
+keeps the EM map a rational function of the parameters (useful for the SPSA
+layer).  Viterbi works in log space with per-step max subtraction.
 """
 from __future__ import annotations
 
@@ -29,7 +39,9 @@ from flax import struct
 
 from dennl_jax import _kernel_hmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
-from dennl_jax._numerics import append_blank_steps, normalize, scaled_likelihoods, step_structure
+from dennl_jax._numerics import (append_blank_steps, clamp_finite, normalize, normalize_capped,
+                                 scaled_step,
+                                 step_scaling, step_structure)
 from dennl_jax.families import EmissionFamily, Simplex, param
 
 
@@ -50,32 +62,42 @@ class HMMPosterior(NamedTuple):
   initial_probs: jax.Array
 
 
-def _forward(initial, transition, likes, shift, moves, mask):
-  """Scaled forward pass: filtered (T, K), normalisers (T,), log-likelihood."""
+def _forward(initial, transition, log_likes, moves, mask):
+  """Scaled forward pass: filtered (T, K), the emission factors b_t (T, K) and
+  normalisers c_t (T,) the backward pass must use, and the log-likelihood.
+
+  Each step is scaled by the best log-likelihood among the states with positive
+  predicted mass (:func:`dennl_jax._numerics.step_scaling`), chosen inside the
+  step; impossible steps give ``-inf`` and finite messages
+  (:func:`dennl_jax._numerics.scaled_step`).
+  """
 
   def step(alpha_prev, inputs):
-    b_t, moves_t, valid_t = inputs
+    ll_t, moves_t, valid_t = inputs
     pred = jnp.where(moves_t, alpha_prev @ transition, alpha_prev)
-    unnorm = pred * b_t
-    norm = jnp.sum(unnorm)
-    alpha = jnp.where(valid_t, normalize(unnorm, norm), pred)
-    return alpha, (alpha, jnp.where(valid_t, norm, 1.0))
+    b_t, shift, possible = step_scaling(pred > 0, ll_t)
+    alpha, b_used, norm, term, _ = scaled_step(pred, b_t, shift, possible, valid_t)
+    return alpha, (alpha, b_used, norm, term)
 
-  _, (filtered, norms) = jax.lax.scan(step, initial, (likes, moves, mask))
-  log_likelihood = jnp.sum(jnp.where(mask, jnp.log(norms) + shift, 0.0))
-  return filtered, norms, log_likelihood
+  _, (filtered, likes, norms, terms) = jax.lax.scan(step, initial, (log_likes, moves, mask))
+  return filtered, likes, norms, jnp.sum(terms)
 
 
 def _backward(transition, likes, norms, moves):
-  """Scaled backward messages beta_t (T, K) matching ``_forward``'s scaling."""
+  """Scaled backward messages beta_t (T, K) matching ``_forward``'s scaling.
+
+  Messages are capped at the largest finite float (:func:`clamp_finite`): a
+  state no path reaches may have an astronomically large message, which only
+  ever meets a zero forward or transition weight.
+  """
 
   def step(beta_next, inputs):
     b_next, norm_next, moves_next = inputs
-    msg = normalize(b_next * beta_next, norm_next)
+    msg = normalize_capped(b_next * beta_next, norm_next)
     # A masked next step has b = 1 and c = 1, so msg = beta_next passes
     # through; the first valid step (no transition into it) contributes its
     # emission, so leading padded steps report the carried state's posterior.
-    beta = jnp.where(moves_next, transition @ msg, msg)
+    beta = jnp.where(moves_next, clamp_finite(transition @ msg), msg)
     return beta, beta
 
   ones = jnp.ones_like(likes[0])
@@ -85,8 +107,7 @@ def _backward(transition, likes, norms, moves):
 
 def _hmm_filter_one(initial, transition, log_likes, mask):
   moves, _ = step_structure(mask)
-  likes, shift = scaled_likelihoods(log_likes)
-  filtered, _, ll = _forward(initial, transition, likes, shift, moves, mask)
+  filtered, _, _, ll = _forward(initial, transition, log_likes, moves, mask)
   return ll, filtered
 
 
@@ -94,15 +115,14 @@ def _forward_backward(initial, transition, log_likes, mask):
   """(log-likelihood, filtered (T, K), smoothed (T, K), d ll / d initial (K,),
   d ll / d transition (K, K))."""
   moves, is_first = step_structure(mask)
-  likes, shift = scaled_likelihoods(log_likes)
-  filtered, norms, ll = _forward(initial, transition, likes, shift, moves, mask)
+  filtered, likes, norms, ll = _forward(initial, transition, log_likes, moves, mask)
   betas = _backward(transition, likes, norms, moves)
   # msg_t = b_t beta_t / c_t: d ll / d initial is msg at the first valid step, and
   # d ll / d transition sums alpha_{t-1}(i) msg_t(j) -- one (K,T)x(T,K) product
-  # rather than T outer products.
-  msgs = normalize(likes * betas, norms[:, None])
+  # rather than T outer products.  (Capped: see _backward.)
+  msgs = normalize_capped(likes * betas, norms[:, None])
   d_initial = jnp.sum(jnp.where(is_first[:, None], msgs, 0.0), axis=0)
-  d_transition = filtered[:-1].T @ jnp.where(moves[1:, None], msgs[1:], 0.0)
+  d_transition = clamp_finite(filtered[:-1].T @ jnp.where(moves[1:, None], msgs[1:], 0.0))
   return ll, filtered, filtered * betas, d_initial, d_transition
 
 

@@ -30,7 +30,9 @@ below apply its structure directly -- one K x K product plus O(K D)
 elementwise work per step -- so a forward-backward pass costs
 O(T K (K + D)).  The recursions are in the linear domain with per-step
 normalisers exactly as :mod:`dennl_jax.hmm` (no underflow at any T in
-float32).  Viterbi uses the equivalent *elapsed-time* representation (state,
+float32), each step scaled by its best *reachable* state's likelihood (the
+state marginal of the predicted joint decides what is reachable; see
+"Numerics" in :mod:`dennl_jax.hmm`, impossible sequences included).  Viterbi uses the equivalent *elapsed-time* representation (state,
 steps spent so far) in log space, where the censored last segment's survivor
 term falls out of the product of continuation probabilities, so it returns
 the exact most likely state path (= segmentation) of the right-censored model.
@@ -56,8 +58,9 @@ from flax import struct
 
 from dennl_jax import _kernel_hmm, _kernel_hsmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
-from dennl_jax._numerics import (append_blank_steps, fill_leading, filled_like, normalize,
-                                 scaled_likelihoods, step_structure)
+from dennl_jax._numerics import (append_blank_steps, clamp_finite, fill_leading, filled_like,
+                                 normalize, normalize_capped, scaled_step, step_scaling,
+                                 step_structure)
 from dennl_jax.families import DurationFamily, EmissionFamily, Simplex, param
 
 
@@ -89,29 +92,32 @@ def _count_down(joint):
   return jnp.concatenate([joint[:, 1:], jnp.zeros_like(joint[:, :1])], axis=1)
 
 
-def _forward(initial, transition, dur_probs, likes, shift, moves, mask, keep_joint=True):
+def _forward(initial, transition, dur_probs, log_likes, moves, mask, keep_joint=True):
   """Scaled forward pass over (state, remaining).
 
   Returns filtered (T, K, D) -- or, with ``keep_joint=False``, only its state
-  marginals (T, K), which saves the dominant memory traffic -- the per-step
-  normalisers (T,) and the log-likelihood.
+  marginals (T, K), which saves the dominant memory traffic -- the emission
+  factors b_t (T, K) and normalisers (T,) the backward pass uses, and the
+  log-likelihood.  Each step is scaled by the best log-likelihood among the
+  states with positive predicted mass (summed over remaining durations), as
+  in :mod:`dennl_jax.hmm`; impossible steps give ``-inf`` and finite messages.
   """
 
   def step(alpha_prev, inputs):
-    b_t, moves_t, valid_t = inputs
+    ll_t, moves_t, valid_t = inputs
     # Only segments with one step left can jump; the jump draws a new duration.
     jump_in = alpha_prev[:, 0] @ transition
     pred = jnp.where(moves_t, _count_down(alpha_prev) + jump_in[:, None] * dur_probs,
                      alpha_prev)
-    unnorm = pred * b_t[:, None]
-    norm = jnp.sum(unnorm)
-    alpha = jnp.where(valid_t, normalize(unnorm, norm), pred)
-    return alpha, (alpha if keep_joint else alpha.sum(-1), jnp.where(valid_t, norm, 1.0))
+    pred_mass = jnp.sum(pred, axis=-1)
+    b_t, shift, possible = step_scaling(pred_mass > 0, ll_t)
+    marginal, b_used, norm, term, ok = scaled_step(pred_mass, b_t, shift, possible, valid_t)
+    alpha = jnp.where(ok, normalize(pred * b_t[:, None], norm), pred)
+    return alpha, (alpha if keep_joint else marginal, b_used, norm, term)
 
   start = initial[:, None] * dur_probs
-  _, (filtered, norms) = jax.lax.scan(step, start, (likes, moves, mask))
-  log_likelihood = jnp.sum(jnp.where(mask, jnp.log(norms) + shift, 0.0))
-  return filtered, norms, log_likelihood
+  _, (filtered, likes, norms, terms) = jax.lax.scan(step, start, (log_likes, moves, mask))
+  return filtered, likes, norms, jnp.sum(terms)
 
 
 def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
@@ -124,7 +130,8 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
   other (T, K, D) array is materialised (on CPU the cost of the pass is
   memory traffic, not arithmetic).  beta_T = 1 for every
   (k, r): the last segment may continue past T with any remaining duration,
-  which is what makes it right-censored.
+  which is what makes it right-censored.  Messages and the sums over them are
+  capped at the largest finite float (``clamp_finite``, see hmm._backward).
   """
 
   def step(carry, inputs):
@@ -133,9 +140,9 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
     # msg(j, d) = b_{t+1}(j) beta_{t+1}(j, d) / c_{t+1}: backward weight of
     # being in (j, d) at t+1.  A jump i -> j at t+1 with duration d has
     # posterior mass alpha_t(i, 1) A_ij p_j(d) msg(j, d).
-    msg = normalize(b_next[:, None] * beta_next, norm_next)
-    entry = jnp.sum(dur_probs * msg, axis=1)                     # (K,)
-    moved = jnp.concatenate([(transition @ entry)[:, None], msg[:, :-1]], axis=1)
+    msg = normalize_capped(b_next[:, None] * beta_next, norm_next)
+    entry = clamp_finite(jnp.sum(dur_probs * msg, axis=1))       # (K,)
+    moved = jnp.concatenate([clamp_finite(transition @ entry)[:, None], msg[:, :-1]], axis=1)
     beta = jnp.where(moves_next, moved, beta_next)
     ending = alpha_t[:, 0] * moves_next
     entered = entered + (ending @ transition)[:, None] * msg
@@ -158,28 +165,29 @@ def _backward(transition, dur_probs, alphas, likes, norms, moves, is_first):
       (alphas[:-1], likes[1:], norms[1:], moves[1:], is_first[:-1], is_first[1:]),
       reverse=True)
   smoothed = jnp.concatenate([smoothed, alphas[-1].sum(-1)[None]], axis=0)
-  duration_counts = first + dur_probs * entered
+  # The sums only grow: capped once here (inf becomes finfo.max).
+  duration_counts = first + dur_probs * clamp_finite(entered)
+  jumps = clamp_finite(jumps)
   # The entry weight sum_d p(d) msg_f(d) at the first valid step f is d ll / d initial;
   # the scan forms it for f >= 1, step 0 here.
-  entry_0 = jnp.sum(dur_probs * normalize(likes[0][:, None] * beta_0, norms[0]), axis=1)
+  msg_0 = normalize_capped(likes[0][:, None] * beta_0, norms[0])
+  entry_0 = clamp_finite(jnp.sum(dur_probs * msg_0, axis=1))
   d_initial = jnp.where(is_first[0] > 0, entry_0, first_entry)
   return smoothed, duration_counts, jumps, first.sum(-1), d_initial
 
 
 def _hsmm_filter_one(initial, transition, dur_log_probs, log_likes, mask):
   moves, _ = step_structure(mask)
-  likes, shift = scaled_likelihoods(log_likes)
-  filtered, _, ll = _forward(initial, transition, jnp.exp(dur_log_probs), likes, shift,
-                             moves, mask, keep_joint=False)
+  filtered, _, _, ll = _forward(initial, transition, jnp.exp(dur_log_probs), log_likes,
+                                moves, mask, keep_joint=False)
   return ll, filtered
 
 
 def _forward_backward(initial, transition, dur_log_probs, log_likes, mask):
   """(log-likelihood, alphas (T, K, D), the outputs of :func:`_backward`)."""
   moves, is_first = step_structure(mask)
-  likes, shift = scaled_likelihoods(log_likes)
   dur_probs = jnp.exp(dur_log_probs)
-  alphas, norms, ll = _forward(initial, transition, dur_probs, likes, shift, moves, mask)
+  alphas, likes, norms, ll = _forward(initial, transition, dur_probs, log_likes, moves, mask)
   return ll, alphas, _backward(transition, dur_probs, alphas, likes, norms, moves,
                                is_first.astype(alphas.dtype))
 

@@ -34,26 +34,47 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dennl_jax._numerics import normalize, step_structure
+from dennl_jax import _numerics
+from dennl_jax._numerics import clamp_finite, normalize, normalize_capped, step_structure
 from dennl_jax.hmm import HMM, HMMPosterior
 
 
 def _condition(base, log_likes):
   """``(P, l)`` of ``M = base * exp(log_likes)[..., None, :]``, rows normalised into ``l``.
 
-  base: (..., K, K) row-stochastic; log_likes: (..., K).  A row with no mass
-  (every reachable state has likelihood 0) gets ``l = -inf`` and keeps its
-  base row, so no NaN appears in values or gradients.
+  base: (..., K, K) row-stochastic; log_likes: (..., K).  Each row is scaled
+  by the best log-likelihood among the states it reaches (``base > 0``), as the
+  sequential recursions scale each step (:func:`dennl_jax._numerics.step_scaling`):
+  a state the row cannot reach may fit far better without the row's mass
+  underflowing to 0.  A row with no mass (every reachable state has likelihood
+  0) gets ``l = -inf`` and keeps its base row, so no NaN appears in values or
+  gradients.
   """
-  # Shifts below cancel; none carries a gradient (_numerics.scaled_likelihoods).
-  shift = jax.lax.stop_gradient(jnp.max(log_likes, axis=-1, keepdims=True))
-  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-  weighted = base * jnp.exp(log_likes - shift)[..., None, :]
+  weights, shift = _scaled_exp(jnp.broadcast_to(log_likes[..., None, :], base.shape), base > 0)
+  weighted = base * weights
   norm = jnp.sum(weighted, axis=-1)
   ok = norm > 0
   safe = jnp.where(ok, norm, 1.0)
   probs = jnp.where(ok[..., None], normalize(weighted, safe[..., None]), base)
   return probs, jnp.where(ok, jnp.log(safe) + shift, -jnp.inf)
+
+
+def _scaled_exp(log_x, support):
+  """``(exp(log_x - shift), shift)`` over the last axis, the shift the maximum of
+  ``log_x`` where ``support`` (0 where there is none), so the supported entries
+  cannot all underflow; exponents capped at ``log_max`` so an unsupported entry
+  gets a huge finite weight, never inf (``_numerics.step_scaling``, last axis).
+  The shift carries no gradient."""
+  shift = jax.lax.stop_gradient(
+      jnp.max(jnp.where(support, log_x, -jnp.inf), axis=-1, keepdims=True))
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  diff = log_x - shift
+  cap = _numerics.log_max(diff.dtype)
+  return jnp.exp(jnp.where(diff > cap, cap, diff)), shift[..., 0]
+
+
+def _exp_relative(log_x, support):
+  return _scaled_exp(log_x, support)[0]
 
 
 def _combine(earlier, later):
@@ -94,25 +115,42 @@ def hmm_smoother(initial, transition, log_likes, mask) -> HMMPosterior:
   """
   mask = jnp.asarray(mask, bool)
   moves, is_first = step_structure(mask)
-  forward, backward = _elements(initial, transition, log_likes, mask)
+  forward, _ = _elements(initial, transition, log_likes, mask)
   prefix_probs, prefix_log = jax.lax.associative_scan(_combine, forward)
   # Every row of a prefix is the same (its first element's rows are), so row 0
   # is p(z_t | o_{1:t}) and its scale the log-likelihood so far.
   filtered = prefix_probs[:, 0]
   log_likelihood = prefix_log[-1, 0]
+  # Impossible steps (no state with predicted mass can emit them; the
+  # log-likelihood is then -inf) carry no evidence in the backward pass, the
+  # sequential smoother's convention (_numerics.scaled_step).  Exact up to the
+  # first impossible step; after it the forward prefixes may drop more evidence
+  # than the sequential filter (still finite).
+  carried = jnp.concatenate([initial[None], filtered[:-1]])
+  predicted_all = jnp.where(moves[:, None], carried @ transition, initial)
+  impossible = mask & ~jnp.any((predicted_all > 0) & (log_likes > -jnp.inf), axis=-1)
+  log_likes = jnp.where(impossible[:, None], 0.0, log_likes)
+  _, backward = _elements(initial, transition, log_likes, mask)
   # reverse=True hands fn (later, earlier); suffix t is M_t ... M_{T-1}.
   _, suffix_log = jax.lax.associative_scan(lambda b, a: _combine(a, b), backward, reverse=True)
   log_beta = jnp.concatenate([suffix_log[1:], jnp.zeros_like(suffix_log[:1])], axis=0)
-  smoothed = filtered * jnp.exp(log_beta - jax.lax.stop_gradient(jnp.max(log_beta, axis=-1, keepdims=True)))
-  smoothed = normalize(smoothed, jnp.sum(smoothed, axis=-1, keepdims=True))
+  # Shifted by the best log beta among states with filtered mass (an unreachable
+  # state's may be far larger); a step without any (impossible sequence) keeps
+  # its filtered marginal.
+  smoothed = filtered * _exp_relative(log_beta, filtered > 0)
+  total = jnp.sum(smoothed, axis=-1, keepdims=True)
+  smoothed = jnp.where(total > 0, normalize(smoothed, jnp.where(total > 0, total, 1.0)), filtered)
   # Two-slice marginals summed over t, as one (K, T) x (T, K) product:
   # xi_t(i, j) = alpha_{t-1}(i) A_ij w_t(j) with w_t = b_t beta_t / Z_t.
   log_w = jnp.where(mask[:, None], log_likes, 0.0) + log_beta
-  w = jnp.exp(log_w - jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True)))
   predicted = filtered[:-1] @ transition
-  z = jnp.sum(predicted * w[1:], axis=-1, keepdims=True)
-  weights = jnp.where(moves[1:, None], normalize(w[1:], jnp.where(moves[1:, None], z, 1.0)), 0.0)
-  counts = transition * (filtered[:-1].T @ weights)
+  w = _exp_relative(log_w[1:], predicted > 0)
+  z = jnp.sum(predicted * w, axis=-1, keepdims=True)
+  ok = moves[1:, None] & (z > 0)
+  # Capped at the largest finite float: an unreachable state's weight may be
+  # astronomically large and only meets zero transition entries (0 * inf = NaN).
+  weights = jnp.where(ok, normalize_capped(w, jnp.where(ok, z, 1.0)), 0.0)
+  counts = transition * clamp_finite(filtered[:-1].T @ weights)
   initial_probs = jnp.sum(jnp.where(is_first[:, None], smoothed, 0.0), axis=0)
   return HMMPosterior(log_likelihood, filtered, smoothed, counts, initial_probs)
 
