@@ -26,6 +26,15 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS")] + 
 
 import jax  # noqa: E402  (after XLA_FLAGS: XLA reads it when the backend starts)
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests: a fixed, derandomised set of examples day to day (the same
+# every run), a deeper one in CI (which sets CI=true); both without deadlines,
+# since the first example of a test compiles.
+settings.register_profile("dev", max_examples=40, derandomize=True, deadline=None)
+settings.register_profile("ci", max_examples=250, derandomize=True, deadline=None)
+settings.load_profile(os.environ.get("DENNL_HYPOTHESIS_PROFILE",
+                                     "ci" if os.environ.get("CI") else "dev"))
 
 
 def _in_x64(item):
