@@ -99,6 +99,11 @@ class Kernels:
       raise ValueError("users_per_block must be a non-negative int or None, got "
                        f"{self.users_per_block!r}")
 
+  @classmethod
+  def of(cls, kernels) -> "Kernels":
+    """``kernels`` itself, or the :class:`Kernels` of a name (``"auto"``, ...)."""
+    return kernels if isinstance(kernels, cls) else cls(kernels)
+
   def users_minor(self) -> bool:
     """Whether vmapped values run the users-minor kernels (at trace time)."""
     if self.name == "auto":

@@ -34,6 +34,8 @@ estimator and every other path keep plain autodiff.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -102,3 +104,15 @@ def with_score_jvp(log_likelihood, score, num_diff: int):
     return value, tangent
 
   return fn
+
+
+def score_functions(filter_dispatch, score_dispatch, num_diff: int, kernels):
+  """``(symmetric-VJP score, log-likelihood differentiated through the score)`` of a
+  model family's dispatched filter and score (``dennl_jax._kernel_hmm.Dispatch``)
+  for one static kernel choice; models cache it per choice."""
+  score = functools.partial(score_dispatch, kernels)
+  symmetric = with_symmetric_vjp(score, num_diff, jvp=functools.partial(score_dispatch.jvp,
+                                                                          kernels))
+  log_likelihood = with_score_jvp(lambda *args: filter_dispatch(kernels, *args)[0], score,
+                                  num_diff)
+  return symmetric, log_likelihood

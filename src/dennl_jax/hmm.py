@@ -150,19 +150,10 @@ _hmm_score = _kernel_hmm.Dispatch(
     jvp_backends=_kernel_hmm.HMM_KERNEL_JVP_BACKENDS)
 
 
-@functools.lru_cache(maxsize=None)
-def _score_functions(kernels: _kernel_hmm.Kernels):
-  """(symmetric-VJP score, log-likelihood differentiated through the score) for ``kernels``."""
-  score = functools.partial(_hmm_score, kernels)
-  symmetric = _score.with_symmetric_vjp(score, num_diff=3,
-                                        jvp=functools.partial(_hmm_score.jvp, kernels))
-  log_likelihood = _score.with_score_jvp(
-      lambda *args: _hmm_filter(kernels, *args)[0], score, num_diff=3)
-  return symmetric, log_likelihood
-
-
-def _as_kernels(kernels) -> _kernel_hmm.Kernels:
-  return kernels if isinstance(kernels, _kernel_hmm.Kernels) else _kernel_hmm.Kernels(kernels)
+# kernels -> (symmetric-VJP score, log-likelihood through the score).
+_score_functions = functools.lru_cache(maxsize=None)(
+    functools.partial(_score.score_functions, _hmm_filter, _hmm_score, 3))
+_as_kernels = _kernel_hmm.Kernels.of
 
 
 def hmm_filter(initial, transition, log_likes, mask, kernels="auto"):

@@ -215,19 +215,10 @@ _hsmm_smoother = _dispatch(
 _hsmm_score = _dispatch(_hsmm_score_one, _kernel_hsmm.hsmm_score_batched)
 
 
-@functools.lru_cache(maxsize=None)
-def _score_functions(kernels: _kernel_hmm.Kernels):
-  """(symmetric-VJP score, log-likelihood differentiated through the score) for ``kernels``."""
-  score = functools.partial(_hsmm_score, kernels)
-  symmetric = _score.with_symmetric_vjp(score, num_diff=4,
-                                        jvp=functools.partial(_hsmm_score.jvp, kernels))
-  log_likelihood = _score.with_score_jvp(
-      lambda *args: _hsmm_filter(kernels, *args)[0], score, num_diff=4)
-  return symmetric, log_likelihood
-
-
-def _as_kernels(kernels) -> _kernel_hmm.Kernels:
-  return kernels if isinstance(kernels, _kernel_hmm.Kernels) else _kernel_hmm.Kernels(kernels)
+# kernels -> (symmetric-VJP score, log-likelihood through the score).
+_score_functions = functools.lru_cache(maxsize=None)(
+    functools.partial(_score.score_functions, _hsmm_filter, _hsmm_score, 4))
+_as_kernels = _kernel_hmm.Kernels.of
 
 
 def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask, kernels="auto"):
