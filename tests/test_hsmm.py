@@ -11,6 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 
 import dennl_jax as dj
+from dennl_jax import _kernel_hmm
 from dennl_jax.durations import CategoricalDuration, PoissonDuration
 from dennl_jax.hsmm import HSMM
 from dennl_jax.oracles import expand_to_hmm, expanded_em_update, expanded_posterior
@@ -446,24 +447,28 @@ def test_fit_em_monotone_categorical_durations_with_padding():
   fitted_u0.check_parameters()
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU table entries")
-def test_cpu_score_vjp_of_vmapped_hsmms_takes_the_kernel_jvp():
-  """On CPU, the backward pass of the score VJP (``em_step(score_vjp=True)``, the
-  exact EM layer) of a vmapped HSMM runs the users-minor kernel's JVP (faster, as it
-  keeps no joints): the gradient's jaxpr holds more of its (D, K, U) carries than the
-  values' jaxpr.  Plain derivatives (``grad`` of ``posterior``) differentiate the
+@pytest.mark.parametrize("kernels", ["users_minor", "auto"])
+def test_score_vjp_of_vmapped_hsmms_takes_the_kernel_jvp_where_chosen(kernels):
+  """The backward pass of the score VJP (``em_step(score_vjp=True)``, the exact EM
+  layer) of a vmapped HSMM runs the users-minor kernel's JVP where the model's
+  ``kernels`` choice says so (``"users_minor"``; ``"auto"``: the backend's table):
+  the gradient's jaxpr then holds more of its (D, K, U) carries than the values'
+  jaxpr.  Plain derivatives (``grad`` of ``posterior``) differentiate the
   per-sequence code, values included: no kernel carry in their jaxpr."""
   num_states, max_duration, num_users, num_steps = 3, 4, 5, 6
   models = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[
       random_hsmm(seed, num_states, max_duration) for seed in range(num_users)])
   obs = jnp.stack([random_obs(seed, models, num_steps) for seed in range(num_users)])
   mask = jnp.ones((num_users, num_steps), bool)
+  models = models.replace(kernels=kernels)
+  kernel_jvp = dj.Kernels(kernels).users_minor() and dj.Kernels(kernels).kernel_jvp(
+      _kernel_hmm.HSMM_KERNEL_JVP_BACKENDS)
   carry = f"f64[{max_duration},{num_states},{num_users}]"
   step = jax.vmap(lambda m, o, k: dj.em_step(m, o, k, score_vjp=True))
   score_loss = lambda m: jnp.sum(step(m, obs, mask).transition ** 2)
   values = str(jax.make_jaxpr(score_loss)(models)).count(carry)
   gradient = str(jax.make_jaxpr(jax.grad(score_loss))(models)).count(carry)
-  assert values > 0 and gradient > values
+  assert values > 0 and (gradient > values if kernel_jvp else gradient == values)
   plain_loss = lambda m: jnp.sum(jax.vmap(dj.posterior)(m, obs, mask).smoothed_probs ** 2)
   assert str(jax.make_jaxpr(plain_loss)(models)).count(carry) > 0
   assert str(jax.make_jaxpr(jax.grad(plain_loss))(models)).count(carry) == 0

@@ -59,11 +59,13 @@ from dennl_jax._numerics import clamp_finite, filled_like, normalize
 # compilers are tuned for, and the one every other JAX library runs.
 KERNEL_BACKENDS = types.MappingProxyType({"cpu": True})
 # Backend -> the score VJP's forward-mode pass runs the kernels' JVP.  On CPU
-# the HMM's transposed kernels made a DENNL exact-gradient step slower than the
-# per-sequence derivative; the HSMM kernel, which keeps no per-step joints,
-# made 3 stacked exact EM layers 1.24-1.34x faster at D = 20 (1.04x at D = 60).
+# the HMM kernel's JVP made a DENNL exact-gradient step slower than the
+# per-sequence derivative.  So does the HSMM kernel's JVP with the reachable-state
+# scaling: the Table 1-shaped DENNL step (16 users, T = 400, K = 10, D = 20, 3
+# stages) takes 130 ms with it and 97 ms with the per-sequence JVP (it took 80 ms
+# before that scaling; measured back to back, benchmarks/bench_versions).
 HMM_KERNEL_JVP_BACKENDS = types.MappingProxyType({"cpu": False})
-HSMM_KERNEL_JVP_BACKENDS = types.MappingProxyType({"cpu": True})
+HSMM_KERNEL_JVP_BACKENDS = types.MappingProxyType({"cpu": False})
 # Backend -> users per block of a vmapped HMM EM step or chain recursion (0:
 # the whole batch at once).  On CPU the temporaries of thousands of users
 # leave the cache and glibc serves allocations over 32 MB with fresh pages;
