@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 
 import dennl_jax as dj
-from dennl_jax import _kernel_hmm
+from dennl_jax import _dispatch
 from dennl_jax.durations import CategoricalDuration, PoissonDuration
 from dennl_jax.hsmm import HSMM
 from dennl_jax.oracles import expand_to_hmm, expanded_em_update, expanded_posterior
@@ -462,7 +462,7 @@ def test_score_vjp_of_vmapped_hsmms_takes_the_kernel_jvp_where_chosen(kernels):
   mask = jnp.ones((num_users, num_steps), bool)
   models = models.replace(kernels=kernels)
   kernel_jvp = dj.Kernels(kernels).users_minor() and dj.Kernels(kernels).kernel_jvp(
-      _kernel_hmm.HSMM_KERNEL_JVP_BACKENDS)
+      _dispatch.HSMM_KERNEL_JVP_BACKENDS)
   carry = f"f64[{max_duration},{num_states},{num_users}]"
   step = jax.vmap(lambda m, o, k: dj.em_step(m, o, k, score_vjp=True))
   score_loss = lambda m: jnp.sum(step(m, obs, mask).transition ** 2)

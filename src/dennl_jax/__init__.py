@@ -46,7 +46,7 @@ from dennl_jax.families import (Constraint, DurationFamily, EmissionFamily, Para
                                 Positive, PositiveDefinite, Real, Simplex, param)
 from dennl_jax.emissions import Categorical, DiagGaussian, Gaussian, Multinomial, Poisson
 from dennl_jax.durations import CategoricalDuration, PoissonDuration
-from dennl_jax._kernel_hmm import Kernels
+from dennl_jax._dispatch import Kernels
 from dennl_jax.hmm import HMM, HMMPosterior, hmm_filter, hmm_smoother, hmm_viterbi
 from dennl_jax.hsmm import HSMM, HSMMPosterior, hsmm_filter, hsmm_smoother, hsmm_viterbi
 from dennl_jax.inference import (checked, decode_states, expected_transition_counts,

@@ -17,7 +17,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from dennl_jax import _kernel_hmm, _checks
+from dennl_jax import _checks, _dispatch
 from dennl_jax._numerics import fill_masked, normalize_counts
 from dennl_jax.families import Parameterised
 
@@ -47,7 +47,7 @@ def _em_step_one(params, obs, mask, symmetric_vjp: bool):
 # Under jax.vmap: blocks of users (the model's Kernels.block()).  Not with the
 # symmetric VJP: the blocks' derivative is a JVP, which a custom_vjp cannot have.
 # (custom_vmap binds every parameter, defaults included, as an array: hence the lambda.)
-_em_step_in_user_blocks = _kernel_hmm.in_user_blocks(
+_em_step_in_user_blocks = _dispatch.in_user_blocks(
     lambda params, obs, mask: _em_step_one(params, obs, mask, False))
 
 
@@ -62,17 +62,17 @@ class ChainModel(Parameterised):
   of :class:`~dennl_jax.families.Parameterised`.
   """
 
-  # Whether a vmapped em_step runs in blocks of users (dennl_jax._kernel_hmm.USERS_PER_BLOCK).
+  # Whether a vmapped em_step runs in blocks of users (dennl_jax._dispatch.USERS_PER_BLOCK).
   # Measured faster for HMMs; not for HSMMs: blocks of 128-256 users of a T = 100 HSMM
   # were 0-5 % apart from one batch on one core and up to 40 % slower with two
   # threads, whose (D, K, U) steps keep both threads busy.
   em_step_in_user_blocks: ClassVar[bool] = False
 
   @property
-  def kernel_options(self) -> _kernel_hmm.Kernels:
+  def kernel_options(self) -> _dispatch.Kernels:
     """The model's static ``kernels`` and ``users_per_block`` fields as a
     :class:`~dennl_jax.Kernels` (validated)."""
-    return _kernel_hmm.Kernels(self.kernels, self.users_per_block)
+    return _dispatch.Kernels(self.kernels, self.users_per_block)
 
   @property
   def num_states(self) -> int:

@@ -1,7 +1,7 @@
 """Users-minor batched HSMM recursions (the HSMM half of :mod:`dennl_jax._kernel_hmm`).
 
 Reached from ``jax.vmap`` of :func:`dennl_jax.hsmm.hsmm_smoother` /
-``hsmm_filter`` through :class:`dennl_jax._kernel_hmm.Dispatch`, exactly as
+``hsmm_filter`` through :class:`dennl_jax._dispatch.Dispatch`, exactly as
 the HMM kernels are; the users-minor helpers (K-sums, transposes, scaled
 likelihoods) are the HMM kernels' own.
 """

@@ -108,7 +108,7 @@ def with_score_jvp(log_likelihood, score, num_diff: int):
 
 def score_functions(filter_dispatch, score_dispatch, num_diff: int, kernels):
   """``(symmetric-VJP score, log-likelihood differentiated through the score)`` of a
-  model family's dispatched filter and score (``dennl_jax._kernel_hmm.Dispatch``)
+  model family's dispatched filter and score (``dennl_jax._dispatch.Dispatch``)
   for one static kernel choice; models cache it per choice."""
   score = functools.partial(score_dispatch, kernels)
   symmetric = with_symmetric_vjp(score, num_diff, jvp=functools.partial(score_dispatch.jvp,

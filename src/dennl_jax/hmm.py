@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dennl_jax import _kernel_hmm, _score
+from dennl_jax import _dispatch, _kernel_hmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
-from dennl_jax._numerics import (append_blank_steps, clamp_finite, normalize, normalize_capped,
+from dennl_jax._numerics import (append_blank_steps, clamp_finite, normalize_capped,
                                  scaled_step,
                                  step_scaling, step_structure)
 from dennl_jax.families import EmissionFamily, Simplex, param
@@ -139,21 +139,21 @@ def _hmm_score_one(initial, transition, log_likes, mask):
 
 
 # Under jax.vmap these run the users-minor kernels of dennl_jax._kernel_hmm
-# (values equal; derivatives are the per-sequence code's, see that module).
-_hmm_filter = _kernel_hmm.Dispatch(
+# (values equal; derivatives are the per-sequence code's, see dennl_jax._dispatch).
+_hmm_filter = _dispatch.Dispatch(
     _hmm_filter_one, _kernel_hmm.hmm_filter_batched, num_diff=3, user_blocks=True)
-_hmm_smoother = _kernel_hmm.Dispatch(
+_hmm_smoother = _dispatch.Dispatch(
     _hmm_smoother_one, lambda *args: HMMPosterior(*_kernel_hmm.hmm_smoother_batched(*args)),
     num_diff=3, user_blocks=True)
-_hmm_score = _kernel_hmm.Dispatch(
+_hmm_score = _dispatch.Dispatch(
     _hmm_score_one, _kernel_hmm.hmm_score_batched, num_diff=3, user_blocks=True,
-    jvp_backends=_kernel_hmm.HMM_KERNEL_JVP_BACKENDS)
+    jvp_backends=_dispatch.HMM_KERNEL_JVP_BACKENDS)
 
 
 # kernels -> (symmetric-VJP score, log-likelihood through the score).
 _score_functions = functools.lru_cache(maxsize=None)(
     functools.partial(_score.score_functions, _hmm_filter, _hmm_score, 3))
-_as_kernels = _kernel_hmm.Kernels.of
+_as_kernels = _dispatch.Kernels.of
 
 
 def hmm_filter(initial, transition, log_likes, mask, kernels="auto"):

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dennl_jax import _kernel_hmm, _kernel_hsmm, _score
+from dennl_jax import _dispatch, _kernel_hsmm, _score
 from dennl_jax._chain import ChainModel, masked_log_likelihoods
 from dennl_jax._numerics import (append_blank_steps, clamp_finite, fill_leading, filled_like,
                                  normalize, normalize_capped, scaled_step, step_scaling,
@@ -206,19 +206,19 @@ def _hsmm_score_one(initial, transition, dur_log_probs, log_likes, mask):
 
 
 # Under jax.vmap these run the users-minor kernels of dennl_jax._kernel_hsmm
-# (values equal; derivatives are the per-sequence code's, see dennl_jax._kernel_hmm).
-_dispatch = functools.partial(_kernel_hmm.Dispatch, num_diff=4,
-                              jvp_backends=_kernel_hmm.HSMM_KERNEL_JVP_BACKENDS)
-_hsmm_filter = _dispatch(_hsmm_filter_one, _kernel_hsmm.hsmm_filter_batched)
-_hsmm_smoother = _dispatch(
+# (values equal; derivatives are the per-sequence code's, see dennl_jax._dispatch).
+_hsmm_dispatch = functools.partial(_dispatch.Dispatch, num_diff=4,
+                                   jvp_backends=_dispatch.HSMM_KERNEL_JVP_BACKENDS)
+_hsmm_filter = _hsmm_dispatch(_hsmm_filter_one, _kernel_hsmm.hsmm_filter_batched)
+_hsmm_smoother = _hsmm_dispatch(
     _hsmm_smoother_one, lambda *args: HSMMPosterior(*_kernel_hsmm.hsmm_smoother_batched(*args)))
-_hsmm_score = _dispatch(_hsmm_score_one, _kernel_hsmm.hsmm_score_batched)
+_hsmm_score = _hsmm_dispatch(_hsmm_score_one, _kernel_hsmm.hsmm_score_batched)
 
 
 # kernels -> (symmetric-VJP score, log-likelihood through the score).
 _score_functions = functools.lru_cache(maxsize=None)(
     functools.partial(_score.score_functions, _hsmm_filter, _hsmm_score, 4))
-_as_kernels = _kernel_hmm.Kernels.of
+_as_kernels = _dispatch.Kernels.of
 
 
 def hsmm_filter(initial, transition, dur_log_probs, log_likes, mask, kernels="auto"):
