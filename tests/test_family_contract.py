@@ -298,3 +298,16 @@ def test_duration_contract(name):
   empty = other.m_step(counts.at[1:].set(0.0))
   for new, old in zip(jax.tree_util.tree_leaves(empty), jax.tree_util.tree_leaves(other)):
     np.testing.assert_array_equal(new[1:], old[1:])
+
+
+def test_floored_positive_parameters_stay_valid_in_float32():
+  """A rate EM floors at the smallest normal number (a state whose segments all last
+  one step) survives the unconstrained round trip of the EM layer: exp(log(tiny))
+  rounds to a subnormal, which XLA:CPU flushes to 0, an invalid rate."""
+  tiny = np.finfo(np.float32).tiny
+  duration = dj.PoissonDuration(jnp.array([tiny, 2.0], jnp.float32), 4)
+  back = jax.jit(lambda d: type(d).from_unconstrained(d.to_unconstrained()))(duration)
+  assert np.all(np.asarray(back.rate) > 0)
+  back.check_parameters()
+  fitted = jax.jit(duration.m_step)(jnp.array([[3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]]))
+  assert np.all(np.asarray(fitted.rate) > 0) and float(fitted.rate[0]) <= 1e-30

@@ -116,7 +116,9 @@ class PoissonDuration(DurationFamily):
     log_rate = log_rate + correction - jax.lax.stop_gradient(correction)
     # A zero mean has MLE rate 0; the floor keeps log-probabilities finite.
     has_target = target > MIN_STATE_MASS
-    rate = jnp.where(has_target, jnp.exp(jnp.where(has_target, log_rate, 0.0)), tiny)
+    # (max: exp of a log-rate clipped at log(tiny) may round to a flushed subnormal.)
+    rate = jnp.where(has_target, jnp.maximum(jnp.exp(jnp.where(has_target, log_rate, 0.0)), tiny),
+                     tiny)
     # States with no expected segment, or D == 1 (rate unidentifiable), keep theirs.
     keep = ~has_mass | (self.max_duration == 1)
     return PoissonDuration(jnp.where(keep, self.rate, rate), self.max_duration)

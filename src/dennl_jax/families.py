@@ -131,7 +131,9 @@ class Positive(Constraint):
     return floored_log(x)
 
   def from_unconstrained(self, z, family):
-    return jnp.exp(z)
+    # exp(log(tiny)) rounds below the smallest normal number, which XLA:CPU
+    # flushes to 0: an EM output's floored rate would come back as an invalid 0.
+    return jnp.maximum(jnp.exp(z), jnp.finfo(jnp.result_type(z, float)).tiny)
 
   def to_preactivation(self, x, family):
     return _encode_positive(x, _static(family, self.floor))

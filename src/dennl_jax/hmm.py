@@ -193,9 +193,18 @@ def hmm_score(initial, transition, log_likes, mask, symmetric_vjp: bool = False,
 
 
 def hmm_viterbi(initial, transition, log_likes, mask):
-  """Most likely state path (T,) int32; masked steps repeat the carried state."""
+  """Most likely state path (T,) int32; masked steps repeat the carried state.
+
+  ``log_likes`` on masked steps are ignored, as by :func:`hmm_smoother`.  An
+  impossible sequence (log-likelihood ``-inf``: some valid step that no state
+  reachable along a possible path can emit) has no most likely path; the path
+  returned is then that of the sequence with the impossible steps'
+  observations dropped (each such step carries no evidence, the state still
+  moves across it), the convention of the posteriors.
+  """
   mask = jnp.asarray(mask, bool)
   moves, _ = step_structure(mask)
+  log_likes = jnp.where(mask[:, None], log_likes, 0.0)
   log_trans = jnp.log(transition)
   num_states = transition.shape[0]
   identity_ptr = jnp.arange(num_states)
@@ -206,6 +215,8 @@ def hmm_viterbi(initial, transition, log_likes, mask):
     best = jnp.where(moves_t, jnp.max(scores, axis=0), delta_prev)
     ptr = jnp.where(moves_t, jnp.argmax(scores, axis=0), identity_ptr)
     delta = best + ll_t
+    # An impossible step (every state's score -inf) carries no evidence.
+    delta = jnp.where(jnp.max(delta) > -jnp.inf, delta, best)
     # Subtracting the max keeps float32 precise at any T without changing argmax.
     return delta - jnp.max(delta), ptr
 

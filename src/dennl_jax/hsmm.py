@@ -272,10 +272,15 @@ def hsmm_viterbi(initial, transition, dur_log_probs, log_likes, mask):
   exact joint log-probability, including ``log S(l)`` for the censored last
   segment.  With a zero-diagonal transition a state path determines its
   segmentation, so this is also the most likely segmentation.  Masked steps
-  repeat the carried state.
+  repeat the carried state; ``log_likes`` on masked steps are ignored, as by
+  :func:`hsmm_smoother`.  An impossible sequence (log-likelihood ``-inf``) has
+  no most likely path; the path returned is then that of the sequence with
+  the impossible steps' observations dropped (each such step carries no
+  evidence but still consumes duration), the convention of the posteriors.
   """
   mask = jnp.asarray(mask, bool)
   moves, _ = step_structure(mask)
+  log_likes = jnp.where(mask[:, None], log_likes, 0.0)
   num_states, max_duration = dur_log_probs.shape
   # log S(e) = log P(d >= e), e = 1..D+1.
   log_surv = jax.lax.cumlogsumexp(dur_log_probs, axis=1, reverse=True)
@@ -297,7 +302,10 @@ def hsmm_viterbi(initial, transition, dur_log_probs, log_likes, mask):
     from_state = jnp.argmax(scores, axis=0)
     stayed = delta_prev[:, :-1] + log_stay[:, :-1]
     moved = jnp.concatenate([jumped[:, None], stayed], axis=1)
-    delta = jnp.where(moves_t, moved, delta_prev) + ll_t[:, None]
+    carried = jnp.where(moves_t, moved, delta_prev)
+    delta = carried + ll_t[:, None]
+    # An impossible step (every score -inf) carries no evidence.
+    delta = jnp.where(jnp.max(delta) > -jnp.inf, delta, carried)
     # Subtracting the max keeps float32 precise at any T without changing argmax.
     top = jnp.max(delta)
     delta = delta - jnp.where(jnp.isfinite(top), top, 0.0)

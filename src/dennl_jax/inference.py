@@ -121,7 +121,9 @@ def viterbi(params, obs: Real[Array, "num_timesteps ..."],
   Returns:
     (T,) int32 state path; masked steps repeat the carried state.  For an
     HSMM this is the exact most likely path (= segmentation) of the
-    right-censored model.
+    right-censored model.  For an impossible sequence (log-likelihood
+    ``-inf``) it is the most likely path of the sequence with the impossible
+    steps' observations dropped, as for the posteriors.
 
   Example::
 
