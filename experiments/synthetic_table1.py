@@ -42,6 +42,11 @@ from experiments import table1_report as report
 from experiments.configs import synthetic_table1 as config_lib
 
 SETTINGS = config_lib.SETTINGS
+# Rows ``method@oracle``: candidate and step chosen by the validation users' labelling
+# accuracy (their true states), beside the label-free selection of the headline.
+ORACLE_SELECTION = report.ORACLE_SELECTION
+# Rows ``method@untrained``: the network at its initialisation (what training adds).
+UNTRAINED = report.UNTRAINED
 REFERENCE_ROWS = {"oracle": "Oracle (true parameters)",
                   "pooled_start": "Pooled start (one shared model)"}
 LOSSES = {"likelihood": dj.likelihood_loss, "heldout": dj.heldout_step_loss,
@@ -68,6 +73,9 @@ class Setting(NamedTuple):
   val_states: jax.Array | None = None   # their true states (select_by=accuracy only)
   workdir: str | None = None    # checkpoints + metrics of this seed and setting (--workdir)
   progress: bool = False        # tqdm bars (--progress)
+  # Oracle selection (config.oracle_selection): candidate -> (validation accuracy, updates
+  # done, model) of its most accurate evaluated state; filled by _train.
+  oracle: dict | None = None
 
 
 def _rngs(s: Setting) -> nnx.Rngs:
@@ -78,15 +86,25 @@ def _rngs(s: Setting) -> nnx.Rngs:
 def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: int,
            learning_rate: float):
   # The rate lives in the optimiser state: one compiled step serves the whole sweep.
-  optimizer = dj.make_optimizer(learning_rate, rate_in_state=True)
+  optimizer = dj.make_optimizer(learning_rate, b1=s.config.adam_b1, rate_in_state=True)
   # Early stopping on the validation users (same criterion as the selection).
   early = s.config.eval_every > 0 and s.val is not None
   # CPU seconds of this process (every thread) when each evaluation starts:
   # time-to-accuracy that a shared machine's load does not inflate.
   cpu_start, cpu_at = time.process_time(), []
 
+  # The oracle row follows the same runs: the most accurate evaluated state of each.
+  track_oracle = early and s.oracle is not None and s.config.select_by != "accuracy"
+  accuracies = []
+
   def evaluate(m):
     cpu_at.append(time.process_time() - cpu_start)
+    if track_oracle:
+      accuracy = validation_accuracy(s, m)
+      accuracies.append(accuracy)
+      if method not in s.oracle or accuracy > s.oracle[method][0]:
+        s.oracle[method] = (accuracy, min((len(accuracies) - 1) * s.config.eval_every,
+                                             num_steps), m)
     return validation_score(s, m)
 
   trained, history, fit = dj.train(
@@ -94,34 +112,44 @@ def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: i
       batch_size=s.config.batch_size, key=s.keys[5], log_every=s.config.log_every,
       log=common.log, name=f"{s.name}/{method}", workdir=common.subdir(s.workdir, method),
       progress=s.progress, eval_fn=evaluate if early else None,
-      eval_every=s.config.eval_every if early else 0, mode="min")
+      eval_every=s.config.eval_every if early else 0, mode="min",
+      patience=s.config.patience if early else 0, min_delta=s.config.min_delta)
   s.curves[method] = {"step": history.step.tolist(), "loss": history.loss.tolist(),
                       "seconds": history.seconds.tolist()}
   if early:
-    # [updates done, validation score, CPU seconds]; a resumed run's CPU
-    # count restarts, so only the evaluations of this process have one.
+    # [updates done, validation score, CPU seconds(, validation accuracy)]; a resumed
+    # run's CPU count restarts, so only the evaluations of this process have one.
     cpu = [None] * (len(fit.curve) - len(cpu_at)) + cpu_at
-    s.curves[method].update(best_step=int(fit.best_step),
-                            validation=[[int(c[0]), float(c[2]), t]
-                                        for c, t in zip(fit.curve, cpu)])
+    extra = [None] * (len(fit.curve) - len(accuracies)) + accuracies
+    s.curves[method].update(
+        best_step=int(fit.best_step), stopped_early=bool(fit.stopped_early),
+        steps_run=int(fit.curve[-1][0]),
+        validation=[[int(c[0]), float(c[2]), t] + ([a] if track_oracle else [])
+                    for c, t, a in zip(fit.curve, cpu, extra)])
   return trained
 
 
 def validation_score(s: Setting, model) -> float:
   """Model selection's criterion on the validation users (lower is better).
 
-  ``heldout_nll``: NLL of 20 % hidden steps given the rest (no labels: what
-  a practitioner has); ``accuracy``: minus the labelling accuracy (uses the
-  validation users' true states).
+  ``heldout_nll`` (default): NLL per step of 20 % hidden steps given the rest
+  (no labels: what a practitioner has); ``accuracy``: minus the labelling
+  accuracy (uses the validation users' true states: oracle selection).
   """
-  val = s.val
   if s.config.select_by == "accuracy":
-    params = dj.predict(model, val, s.keys[7])
-    return -float(dj.labelling_accuracy(s.val_states, dj.decode_states(params, val.obs, val.mask),
-                                        s.synthetic.num_states, val.mask))
+    return -validation_accuracy(s, model)
+  val = s.val
   visible = dj.training.heldout_split(val.mask, s.keys[7])
   params = dj.predict(model, dj.Batch(val.embedding, val.obs, visible), s.keys[7])
   return float(_heldout_nll(params, val.obs, val.mask, visible))
+
+
+def validation_accuracy(s: Setting, model) -> float:
+  """Labelling accuracy of the validation users (needs their true states)."""
+  val = s.val
+  params = dj.predict(model, val, s.keys[7])
+  return float(dj.labelling_accuracy(s.val_states, dj.decode_states(params, val.obs, val.mask),
+                                     s.synthetic.num_states, val.mask))
 
 
 _heldout_nll = jax.jit(dj.training.heldout_nll)
@@ -132,19 +160,27 @@ def select_and_fit(s: Setting, method: str, build, losses, data: dj.Batch, num_s
   trained for ``num_steps``, scored by :func:`validation_score`.
 
   Returns ``{"selected": params of the held-out users, "by_loss": {loss:
-  params}, "candidates": [...]}``: the best candidate overall and the best
-  learning rate within each loss.  Every trained method gets the same grid
-  (EM Mapping has one loss).  With ``eval_every > 0`` each candidate's
-  training length is chosen too: the step with the best validation score
-  (the start included) is kept (early stopping, :func:`dennl_jax.train`).
+  params}, "candidates": [...], "oracle": params or None}``: the best
+  candidate overall, the best learning rate within each loss and, with
+  ``config.oracle_selection``, the candidate and step most accurate on the
+  validation users' true states (the oracle-selection row).  Every trained
+  method gets the same grid (EM Mapping has one loss).  With ``eval_every >
+  0`` each candidate's training length is chosen too: the step with the best
+  validation score (the start included) is kept (early stopping with
+  ``config.patience``, :func:`dennl_jax.train`).
   """
   records, best = [], {}
   for loss in losses:
     for lr in s.config.select_learning_rates:
-      model = _train(s, f"{method}[{loss},lr={lr:g}]", build(s, _rngs(s)), LOSSES[loss], data,
-                     num_steps, lr)
+      name = f"{method}[{loss},lr={lr:g}]"
+      model = _train(s, name, build(s, _rngs(s)), LOSSES[loss], data, num_steps, lr)
       score = validation_score(s, model)
-      records.append({"loss": loss, "learning_rate": lr, "validation": score})
+      curve = s.curves.get(name, {})
+      records.append({"loss": loss, "learning_rate": lr, "validation": score,
+                      "best_step": curve.get("best_step"), "steps_run": curve.get("steps_run"),
+                      "stopped_early": curve.get("stopped_early")})
+      if s.oracle and name in s.oracle:
+        records[-1].update(oracle_accuracy=s.oracle[name][0], oracle_step=s.oracle[name][1])
       common.log(f"[{s.name}] {method} loss={loss} lr={lr:g} validation {score:.4f}")
       score = score if np.isfinite(score) else np.inf      # a non-finite score never wins
       if loss not in best or score < best[loss][0]:
@@ -154,7 +190,17 @@ def select_and_fit(s: Setting, method: str, build, losses, data: dj.Batch, num_s
   chosen = min(best, key=lambda loss: best[loss][0])
   for r in records:
     r["selected"] = r["loss"] == chosen and r["learning_rate"] == best[chosen][2]
-  return {"selected": by_loss[chosen], "by_loss": by_loss, "candidates": records}
+  # What training adds: the same network before its first update (one draw of the
+  # initialisation every candidate starts from).
+  untrained = None if build is None else dj.predict(build(s, _rngs(s)), s.test, s.keys[6])
+  oracle = None
+  tracked = [r for r in records if "oracle_accuracy" in r]
+  if tracked:
+    top = max(tracked, key=lambda r: r["oracle_accuracy"])
+    oracle = dj.predict(s.oracle[f"{method}[{top['loss']},lr={top['learning_rate']:g}]"][2],
+                        s.test, s.keys[6])
+  return {"selected": by_loss[chosen], "by_loss": by_loss, "candidates": records,
+          "oracle": oracle, "untrained": untrained}
 
 
 def _per_user_em(s: Setting, key, obs, mask, use: str):
@@ -204,7 +250,7 @@ def _mlp_mapper(s: Setting, rngs: nnx.Rngs):
 
 def _em_layer(c) -> dj.EMLayer:
   """The config's EM-layer settings (gradient mode and the SPSA estimator's)."""
-  return dj.EMLayer(gradient=c.gradient, num_samples=c.spsa_samples,
+  return dj.EMLayer(gradient=c.gradient, num_samples=c.spsa_samples, step=c.spsa_step,
                     perturbation=c.spsa_perturbation)
 
 
@@ -301,15 +347,32 @@ def make_setting_data(key, populations, synthetic, num_steps, noise):
   return out
 
 
-def run_setting(name, key, populations, config, synthetic, *, workdir=None, progress=False):
-  """({row: per-user accuracy (U,)}, {method: seconds}, {method: curve}, {method: selection})."""
+def make_setting(name, key, populations, config, synthetic, *, workdir=None,
+                 progress=False) -> tuple[Setting, jax.Array]:
+  """(the Setting every method sees, the held-out users' true states (U, T))."""
   num_steps, noise = setting_spec(name, config.noise_length)
   common.log(f"=== setting {name}: T={num_steps} noise={noise:.0%} ===")
   keys = jax.random.split(key, 8)
   data = make_setting_data(keys[0], populations, synthetic, num_steps, noise)
-  tr_states, tr_obs, tr_mask, tr_emb = data["train"]
+  _, tr_obs, tr_mask, tr_emb = data["train"]
   te_states, te_obs, te_mask, te_emb = data["test"]
-  k = synthetic.num_states
+  start = dj.pooled_start(keys[1], tr_obs, tr_mask, num_states=synthetic.num_states,
+                          max_duration=synthetic.max_duration, min_covar=config.min_covar)
+  val = data.get("val")
+  s = Setting(name=name, config=config, synthetic=synthetic, keys=keys,
+              train=dj.Batch(tr_emb, tr_obs, tr_mask), test=dj.Batch(te_emb, te_obs, te_mask),
+              start=start, codec=dj.ParamCodec(start), optimizer=None, curves={},
+              val=None if val is None else dj.Batch(val[3], val[1], val[2]),
+              val_states=None if val is None else val[0], workdir=workdir, progress=progress,
+              oracle={} if config.oracle_selection else None)
+  return s, te_states
+
+
+def run_setting(name, key, populations, config, synthetic, *, workdir=None, progress=False):
+  """({row: per-user accuracy (U,)}, {method: seconds}, {method: curve}, {method: selection})."""
+  s, te_states = make_setting(name, key, populations, config, synthetic, workdir=workdir,
+                              progress=progress)
+  te_obs, te_mask, k = s.test.obs, s.test.mask, synthetic.num_states
 
   def score(params):
     decoded = dj.decode_states(params, te_obs, te_mask)
@@ -318,24 +381,20 @@ def run_setting(name, key, populations, config, synthetic, *, workdir=None, prog
   results, times, selection = {}, {}, {}
   results["oracle"] = score(S.to_model(populations["test"].params, synthetic.max_duration,
                                        config.min_covar))
-  start = dj.pooled_start(keys[1], tr_obs, tr_mask, num_states=k,
-                         max_duration=synthetic.max_duration, min_covar=config.min_covar)
   results["pooled_start"] = score(jax.tree_util.tree_map(
-      lambda x: jnp.broadcast_to(x, (te_obs.shape[0],) + x.shape), start))
+      lambda x: jnp.broadcast_to(x, (te_obs.shape[0],) + x.shape), s.start))
   for row in REFERENCE_ROWS:
     common.log(f"[{name}] {REFERENCE_ROWS[row]} accuracy {results[row].mean():.4f}")
-  val = data.get("val")
-  s = Setting(name=name, config=config, synthetic=synthetic, keys=keys,
-              train=dj.Batch(tr_emb, tr_obs, tr_mask), test=dj.Batch(te_emb, te_obs, te_mask),
-              start=start, codec=dj.ParamCodec(start), optimizer=None, curves={},
-              val=None if val is None else dj.Batch(val[3], val[1], val[2]),
-              val_states=None if val is None else val[0], workdir=workdir, progress=progress)
   for method in config.methods:
     fitted, times[method] = common.timed(METHODS[method].fit)(s, method)
     if isinstance(fitted, dict):
       selection[method] = fitted["candidates"]
       for loss, params in fitted["by_loss"].items():
         results[f"{method}@{loss}"] = score(params)
+      if fitted.get("oracle") is not None:
+        results[f"{method}@{ORACLE_SELECTION}"] = score(fitted["oracle"])
+      if fitted.get("untrained") is not None:
+        results[f"{method}@{UNTRAINED}"] = score(fitted["untrained"])
       fitted = fitted["selected"]
     results[method] = score(fitted)
     common.log(f"[{name}] {METHODS[method].label:28s} accuracy {results[method].mean():.4f}  "
@@ -344,9 +403,13 @@ def run_setting(name, key, populations, config, synthetic, *, workdir=None, prog
 
 
 def row_label(row: str) -> str:
-  """A Table 1 row's name in reports: ``method`` or ``method@loss``."""
+  """A Table 1 row's name in reports: ``method``, ``method@loss`` or ``method@oracle``."""
   base, _, loss = row.partition("@")
   label = REFERENCE_ROWS.get(base) or METHODS[base].label
+  if loss == ORACLE_SELECTION:
+    return f"{label} [oracle selection: validation accuracy]"
+  if loss == UNTRAINED:
+    return f"{label} [untrained]"
   return f"{label} [{loss} loss]" if loss else label
 
 
@@ -375,9 +438,33 @@ def prepare_config(config):
     raise common.ConfigError("config.losses and config.select_learning_rates must be non-empty")
   if config.select_by not in ("heldout_nll", "accuracy"):
     raise common.ConfigError(f"select_by must be heldout_nll or accuracy, got {config.select_by!r}")
+  if config.patience < 0 or not config.min_delta >= 0:
+    raise common.ConfigError(f"patience and min_delta must be >= 0, got {config.patience}, "
+                             f"{config.min_delta}")
+  if config.patience and config.patience < config.eval_every:
+    raise common.ConfigError(f"patience ({config.patience}) must be at least eval_every "
+                             f"({config.eval_every})")
   if config.num_val_users < 1:
     raise common.ConfigError("model selection needs validation users (num_val_users >= 1)")
   return config
+
+
+def make_populations(seed: int, config, synthetic):
+  """({split: Population} of one seed's world, the key of its settings (see setting_key))."""
+  k_world, k_train, k_test, k_settings = jax.random.split(jax.random.PRNGKey(seed), 4)
+  world = S.make_world(k_world, synthetic)
+  populations = {"train": S.make_population(k_train, world, config.num_users, synthetic),
+                 "test": S.make_population(k_test, world, config.num_test_users, synthetic)}
+  if config.num_val_users:
+    populations["val"] = S.make_population(jax.random.fold_in(k_test, 1), world,
+                                           config.num_val_users, synthetic)
+  return populations, k_settings
+
+
+def setting_key(k_settings, name: str):
+  """Keyed by the setting's canonical index: a setting's numbers do not depend on
+  which other settings run."""
+  return jax.random.fold_in(k_settings, SETTINGS.index(name))
 
 
 def run(config, output_dir: str, *, workdir: str | None = None, progress: bool = False):
@@ -406,20 +493,12 @@ def run(config, output_dir: str, *, workdir: str | None = None, progress: bool =
   per_user, times, curves, selection = [], {}, {}, {}
   t_start = time.time()
   for seed in config.seeds:
-    k_world, k_train, k_test, k_settings = jax.random.split(jax.random.PRNGKey(seed), 4)
-    world = S.make_world(k_world, synthetic)
-    populations = {"train": S.make_population(k_train, world, config.num_users, synthetic),
-                   "test": S.make_population(k_test, world, config.num_test_users, synthetic)}
-    if config.num_val_users:
-      populations["val"] = S.make_population(jax.random.fold_in(k_test, 1), world,
-                                             config.num_val_users, synthetic)
+    populations, k_settings = make_populations(seed, config, synthetic)
     seed_rows = {}
     per_user.append(seed_rows)
     for name in config.settings:
       common.log(f"##### seed {seed}")
-      # Keyed by the setting's canonical index: a setting's numbers do not
-      # depend on which other settings run.
-      res, tms, crv, sel = run_setting(name, jax.random.fold_in(k_settings, SETTINGS.index(name)),
+      res, tms, crv, sel = run_setting(name, setting_key(k_settings, name),
                                        populations, config, synthetic, progress=progress,
                                        workdir=common.subdir(workdir, f"seed{seed}", name))
       for m, acc in res.items():
@@ -463,7 +542,7 @@ def _write(output_dir, config, per_user, times, curves, selection, t_start):
   report.plot_curves(os.path.join(output_dir, "training_curves.png"),
                      curves[str(config.seeds[0])], settings,
                      lambda m: METHODS[m.partition("[")[0]].label)
-  for line in report.headline(summary):
+  for line in report.headline(summary, select_by=config.select_by):
     common.log(f"HEADLINE {line}")
   return text
 

@@ -28,8 +28,8 @@ from experiments import common
 pytestmark = pytest.mark.usefixtures("float32_default")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARIES = ("synthetic_table1", "bench_em_step", "bench_hsmm", "spsa_gradients", "demo_em",
-            "demo_hsmm")
+BINARIES = ("synthetic_table1", "bench_em_step", "bench_hsmm", "spsa_gradients", "spsa_training",
+            "demo_em", "demo_hsmm")
 # Files each binary writes besides config.json.
 OUTPUTS = {
     "synthetic_table1": ("table1.json", "table1_stats.json", "table1.md", "timings.json",
@@ -38,6 +38,7 @@ OUTPUTS = {
     "bench_em_step": ("results.json", "results.md"),
     "bench_hsmm": ("results.json", "results.md"),
     "spsa_gradients": ("results.json", "tables.md"),
+    "spsa_training": ("results.json", "tables.md", "curves.png"),
     "demo_em": ("results.json",),
     "demo_hsmm": ("results.json",),
 }
@@ -99,6 +100,14 @@ def test_binary_runs_on_tiny_config(name, tmp_path):
     # Every trained method was selected on validation users among its candidates.
     selection = common.read_json(tmp_path / "selection.json")["0"][config.settings[0]]
     assert sum(c["selected"] for c in selection["mlp_mapper"]) == 1
+    # Label-free by default: the selected candidate has the lowest validation held-out
+    # NLL; the oracle-selection row (validation accuracy) is reported beside it.
+    chosen = min(selection["mlp_mapper"], key=lambda c: c["validation"])
+    assert chosen["selected"] and config.select_by == "heldout_nll"
+    assert all("oracle_accuracy" in c and "stopped_early" in c for c in selection["mlp_mapper"])
+    assert "mlp_mapper@oracle" in stats["rows"]
+    assert "oracle selection" in (tmp_path / "table1.md").read_text()
+    assert "selected without labels" in (tmp_path / "table1.md").read_text()
   if name.startswith("demo"):
     assert 0.0 <= common.read_json(tmp_path / "results.json")["accuracy"] <= 1.0
 
@@ -263,3 +272,27 @@ def test_bench_hsmm_runs_any_subset_of_its_tables(tmp_path):
   assert result["rows"] == [] and result["gradient_rows"] == []
   assert len(result["batched_kernel_rows"]) == len(config.kernel_durations)
   assert "|---" in (tmp_path / "results.md").read_text()
+
+
+def test_label_free_selection_never_reads_the_true_states(tmp_path, monkeypatch):
+  """With select_by=heldout_nll and no oracle row, no validation label is ever read:
+  the accuracy criterion raises if called, and the run still trains and selects."""
+  from experiments import synthetic_table1
+
+  def no_labels(s, model):
+    raise AssertionError("label-free selection read the validation users' true states")
+
+  monkeypatch.setattr(synthetic_table1, "validation_accuracy", no_labels)
+  config = common.get_config("synthetic_table1", "tiny")
+  config.methods = ("mlp_mapper",)
+  config.oracle_selection = False
+  config.select_learning_rates = (1e-3, 1e-2)
+  assert config.select_by == "heldout_nll"
+  synthetic_table1.run(config, str(tmp_path))
+  selection = common.read_json(tmp_path / "selection.json")["0"][config.settings[0]]
+  candidates = selection["mlp_mapper"]
+  assert len(candidates) == 2 and sum(c["selected"] for c in candidates) == 1
+  assert min(candidates, key=lambda c: c["validation"])["selected"]
+  stats = common.read_json(tmp_path / "table1_stats.json")
+  assert "mlp_mapper@oracle" not in stats["rows"]
+  assert "mlp_mapper@untrained" in stats["rows"]      # what training adds, beside it

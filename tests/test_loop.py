@@ -167,3 +167,55 @@ def test_option_groups_are_frozen_with_the_old_defaults():
   assert (r.name, r.log, r.log_every, r.progress, r.tracker) == ("train", None, 0, False, None)
   with pytest.raises(dataclasses.FrozenInstanceError):
     v.every = 3
+
+
+@pytest.mark.parametrize("values,min_delta,stop_at,best_step", [
+    # Improves until update 4, then flat: patience 6 stops at the first evaluation >= 4 + 6.
+    ([1.0, 0.9, 0.8, 0.85, 0.81, 0.82, 0.83, 0.8, 0.7], 0.0, 10, 4),
+    # Improvements of 0.001 are below min_delta: they keep the best state but do not
+    # reset patience (last significant improvement at update 2).
+    ([1.0, 0.9, 0.899, 0.898, 0.897, 0.5, 0.4, 0.3, 0.2], 0.01, 8, 8),
+    # Never runs out: the budget ends the run.
+    ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], 0.0, None, 16),
+])
+def test_patience_stops_after_no_significant_improvement(values, min_delta, stop_at, best_step):
+  evaluated = []
+
+  def eval_fn(state):
+    evaluated.append(state)
+    return values[len(evaluated) - 1]
+
+  lines = []
+  result = _fit(num_steps=16, validation=loop.Validation(
+      eval_fn, every=2, at_start=True, mode="min", patience=6, min_delta=min_delta),
+      reporting=loop.Reporting(log=lines.append))
+  done = [c[0] for c in result.curve]
+  assert result.stopped_early == (stop_at is not None)
+  assert done[-1] == (stop_at if stop_at is not None else 16)
+  assert result.history.loss.size == done[-1]
+  if stop_at is not None:
+    assert best_step == result.best_step
+    assert any("early stop at step" in line for line in lines)
+  else:
+    assert result.best_step == 16
+
+
+def test_patience_checks_its_fields():
+  with pytest.raises(ValueError, match="patience and min_delta must be >= 0"):
+    loop.Validation(len, patience=-1)
+  with pytest.raises(ValueError, match="patience and min_delta must be >= 0"):
+    loop.Validation(len, min_delta=float("nan"))
+  with pytest.raises(ValueError, match="must be at least every"):
+    loop.Validation(len, every=10, patience=5)
+
+
+def test_a_run_stopped_by_patience_stays_stopped_on_resume(tmp_path):
+  values = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9] + [0.1] * 20)
+  validation = loop.Validation(lambda s: next(values), every=2, at_start=True, mode="min",
+                               patience=4)
+  checkpointing = loop.Checkpointing(str(tmp_path / "run"))
+  first = _fit(num_steps=16, validation=validation, checkpointing=checkpointing)
+  assert first.stopped_early and first.curve[-1][0] == 6 and first.best_step == 2
+  again = _fit(num_steps=16, validation=validation, checkpointing=checkpointing)
+  assert again.start_step == 6 and again.stopped_early and again.history.loss.size == 6
+  assert again.best_step == 2 and len(again.curve) == len(first.curve)

@@ -212,3 +212,20 @@ def test_early_stopping_returns_the_best_validated_model():
   for a, b in zip(jax.tree_util.tree_leaves(nnx.state(worst)),
                   jax.tree_util.tree_leaves(nnx.state(mapper))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_make_optimizer_b1_is_adams_first_moment_decay():
+  """The update after gradients +1 then -1 equals Adam's formula with the given b1
+  (b2 = 0.999, eps = 1e-8, clipping inactive); an out-of-range b1 is refused."""
+  params = {"w": jnp.zeros(())}
+  for b1 in (0.9, 0.99):
+    opt = Tr.make_optimizer(1.0, b1=b1, rate_in_state=True)
+    state = opt.init(params)
+    m = v = 0.0
+    for t, g in enumerate((1.0, -1.0), start=1):
+      updates, state = opt.update({"w": jnp.asarray(g)}, state, params)
+      m, v = b1 * m + (1 - b1) * g, 0.999 * v + 0.001 * g * g
+    want = -(m / (1 - b1 ** 2)) / (np.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
+    np.testing.assert_allclose(float(updates["w"]), want, rtol=1e-5)
+  with pytest.raises(ValueError, match="b1 must be in"):
+    Tr.make_optimizer(1e-3, b1=1.0)

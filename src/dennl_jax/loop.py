@@ -90,6 +90,7 @@ class FitResult(NamedTuple):
   skipped: int
   seconds: float
   start_step: int
+  stopped_early: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +105,21 @@ class Validation:
     mode: ``"max"`` or ``"min"``: which values are better.  Strict
       improvement, so ties keep the earlier state.
     name: the value's name in log lines and tracked metrics.
+    patience: early stopping: the run stops at the first evaluation that is
+      ``patience`` or more updates after the last *significant* improvement
+      (better than the best so far by more than ``min_delta``); 0: never.
+      The start evaluation counts as an improvement at update 0.
+    min_delta: the smallest change of the value (in its own units) that
+      counts as an improvement for ``patience``.  The best state is still
+      the strictly best one: ``min_delta`` only decides when to stop.
   """
   fn: Callable[[Any], float]
   every: int = 0
   at_start: bool = False
   mode: str = "max"
   name: str = "val"
+  patience: int = 0
+  min_delta: float = 0.0
 
   def __post_init__(self):
     if not callable(self.fn):
@@ -118,6 +128,12 @@ class Validation:
       raise ValueError(f"Validation.every must be >= 0, got {self.every}")
     if self.mode not in ("max", "min"):
       raise ValueError(f"Validation.mode must be 'max' or 'min', got {self.mode!r}")
+    if self.patience < 0 or not self.min_delta >= 0:
+      raise ValueError(f"Validation.patience and min_delta must be >= 0, got {self.patience}, "
+                       f"{self.min_delta}")
+    if self.patience and self.patience < self.every:
+      raise ValueError(f"Validation.patience ({self.patience}) must be at least every "
+                       f"({self.every}): the run is evaluated only every {self.every} updates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,9 +300,10 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
                           ("reporting", reporting, Reporting)):
     if value is not None and not isinstance(value, cls):
       raise TypeError(f"{arg} must be a dennl_jax.loop.{cls.__name__}, got {value!r}")
-  eval_fn, eval_every, eval_at_start, mode, eval_name = (
-      (validation.fn, validation.every, validation.at_start, validation.mode, validation.name)
-      if validation is not None else (None, 0, False, "max", "val"))
+  eval_fn, eval_every, eval_at_start, mode, eval_name, patience, min_delta = (
+      (validation.fn, validation.every, validation.at_start, validation.mode, validation.name,
+       validation.patience, validation.min_delta)
+      if validation is not None else (None, 0, False, "max", "val", 0, 0.0))
   workdir, config, save_every, keep = (
       (checkpointing.workdir, checkpointing.config, checkpointing.every, checkpointing.keep)
       if checkpointing is not None else (None, None, 0, 3))
@@ -297,6 +314,8 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
   state, opt_state = place_state(state), place_state(opt_state)
   best_value = -math.inf if mode == "max" else math.inf
   best_step, best_state = 0, state
+  # For patience: the value and updates done at the last significant improvement.
+  mark_value, mark_step = best_value, 0
   losses, seconds, skips, curve = [], [], [], []
   start_step, elapsed_before = 0, 0.0
   checkpointer = own_tracker = None
@@ -315,6 +334,7 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
       state, opt_state = place_state(trees["state"]), place_state(trees["opt_state"])
       best_state = place_state(trees["best_state"]) if eval_fn is not None else state
       best_value, best_step = meta["best_value"], meta["best_step"]
+      mark_value, mark_step = meta.get("mark_value", best_value), meta.get("mark_step", best_step)
       losses, seconds, skips = meta["loss"], meta["seconds"], meta["skipped"]
       curve = [tuple(c) for c in meta["curve"]]
       elapsed_before = seconds[-1] if seconds else 0.0
@@ -328,11 +348,14 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
   start = time.time() - elapsed_before
 
   def evaluate(done: int, loss: float):
-    nonlocal best_value, best_step, best_state
+    nonlocal best_value, best_step, best_state, mark_value, mark_step
     value = float(eval_fn(state))
     curve.append((done, loss, value))
     if better(value, best_value):
       best_value, best_step, best_state = value, done, state
+    # -inf/inf marks (nothing seen yet) compare as improved by any finite value.
+    if better(value, mark_value) and not abs(value - mark_value) <= min_delta:
+      mark_value, mark_step = value, done
     if tracker is not None:
       tracker.scalars(done, {eval_name: value})
     if log:
@@ -348,12 +371,18 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
       trees["best_state"] = best_state
     checkpointer.save(done, trees, dict(
         best_value=best_value, best_step=best_step, loss=losses, seconds=seconds,
-        skipped=skips, curve=[list(c) for c in curve]))
+        skipped=skips, curve=[list(c) for c in curve], mark_value=mark_value,
+        mark_step=mark_step))
+
+  def out_of_patience(done: int) -> bool:
+    return bool(patience) and done - mark_step >= patience
 
   save_every = save_every or max(1, math.ceil(num_steps / 10))
   bar = _progress_bar(progress, num_steps, start_step, name)
+  # A run resumed after its patience ran out stays stopped.
+  stopped_early = start_step < num_steps and bool(curve) and out_of_patience(curve[-1][0])
   try:
-    for i in range(start_step, num_steps):
+    for i in range(start_step, num_steps if not stopped_early else start_step):
       state, opt_state, loss, skip = step_fn(state, opt_state, place_batch(batch_at(i)),
                                              jax.random.fold_in(key, i))
       loss, done = float(loss), i + 1
@@ -367,10 +396,15 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
             f"  skipped {sum(skips)}")
       if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
         evaluate(done, loss)
+        stopped_early = done < num_steps and out_of_patience(done)
+        if stopped_early and log:
+          log(f"[{name}] early stop at step {done}: no {eval_name} improvement over "
+              f"{min_delta:g} in {done - mark_step} updates (best {best_value:.4f} at "
+              f"{best_step})")
       if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-      stop = should_stop is not None and should_stop(done, loss)
+      stop = stopped_early or (should_stop is not None and should_stop(done, loss))
       if checkpointer is not None and (done % save_every == 0 or done == num_steps or stop):
         save(done)
         if tracker is not None:
@@ -394,4 +428,4 @@ def fit(step_fn: Callable, state, opt_state, *, num_steps: int,
                     np.asarray(seconds, np.float64), np.asarray(skips, bool))
   return FitResult(state, opt_state, best_state if eval_fn is not None else state,
                    best_value, best_step, history, curve, skipped, time.time() - start,
-                   start_step)
+                   start_step, stopped_early)

@@ -121,22 +121,28 @@ def regression_loss(model, batch: Batch, key: PRNGKeyArray) -> Float[Array, ""]:
 
 
 def make_optimizer(learning_rate: float = 1e-3, clip_norm: float = 1.0,
-                   weight_decay: float = 0.0, *,
+                   weight_decay: float = 0.0, *, b1: float = 0.9,
                    rate_in_state: bool = False) -> optax.GradientTransformation:
   """Adam (AdamW when weight_decay > 0) after global-norm gradient clipping.
+
+  ``b1``: Adam's first-moment decay (0.99 averages about ten times as many
+  gradients as 0.9; with SPSA's estimates the learning rate matters far
+  more, docs/results.md, "SPSA").
 
   ``rate_in_state=True`` keeps the learning rate in the optimiser state
   (``optax.inject_hyperparams``) instead of baking it into the compiled
   step as a constant, so a learning-rate sweep compiles one program (the
   persistent compilation cache then serves every rate).
   """
+  if not 0.0 <= b1 < 1.0:
+    raise ValueError(f"b1 must be in [0, 1), got {b1}")
   if rate_in_state:
     base = optax.inject_hyperparams(optax.adamw if weight_decay > 0 else optax.adam)
-    opt = (base(learning_rate=learning_rate, weight_decay=weight_decay) if weight_decay > 0
-           else base(learning_rate=learning_rate))
+    opt = (base(learning_rate=learning_rate, b1=b1, weight_decay=weight_decay)
+           if weight_decay > 0 else base(learning_rate=learning_rate, b1=b1))
   else:
-    opt = (optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay > 0
-           else optax.adam(learning_rate))
+    opt = (optax.adamw(learning_rate, b1=b1, weight_decay=weight_decay) if weight_decay > 0
+           else optax.adam(learning_rate, b1=b1))
   return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
 
 
@@ -194,7 +200,7 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
           name: str = "model", workdir: Optional[str] = None, progress: bool = False,
           save_every: int = 0, keep: int = 3, mesh=None,
           eval_fn: Optional[Callable[[nnx.Module], float]] = None, eval_every: int = 0,
-          mode: str = "min") -> "TrainResult":
+          mode: str = "min", patience: int = 0, min_delta: float = 0.0) -> "TrainResult":
   """Minibatch training of ``model`` on users ``data`` (leading axis U).
 
   Each step draws ``batch_size`` users without replacement (a fresh
@@ -207,7 +213,10 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
   ``mode="min"``, or accuracy, ``mode="max"``), the model is scored at the
   start and every ``eval_every`` steps (0: after the last step only), and the
   best-scoring model is returned instead of the last one (the validation
-  curve, best step and value are in ``fit``).
+  curve, best step and value are in ``fit``).  ``patience`` > 0 also stops
+  the run once that many updates pass without an improvement larger than
+  ``min_delta`` (:class:`dennl_jax.loop.Validation`), so ``num_steps`` is a
+  budget; ``fit.stopped_early`` says whether it was cut short.
   ``workdir``, ``progress``, ``save_every``, ``keep``, ``mesh``: checkpoints
   and resume, metrics, progress bar and data parallelism of
   :func:`dennl_jax.loop.fit` (the workdir's config records the loss, batch
@@ -237,12 +246,15 @@ def train(model: nnx.Module, data: Batch, *, loss_fn: Callable = likelihood_loss
                   key=fingerprint(key), data=fingerprint(tuple(data)))
     if eval_fn is not None:   # absent otherwise, so earlier workdirs still resume
       config["early_stopping"] = dict(every=eval_every, mode=mode)
+      if patience:
+        config["early_stopping"].update(patience=patience, min_delta=min_delta)
   state_eval = None if eval_fn is None else (lambda st: eval_fn(nnx.merge(graphdef, st)))
   result = loop.fit(
       step_fn, state, optimizer.init(state), num_steps=num_steps,
       batch_at=lambda i: _take(data, indices(i)), key=key_steps,
       validation=None if eval_fn is None else loop.Validation(
-          state_eval, every=eval_every, at_start=True, mode=mode),
+          state_eval, every=eval_every, at_start=True, mode=mode, patience=patience,
+          min_delta=min_delta),
       checkpointing=(loop.Checkpointing(workdir, config=config, every=save_every, keep=keep)
                      if workdir else None),
       reporting=loop.Reporting(name=name, log=log, log_every=log_every, progress=progress),
