@@ -3,18 +3,22 @@ r"""Table 2: next-category prediction on MovieLens and the simulated marketplace
   python -m experiments.table2 --quick --dataset=movielens \
       --data_dir=../shared/data/movielens-latest-small --output_dir=/tmp/table2_quick_movielens
   python -m experiments.table2 --quick --dataset=marketplace --output_dir=/tmp/table2_quick_marketplace
+  python -m experiments.table2 --quick --dataset=movielens --config.unit=session \
+      --data_dir=../shared/data/movielens-latest-small --output_dir=/tmp/table2_quick_movielens_session
 
 (see experiments/configs/table2.py for the variants and fields).
 
-Pipeline: events -> per-user strength sequences (``dennl_jax.recsys.events``)
--> time split (last step = test, second-last = validation) -> user roles
+Pipeline: events -> per-user strength sequences (``dennl_jax.recsys.events``;
+MovieLens: whole blocks of 10 ratings, or sessions) -> time split (last step
+= test, second-last = validation) -> per role draw: user roles
 (:mod:`dennl_jax.recsys.protocol`: train / cold / too short) -> per seed:
 GraphSAGE on the training steps of the training users only, its user
 embeddings shared by every method -> every registered method fitted on the
 training steps, hyperparameters and training length chosen on the
 validation step -> scored on the test step of the training users (main
 table) and of the cold users shown h = 0, 1, 2 steps.  Per-user metrics are
-averaged over seeds, then bootstrapped over users.  Outputs (``--output_dir``):
+averaged over seeds, pooled over role draws (draws x users) and bootstrapped
+over users (a user's rows of every draw resampled together).  Outputs (``--output_dir``):
 table2.json, table2.md, table2_buckets.json, table2_cold.json, plots, config.json.
 """
 from __future__ import annotations
@@ -25,14 +29,14 @@ import zlib
 import jax
 import numpy as np
 
-from dennl_jax.recsys import graphsage
+from dennl_jax.recsys import events, graphsage
 from dennl_jax.recsys import metrics as rm
 from dennl_jax.recsys import protocol, registry
 from dennl_jax.recsys.baselines import active_history, category_embeddings, dominant_popularity
-from dennl_jax.recsys.task import evaluated, make_tasks, training_task
+from dennl_jax.recsys.task import dominant_set, evaluated, make_tasks, training_task
 from experiments import common
 from experiments import table2_report as report
-from experiments.table2_cache import EMBEDDINGS, ResultCache
+from experiments.table2_cache import EMBEDDINGS, ResultCache, draw_dir
 
 NAME = "table2"
 
@@ -42,7 +46,6 @@ NAME = "table2"
 
 def load_data(config, key):
   """(log, seqs, split, extra) for ``config.dataset``; extra holds user features / truth."""
-  from dennl_jax.recsys import events
   extra = {}
   if config.dataset == "movielens":
     from dennl_jax.recsys.movielens import load_movielens
@@ -59,7 +62,9 @@ def load_data(config, key):
     idle = IDLE_CATEGORY
   unit, per_step = sequence_unit(config)
   seqs = events.to_sequences(log, unit=unit, events_per_step=per_step,
-                             max_steps=config.max_steps, idle_category=idle)
+                             max_steps=config.max_steps, idle_category=idle,
+                             session_gap=config.session_gap, partial=config.partial,
+                             tie_order=config.tie_order)
   split = events.time_split(seqs)
   if idle is not None:
     # time_split puts the validation target on the last active day before the
@@ -78,7 +83,11 @@ def sequence_unit(config):
   MovieLens: blocks of 10 ratings (BUILD_NOTES "Deviations from the paper": by
   calendar day 55% of users have a single step; blocks of 10 give every user
   validation and test steps).  Marketplace: calendar days, as in the paper.
+  "session": a new step after ``config.session_gap`` seconds without events.
   """
+  if config.unit not in ("auto", "day", "events", "session"):
+    raise common.ConfigError(f"unit must be 'auto', 'day', 'events' or 'session'; "
+                             f"got {config.unit!r}")
   if config.unit != "auto":
     return config.unit, config.events_per_step
   return ("events", 10) if config.dataset == "movielens" else ("day", config.events_per_step)
@@ -202,6 +211,39 @@ def true_hsmm_predictor(truth, seqs):
 
 # ------------------------------------------------------------------ run
 
+BEST_CONSTANT = "best_constant"
+
+
+def best_constant(main_task, cold_tasks, idle_index=None) -> dict:
+  """Per-user metrics of the best constant ranking, chosen on each task's own targets.
+
+  Categories ordered by how often they are the target's dominant one (tied
+  maxima share the unit) over the task's evaluated users: no constant
+  ranking scores more top-k or MRR on those users, so a method near this row
+  is near saturation.  It reads the targets: a ceiling, not a method.
+  """
+  def one(task):
+    keep = evaluated(task)
+    dom = dominant_set(task)[keep].astype(np.float64)
+    freq = (dom / np.maximum(dom.sum(1, keepdims=True), 1.0)).sum(0)
+    scores = np.broadcast_to(freq, task.strengths.shape[::2])
+    return rm.per_user_metrics(rank_scores(scores, idle_index), task)
+  cold = {h: one(t) for h, t in cold_tasks.items()}
+  return {"main": one(main_task), "cold": cold, "fit_seconds": 0.0, "predict_seconds": 0.0,
+          "fell_back": 0, "cold_fell_back": {h: 0 for h in cold}, "selected": {}}
+
+
+def role_key(k_roles, draw: int):
+  """The key of role draw ``draw``: draw 0 is a single-draw run's key."""
+  return k_roles if draw == 0 else jax.random.fold_in(k_roles, draw)
+
+
+def draw_roles(config, k_roles, lengths, draw: int) -> np.ndarray:
+  """(U,) roles of role draw ``draw`` (:func:`dennl_jax.recsys.protocol.assign_roles`)."""
+  return protocol.assign_roles(role_key(k_roles, draw), lengths, min_steps=config.min_steps,
+                               cold_fraction=config.cold_fraction,
+                               cold_min_steps=max(config.min_steps, max(config.cold_history) + 1))
+
 
 def loss_setting(name: str) -> dict:
   """A network's grid entry from a loss name; ``+cold`` adds the h = 0 term.
@@ -229,28 +271,34 @@ def method_config(config, name, side, link, idle_index=None):
 
 
 def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, cache=None, *,
-             workdir=None, progress=False):
+             workdir=None, progress=False, draw=0):
   """{method: {"main": per-user dict, "cold": {h: per-user dict}, "fit_seconds", ...}}.
 
+  Besides the methods: ``best_constant`` (the constant ranking that scores
+  best on the evaluated users' own targets: the ceiling of every constant
+  ranking, popularity included), ``_users`` (the user index of each main-table
+  row) and ``_cold_users`` ({h: user index of each cold row}).
   ``cache`` (:class:`~experiments.table2_cache.ResultCache`) supplies finished results and
   stores new ones.
   ``workdir``: checkpoints and metrics of GraphSAGE and of every trained
-  method under ``workdir/seed<seed>/<method>`` (rerun to resume).
+  method under ``workdir/[draw<d>/]seed<seed>/<method>`` (rerun to resume).
+  ``draw``: the role draw (``roles``), for the cache and the log only.
   """
-  workdir = common.subdir(workdir, f"seed{seed}")
+  workdir = common.subdir(workdir, *draw_dir(draw), f"seed{seed}")
   cache = cache or ResultCache(None, config)
+  tag = f"draw {draw} seed {seed}"
   k_graph, k_methods = jax.random.split(seed_key)
-  emb = cache.load(seed, EMBEDDINGS)
+  emb = cache.load(seed, EMBEDDINGS, draw)
   if emb is None:
     if config.cached_only:
-      raise common.ConfigError(f"cached_only: seed {seed} has no cached GraphSAGE embeddings "
-                               f"under {cache.directory}; lower --config.seeds")
-    common.log(f"[table2] seed {seed}: GraphSAGE on training events")
+      raise common.ConfigError(f"cached_only: {tag} has no cached GraphSAGE embeddings "
+                               f"under {cache.directory}; lower --config.seeds or --config.draws")
+    common.log(f"[table2] {tag}: GraphSAGE on training events")
     emb = embeddings_for_seed(k_graph, log, seqs, split, roles, config,
                               extra.get("user_features"), workdir=workdir, progress=progress)
-    cache.save(seed, EMBEDDINGS, emb)
+    cache.save(seed, EMBEDDINGS, emb, draw)
   else:
-    common.log(f"[table2] seed {seed}: GraphSAGE embeddings from the cache")
+    common.log(f"[table2] {tag}: GraphSAGE embeddings from the cache")
   train_users = roles == protocol.TRAIN
   val_task, test_task = make_tasks(seqs, split, emb["val"], train_users, test_embeddings=emb["test"])
   val_task = protocol.only_users(val_task, train_users)
@@ -260,39 +308,42 @@ def run_seed(seed_key, seed, log, seqs, split, roles, config, extra, methods, ca
   side = {"popularity": pop, "category_embeddings": emb["category"], "log": common.log}
   # active history steps of each evaluated user, aligned with the per-user metric arrays
   active = active_history(main_task, extra.get("idle_index")).sum(1)
-  out = {"_graphsage": emb["report"], "_history_length": active[evaluated(main_task)]}
+  out = {"_graphsage": emb["report"], "_history_length": active[evaluated(main_task)],
+         "_users": np.flatnonzero(evaluated(main_task))}
   cold_users = roles == protocol.COLD
   cold_tasks = {h: protocol.cold_task(test_task, cold_users, h, emb["cold"][h],
                                      extra.get("idle_index"))
                 for h in config.cold_history} if cold_users.any() else {}
+  out["_cold_users"] = {h: np.flatnonzero(evaluated(t)) for h, t in cold_tasks.items()}
+  out[BEST_CONSTANT] = best_constant(main_task, cold_tasks, extra.get("idle_index"))
   for j, name in enumerate(methods):
     predictor = registry.get(name)
-    cached = cache.load(seed, name)
+    cached = cache.load(seed, name, draw)
     if cached is not None:
-      common.log(f"[table2] seed {seed}: {name} from the cache "
+      common.log(f"[table2] {tag}: {name} from the cache "
                  f"(top1 {100 * cached['main']['top1'].mean():.1f})")
       out[name] = cached
       continue
     if config.cached_only:
-      out.setdefault("_failed", {})[name] = f"not run: no cached result for seed {seed}"
+      out.setdefault("_failed", {})[name] = f"not run: no cached result for {tag}"
       continue
-    common.log(f"[table2] seed {seed}: {name} ({j + 1}/{len(methods)})")
+    common.log(f"[table2] {tag}: {name} ({j + 1}/{len(methods)})")
     try:
       out[name] = _run_method(predictor, name, k_methods, train_task, val_task, main_task,
                               cold_tasks, pop,
                               dict(side, workdir=common.subdir(workdir, name), progress=progress),
-                              emb, seqs, extra, config, seed)
-      cache.save(seed, name, out[name])
+                              emb, seqs, extra, config, tag)
+      cache.save(seed, name, out[name], draw)
     except Exception as e:          # noqa: BLE001 -- recorded, reported, optionally re-raised
       if config.fail_fast:
         raise
-      common.log(f"[table2] seed {seed}: {name} FAILED: {type(e).__name__}: {e}")
+      common.log(f"[table2] {tag}: {name} FAILED: {type(e).__name__}: {e}")
       out.setdefault("_failed", {})[name] = f"{type(e).__name__}: {e}"
   return out
 
 
 def _run_method(predictor, name, k_methods, train_task, val_task, main_task, cold_tasks, pop,
-                side, emb, seqs, extra, config, seed):
+                side, emb, seqs, extra, config, tag):
   """Fit one method, score the main and cold tasks; returns its per-seed result dict."""
   start = time.time()
   # the key depends on the method's name, not its position, so a run of a
@@ -324,7 +375,7 @@ def _run_method(predictor, name, k_methods, train_task, val_task, main_task, col
     setting = {} if run is None else fitted["grid_results"][run]["setting"]
     res["selected"]["cold_start"] = "popularity" if run is None else (
         setting.get("loss", "default") + ("+cold" if setting.get("cold_weight") else ""))
-  common.log(f"[table2] seed {seed}: {name} top1 {100 * res['main']['top1'].mean():.1f} "
+  common.log(f"[table2] {tag}: {name} top1 {100 * res['main']['top1'].mean():.1f} "
              f"top3 {100 * res['main']['top3'].mean():.1f} fit {fit_seconds:.1f}s")
   return res
 
@@ -335,42 +386,52 @@ def run(config, output_dir, *, workdir=None, progress=False):
     raise common.ConfigError("no methods given")
   for name in methods:
     registry.get(name)          # unknown names fail before any work
+  if config.draws < 1:
+    raise common.ConfigError(f"draws must be >= 1; got {config.draws}")
   root = jax.random.key(config.seed)
   k_data, k_roles, k_seeds, k_boot = jax.random.split(root, 4)
   start = time.time()
   log, seqs, split, extra = load_data(config, k_data)
   lengths = np.asarray(seqs.mask).sum(1)
-  roles = protocol.assign_roles(k_roles, lengths, min_steps=config.min_steps,
-                                cold_fraction=config.cold_fraction,
-                                cold_min_steps=max(config.min_steps, max(config.cold_history) + 1))
-  counts = protocol.role_counts(roles)
   if "truth" in extra and config.true_hsmm:
     registry.register("true_hsmm", true_hsmm_predictor(extra["truth"], seqs))
     methods = methods + ("true_hsmm",)
-  common.log(f"[table2] {config.dataset}: {len(lengths)} users, roles {counts}, "
-             f"load {time.time() - start:.1f}s")
   cache = ResultCache(output_dir if config.resume else None, config)
-  runs = [run_seed(jax.random.fold_in(k_seeds, s), s, log, seqs, split, roles, config, extra,
-                   methods, cache, workdir=workdir, progress=progress)
-          for s in range(config.seeds)]
+  # Every draw shares the data, split and training keys; only the roles differ.
+  runs, counts = [], None
+  for d in range(config.draws):
+    roles = draw_roles(config, k_roles, lengths, d)
+    counts = protocol.role_counts(roles)
+    common.log(f"[table2] {config.dataset}: {len(lengths)} users, role draw {d + 1}/{config.draws}:"
+               f" {counts}, {time.time() - start:.1f}s")
+    runs.append([run_seed(jax.random.fold_in(k_seeds, s), s, log, seqs, split, roles, config,
+                          extra, methods, cache, workdir=workdir, progress=progress, draw=d)
+                 for s in range(config.seeds)])
   failed = {}
-  for r in runs:
+  for r in (r for draw in runs for r in draw):
     failed.update(r.get("_failed", {}))
   if failed:
-    common.log(f"[table2] methods left out (failed in some seed): {sorted(failed)}")
+    common.log(f"[table2] methods left out (failed in some seed or draw): {sorted(failed)}")
   methods = tuple(m for m in methods if m not in failed)
   if not methods:
     raise RuntimeError(f"every method failed: {failed}")
+  methods = methods + (BEST_CONSTANT,)
   unit, per_step = sequence_unit(config)
   meta = dict(dataset=config.dataset, preset=config.preset, unit=unit,
               events_per_step=per_step if unit == "events" else None,
+              partial=config.partial if unit == "events" else None,
+              tie_order=config.tie_order if unit == "events" else None,
+              session_gap=config.session_gap if unit == "session" else None,
               target="dominant category of the test step (primary); any category with strength > 0 "
                      "(hit@k, the paper's definition)",
               split=("per user: last valid step = test, "
                      + ("last active day before it" if "idle_index" in extra else "second-last")
                      + " = validation, earlier steps = training"),
-              seeds=list(range(config.seeds)), num_users=int(len(lengths)),
+              seeds=list(range(config.seeds)), draws=int(config.draws),
+              num_users=int(len(lengths)),
               num_users_evaluated=int(counts["train"]), users_per_role=counts,
+              steps=events.step_statistics(log, seqs, split),
+              ranked_categories=len(seqs.category_names) - ("idle_index" in extra),
               num_categories=len(seqs.category_names), category_names=list(seqs.category_names),
               split_report=dict(split.report), cold_embedding=config.cold_embedding,
               idle_category=(seqs.category_names[extra["idle_index"]] if "idle_index" in extra
@@ -380,7 +441,7 @@ def run(config, output_dir, *, workdir=None, progress=False):
               failed_methods=failed,
               seconds=time.time() - start,
               graphsage=[common.to_jsonable({k: v for k, v in r["_graphsage"].items()})
-                         for r in runs])
+                         for draw in runs for r in draw])
   results = report.aggregate(runs, methods, k_boot, config, meta)
   text = report.markdown(results, config)
   print(text)

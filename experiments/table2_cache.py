@@ -19,7 +19,7 @@ from experiments import common
 
 # Config fields that change nothing a finished method computed: reruns with a
 # different selection of methods/seeds or a different report reuse the cache.
-REPORT_ONLY = ("preset", "methods", "seeds", "bootstrap", "reference", "fail_fast",
+REPORT_ONLY = ("preset", "methods", "seeds", "draws", "bootstrap", "reference", "fail_fast",
                 "method_config", "resume", "cached_only")
 EMBEDDINGS = "_embeddings"
 
@@ -28,7 +28,8 @@ class ResultCache:
   """Per-seed GraphSAGE embeddings and per-(seed, method) results on disk.
 
   A killed run keeps every finished method: ``<output_dir>/cache/<data
-  fingerprint>/seed<s>/`` holds ``_embeddings.pkl`` (GraphSAGE) and ``<method>-<method
+  fingerprint>/seed<s>/`` (role draw 0; draw d > 0 under ``draw<d>/seed<s>/``)
+  holds ``_embeddings.pkl`` (GraphSAGE) and ``<method>-<method
   fingerprint>.pkl``, written atomically as each finishes, and a rerun with
   the same data/protocol settings and the same method settings loads them
   instead of recomputing (results are deterministic given the keys).  The
@@ -44,26 +45,31 @@ class ResultCache:
       self.directory = os.path.join(directory, "cache", digest(data))
       self._method_config = config.method_config.to_dict()
 
-  def _path(self, seed, name):
+  def _path(self, seed, name, draw=0):
     if name != EMBEDDINGS:
       name = f"{name}-{digest(self._method_config.get(name, {}))}"
-    return os.path.join(self.directory, f"seed{seed}", f"{name}.pkl")
+    return os.path.join(self.directory, *draw_dir(draw), f"seed{seed}", f"{name}.pkl")
 
-  def load(self, seed, name):
-    if self.directory is None or not os.path.exists(self._path(seed, name)):
+  def load(self, seed, name, draw=0):
+    if self.directory is None or not os.path.exists(self._path(seed, name, draw)):
       return None
-    with open(self._path(seed, name), "rb") as f:
+    with open(self._path(seed, name, draw), "rb") as f:
       return pickle.load(f)
 
-  def save(self, seed, name, value):
+  def save(self, seed, name, value, draw=0):
     if self.directory is None:
       return
-    path = self._path(seed, name)
+    path = self._path(seed, name, draw)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as f:
       pickle.dump(jax.tree_util.tree_map(
           lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, value), f)
     os.replace(path + ".tmp", path)     # a kill mid-write never leaves a truncated result
+
+
+def draw_dir(draw) -> tuple:
+  """Path parts of role draw ``draw``: none for draw 0 (a single-draw run's layout)."""
+  return () if draw == 0 else (f"draw{draw}",)
 
 
 def digest(obj) -> str:

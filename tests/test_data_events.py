@@ -306,3 +306,101 @@ def test_to_sequences_refuses_overflowing_values_and_non_integer_settings(tmp_pa
 def test_read_event_log_missing_file(tmp_path):
   with pytest.raises(ValueError, match="none.csv: file not found"):
     ev.read_event_log(str(tmp_path / "none.csv"), write(tmp_path, "i.csv", ITEMS))
+
+
+# ------------------------------------------------ whole blocks, sessions, same-second order
+
+
+def oracle_units(log, unit, n=3, gap=ev.SESSION_GAP, partial="keep"):
+  """{row: step} per user by Python loops: sessions split at gaps > gap; blocks of n
+  (a trailing partial block dropped when partial == "drop"); rows time then row ordered."""
+  steps = {}
+  for u in sorted(set(log.user.tolist())):
+    rows = sorted(np.flatnonzero(log.user == u), key=lambda r: (log.timestamp[r], r))
+    if unit == "session":
+      step = 0
+      for j, r in enumerate(rows):
+        if j and log.timestamp[r] - log.timestamp[rows[j - 1]] > gap:
+          step += 1
+        steps[r] = step
+    else:
+      whole = len(rows) // n * n if partial == "drop" else len(rows)
+      steps.update({r: j // n for j, r in enumerate(rows[:whole])})
+      steps.update({r: ev.DROPPED for r in rows[whole:]})
+  return steps
+
+
+def random_log(seed, num=300):
+  rng = np.random.default_rng(seed)
+  cat = ev.make_catalogue(np.arange(8), rng.dirichlet(np.ones(4) * 0.3, 8), list("pqrs"))
+  # bursts: many events share a second, gaps from 0 s to several hours
+  ts = np.cumsum(rng.choice([0, 0, 1, 30, 1_000, 5_000, 20_000], num))
+  return ev.make_event_log(rng.integers(0, 7, num), ts, rng.integers(0, 8, num), cat)
+
+
+@pytest.mark.parametrize("unit,partial", [("session", "keep"), ("events", "drop"), ("events", "keep")])
+def test_sessions_and_whole_blocks_match_loop_oracle(unit, partial):
+  for seed in range(3):
+    log = random_log(seed)
+    s = ev.to_sequences(log, unit=unit, events_per_step=3, partial=partial)
+    np.testing.assert_array_equal(s.event_step, [oracle_units(log, unit, 3, partial=partial)[r]
+                                                 for r in range(log.num_events)])
+    np.testing.assert_allclose(s.strengths.sum(-1)[s.mask], 1.0, atol=1e-6)
+
+
+def test_no_validation_or_test_block_is_partial():
+  log = random_log(0, 500)
+  s = ev.to_sequences(log, unit="events", events_per_step=4, partial="drop")
+  sizes = ev.step_sizes(s)
+  assert np.all(sizes[s.mask] == 4) and not sizes[~s.mask].any()
+  sp = ev.time_split(s)
+  stats = ev.step_statistics(log, s, sp)
+  assert stats["partial_val_steps"] == stats["partial_test_steps"] == 0
+  assert stats["events_per_test_step"]["min"] == stats["events_per_val_step"]["max"] == 4
+  # the dropped events are each user's most recent ones: after the test step, in no mask
+  dropped = s.event_step == ev.DROPPED
+  assert dropped.sum() == s.report["dropped_events"] > 0
+  last_kept = np.full(len(s.user_ids), -1)
+  np.maximum.at(last_kept, s.event_user[~dropped], log.timestamp[~dropped])
+  assert np.all(log.timestamp[dropped] >= last_kept[s.event_user[dropped]])
+  assert not np.any(ev.training_events(log, s, sp, include="train+val") & dropped)
+  kept = ev.to_sequences(log, unit="events", events_per_step=4, partial="keep")
+  assert ev.step_statistics(log, kept, ev.time_split(kept))["partial_test_steps"] > 0
+
+
+def test_sessions_split_at_the_gap_and_keep_a_second_together():
+  cat = catalogue()
+  ts = [0, 100, 100 + 1800, 100 + 1801 + 1800, 100 + 1801 + 1800]
+  log = ev.make_event_log([1] * 5, ts, ["a", "b", "c", "a", "c"], cat)
+  s = ev.to_sequences(log, unit="session")
+  np.testing.assert_array_equal(s.event_step, [0, 0, 0, 1, 1])    # gap 1800 stays, 1801 splits
+  np.testing.assert_array_equal(s.step_time[0], [0, 3701])
+  s = ev.to_sequences(log, unit="session", session_gap=0)
+  np.testing.assert_array_equal(s.event_step, [0, 1, 2, 3, 3])    # one second is one step
+  assert s.report["session_gap"] == 0 and s.report["partial"] is None
+  with pytest.raises(ValueError, match="session_gap"):
+    ev.to_sequences(log, unit="session", session_gap=-1)
+
+
+@pytest.mark.parametrize("unit", ["events", "session"])
+def test_same_second_order_is_not_the_log_order(unit):
+  # one user, six films in one second then two later: reversing the rows of the
+  # burst must not change any step under tie_order="hash" (nor any session)
+  cat = ev.make_catalogue(np.arange(8), np.eye(4)[[0, 0, 0, 1, 1, 1, 2, 3]], list("pqrs"))
+  ts = np.array([5] * 6 + [9, 20])
+  items = np.arange(8)
+  perm = np.r_[np.arange(6)[::-1], 6, 7]
+  a = ev.to_sequences(ev.make_event_log([0] * 8, ts, items, cat), unit=unit, events_per_step=4,
+                      tie_order="hash")
+  b = ev.to_sequences(ev.make_event_log([0] * 8, ts[perm], items[perm], cat), unit=unit,
+                      events_per_step=4, tie_order="hash")
+  np.testing.assert_array_equal(a.strengths, b.strengths)
+  np.testing.assert_array_equal(a.event_step[perm], b.event_step)
+  if unit == "events":
+    logs = [ev.to_sequences(ev.make_event_log([0] * 8, ts[p], items[p], cat), unit=unit,
+                            events_per_step=4, tie_order="log") for p in (np.arange(8), perm)]
+    assert not np.array_equal(logs[0].strengths, logs[1].strengths)   # log order decides there
+  with pytest.raises(ValueError, match="tie_order"):
+    ev.to_sequences(small_log(), unit=unit, tie_order="random")
+  with pytest.raises(ValueError, match="partial"):
+    ev.to_sequences(small_log(), unit=unit, partial="merge")

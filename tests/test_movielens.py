@@ -96,6 +96,7 @@ def test_real_counts(real_log):
     ("day", 1, {1: 610, 2: 276, 3: 171}),
     ("events", 10, {1: 610, 2: 610, 3: 596}),
     ("events", 20, {1: 610, 2: 596, 3: 422}),
+    ("session", 1, {1: 610, 2: 303, 3: 208}),      # a new step after 30 min without a rating
 ])
 def test_real_length_distribution(real_log, unit, n, expected):
   s = ev.to_sequences(real_log, unit=unit, events_per_step=n)

@@ -111,3 +111,35 @@ def test_seeds_and_buckets():
   b = rm.by_bucket({"top1": np.array([1.0, 0.0, 1.0, 1.0, 0.0])}, [1, 2, 3, 12, 40])
   assert b == {"1": {"top1": 100.0, "n": 1}, "2-3": {"top1": 50.0, "n": 2},
                ">10": {"top1": 50.0, "n": 2}}
+
+
+def test_cluster_bootstrap_resamples_users_not_rows():
+  rng = np.random.default_rng(0)
+  v = rng.random(200)
+  key = jax.random.key(3)
+  # one row per user: the plain bootstrap over users
+  np.testing.assert_allclose(rm.bootstrap_interval(v, key, 500, clusters=np.arange(200)),
+                             rm.bootstrap_interval(v, key, 500), rtol=1e-12)
+  # every user scored in 3 draws with the same values: rows of a user move together,
+  # so the interval is the one-draw interval, not one sqrt(3) narrower
+  three = np.tile(v, 3)
+  users = np.tile(np.arange(200), 3)
+  lo, hi = rm.bootstrap_interval(three, key, 500, clusters=users)
+  np.testing.assert_allclose([lo, hi], rm.bootstrap_interval(v, key, 500), rtol=1e-12)
+  naive = rm.bootstrap_interval(three, key, 500)
+  assert naive[1] - naive[0] < 0.75 * (hi - lo)
+  d = rm.paired_difference(three, three - 0.1, key, 500, clusters=users)
+  assert d["low"] == pytest.approx(10.0) and d["high"] == pytest.approx(10.0)
+  s = rm.summarize({"top1": three}, key, 500, clusters=users)
+  assert s["n"] == 600 and s["top1"]["mean"] == pytest.approx(100 * v.mean())
+  with pytest.raises(ValueError, match="clusters"):
+    rm.bootstrap_interval(v, key, 10, clusters=np.arange(3))
+
+
+def test_chance_and_draw_spread():
+  ch = rm.chance(4)
+  assert ch["top1"] == 25.0 and ch["top3"] == 75.0 and ch["top5"] == 100.0
+  assert ch["mrr"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+  spread = rm.draw_spread([{"top1": np.array([1.0, 0.0])}, {"top1": np.array([0.0, 0.0])}])
+  assert spread["top1"]["min"] == 0.0 and spread["top1"]["max"] == 50.0
+  assert spread["top1"]["per_draw"] == [50.0, 0.0]

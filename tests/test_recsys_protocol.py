@@ -74,3 +74,20 @@ def test_cold_task_shows_last_h_steps_of_cold_users_only():
   assert not cold.train_users.any() and np.all(cold.embeddings == 1)
   tk.check_task(cold)
 
+
+
+def test_dropped_trailing_events_reach_no_graph():
+  # one TRAIN user with 4 whole steps, then 2 events of a dropped partial block
+  # (events.DROPPED) and one event cut by max_steps before the first step (-1)
+  from dennl_jax.recsys.events import DROPPED
+  split = _split(np.array([4]), 4)
+  step = np.array([-1, 0, 1, 2, 3, DROPPED, DROPPED])
+  user = np.zeros_like(step)
+  for shown in (None, 0, 2):
+    train, test, cold = pr.graph_event_masks(user, step, split, np.array([pr.TRAIN]),
+                                             include_val=True, cold_shown=shown)
+    np.testing.assert_array_equal(train, [1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(test, [1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(cold, test)
+  _, _, cold = pr.graph_event_masks(user, step, split, np.array([pr.COLD]), include_val=True)
+  np.testing.assert_array_equal(cold, [0, 1, 1, 1, 0, 0, 0])   # cold users: kept steps only

@@ -124,3 +124,73 @@ def test_network_losses_become_grid_entries():
   assert "losses" not in cfg
   with pytest.raises(common.ConfigError, match="predictive loss only"):
     table2.loss_setting("heldout+cold")
+
+
+@pytest.mark.slow
+def test_role_draws_change_only_the_split(tmp_path, monkeypatch):
+  """Every draw shares data, split and training keys; only the roles differ, every
+  method is scored on every draw, and the table pools draws x users."""
+  import jax
+  calls = []
+  original = table2.run_seed
+
+  def spy(seed_key, seed, log, seqs, split, roles, config, extra, methods, cache=None, **kw):
+    out = original(seed_key, seed, log, seqs, split, roles, config, extra, methods, cache, **kw)
+    calls.append(dict(key=np.asarray(jax.random.key_data(seed_key)), seed=seed, seqs=seqs,
+                      split=split, roles=np.asarray(roles).copy(), draw=kw["draw"], out=out))
+    return out
+
+  monkeypatch.setattr(table2, "run_seed", spy)
+  config = _tiny(methods=("popularity", "markov"))
+  config.draws = 3
+  results = table2.run(config, str(tmp_path))
+  assert [c["draw"] for c in calls] == [0, 1, 2]
+  first = calls[0]
+  for c in calls[1:]:
+    assert c["seqs"] is first["seqs"] and c["split"] is first["split"]
+    np.testing.assert_array_equal(c["key"], first["key"])
+    from dennl_jax.recsys import protocol
+    assert protocol.role_counts(c["roles"]) == protocol.role_counts(first["roles"])
+    np.testing.assert_array_equal(c["roles"] == protocol.TOO_SHORT,
+                                  first["roles"] == protocol.TOO_SHORT)
+  assert len({c["roles"].tobytes() for c in calls}) == 3        # the cold set moves
+  # draw 0 is the single-draw run's split
+  lengths = np.asarray(first["seqs"].mask).sum(1)
+  k_roles = jax.random.split(jax.random.key(config.seed), 4)[1]
+  np.testing.assert_array_equal(first["roles"], table2.draw_roles(config, k_roles, lengths, 0))
+  table = results["table"]
+  n = table["_meta"]["users_per_role"]["train"]
+  for m in ("popularity", "markov", "best_constant", "true_hsmm"):
+    assert table[m]["n"] == 3 * n
+    per_draw = [100 * c["out"][m]["main"]["top1"].mean() for c in calls]
+    assert table[m]["top1"] == pytest.approx(np.mean(per_draw))
+    assert table[m]["draw_spread"]["top1"]["per_draw"] == pytest.approx(per_draw)
+  # no constant ranking beats the best one on its own targets
+  for k in ("top1", "top3", "mrr"):
+    assert table["best_constant"][k] >= table["popularity"][k] - 1e-9
+  assert "random ranking (expected)" in (tmp_path / "table2.md").read_text()
+
+
+def test_movielens_default_protocol_has_no_partial_validation_or_test_step():
+  import jax
+  from dennl_jax.recsys import events
+  from dennl_jax.recsys.movielens import DEFAULT_DATA_DIR, resolve_data_dir
+  try:
+    resolve_data_dir(DEFAULT_DATA_DIR)
+  except ValueError:
+    pytest.skip(f"MovieLens not found at {DEFAULT_DATA_DIR}")
+  for unit in ("auto", "session"):
+    config = common.get_config("table2", "quick")
+    config.unit = unit
+    log, seqs, split, _ = table2.load_data(config, jax.random.key(0))
+    stats = events.step_statistics(log, seqs, split)
+    sizes = events.step_sizes(seqs)
+    users = np.flatnonzero(split.val_step >= 0)
+    val, test = sizes[users, split.val_step[users]], sizes[users, split.test_step[users]]
+    if unit == "auto":      # whole blocks of 10: every validation and test step holds 10 ratings
+      assert np.all(val == 10) and np.all(test == 10)
+      assert stats["partial_val_steps"] == stats["partial_test_steps"] == 0
+      assert seqs.report["dropped_events"] > 0
+    else:                   # sessions: more than 30 min between validation and test steps
+      assert stats["val_to_test_seconds"]["min"] > config.session_gap
+      assert stats["test_same_second_as_val"] == 0

@@ -6,8 +6,8 @@ each item belongs to, as weights that sum to 1 per item (a film with three
 genres gives each 1/3), plus optional item features (for GraphSAGE).
 
 :func:`to_sequences` aggregates each user's events into steps -- a calendar
-day (UTC; the paper) or a block of ``n`` consecutive events -- and gives each
-step the strength vector ``s_c = sum over the step's events of value *
+day (UTC; the paper), a block of ``n`` consecutive events, or a session (a
+new step after an inactivity gap) -- and gives each step the strength vector ``s_c = sum over the step's events of value *
 weight(item, c)``, normalised to sum to 1 (paper A.2: "strength ... based on
 the number of clicks/purchases ... normalised to 1").  :func:`time_split`
 assigns the last valid step of every user to test, the second-last to
@@ -49,10 +49,15 @@ import numpy as np
 from dennl_jax.recsys._event_csv import as_lines, parse_event_files
 
 SECONDS_PER_DAY = 86_400
+SESSION_GAP = 1_800      # seconds of inactivity that end a session (30 min, see to_sequences)
+DROPPED = -2             # event_step of the events of a dropped trailing partial block
+UNITS = ("day", "events", "session")
 _TOL = 1e-5
 
 __all__ = ["Catalogue", "EventLog", "Sequences", "TimeSplit", "make_catalogue", "make_event_log",
-           "read_event_log", "to_sequences", "time_split", "training_events", "SECONDS_PER_DAY"]
+           "read_event_log", "to_sequences", "time_split", "training_events", "step_sizes",
+           "step_statistics",
+           "SECONDS_PER_DAY", "SESSION_GAP", "DROPPED", "UNITS"]
 
 
 def _ids(name: str, x) -> np.ndarray:
@@ -218,11 +223,14 @@ class Sequences(NamedTuple):
   category_names: (C,) str.
   event_user: (N,) int64 user index of every event of the log.
   event_step: (N,) int64 step of every event within its user's sequence;
-    -1 for events cut by ``max_steps``.
+    -1 for events cut by ``max_steps`` (they precede the first kept step),
+    ``DROPPED`` (-2) for the events of a dropped trailing partial block
+    (they follow the last step; ``partial="drop"``).
   idle: (U, T) bool steps that are event-free days filled with
     ``idle_category`` (all False without it).
   report: dict of counts (unit, users, events, steps, idle_steps, cut_steps,
-    cut_events, cut_users) and the arguments.
+    cut_events, cut_users, dropped_events, dropped_users, users_without_steps)
+    and the arguments.
   """
   strengths: np.ndarray
   mask: np.ndarray
@@ -242,7 +250,9 @@ def _is_positive_int(value) -> bool:
 
 
 def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
-                 max_steps: int | None = None, idle_category: str | None = None) -> Sequences:
+                 max_steps: int | None = None, idle_category: str | None = None, *,
+                 session_gap: int = SESSION_GAP, partial: str = "keep",
+                 tie_order: str = "log") -> Sequences:
   """Aggregate ``log`` into per-user strength sequences.
 
   unit="day": one step per calendar day (UTC) with events.  With
@@ -250,22 +260,39 @@ def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
     first and last active day without events is a step with all mass on that
     category (the paper's "no action" sub-category).
   unit="events": steps are blocks of ``events_per_step`` consecutive events of
-    the user, ordered by timestamp then row order (ties keep log order); the
-    last block may hold fewer events.
+    the user, ordered by timestamp, then by ``tie_order`` among events of the
+    same second.  ``partial="keep"``: the last block may hold fewer events;
+    ``partial="drop"``: a trailing block with fewer than ``events_per_step``
+    events is dropped (its events get ``event_step = DROPPED`` and lie after
+    every step), so every step -- validation and test included -- is whole.
+  unit="session": a new step starts when more than ``session_gap`` seconds
+    pass since the user's previous event (default 30 min, the usual
+    inactivity gap of session-based recommendation); events of one second are
+    always in one step, whatever their order in the log.
+  tie_order (events of one user at the same second): "log" keeps the log's
+    row order; "hash" orders them by a fixed hash of (user, item), which
+    carries nothing of the log's row order (MovieLens writes a user's
+    same-second ratings in movieId order).  Only block boundaries depend on it.
   max_steps: keep each user's last ``max_steps`` steps; the cut events get
     ``event_step = -1`` and are counted in ``report``.
 
   A step whose events all have value 0 gets the unweighted (value 1)
   strengths of its events, so every valid step sums to 1.
   Returns :class:`Sequences` with U users (sorted ids) and T = longest kept
-  sequence.
+  sequence; users whose every event was dropped have no valid step.
   """
   if not isinstance(log, EventLog):
     raise ValueError(f"log must be an EventLog, got {type(log).__name__}")
-  if unit not in ("day", "events"):
-    raise ValueError(f"unit must be 'day' or 'events', got {unit!r}")
+  if unit not in UNITS:
+    raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
   if unit == "events" and not _is_positive_int(events_per_step):
     raise ValueError(f"events_per_step must be an integer >= 1, got {events_per_step!r}")
+  if unit == "session" and (not isinstance(session_gap, (int, np.integer)) or session_gap < 0):
+    raise ValueError(f"session_gap must be an integer >= 0 (seconds), got {session_gap!r}")
+  if partial not in ("keep", "drop"):
+    raise ValueError(f"partial must be 'keep' or 'drop', got {partial!r}")
+  if tie_order not in ("log", "hash"):
+    raise ValueError(f"tie_order must be 'log' or 'hash', got {tie_order!r}")
   if max_steps is not None and not _is_positive_int(max_steps):
     raise ValueError(f"max_steps must be None or an integer >= 1, got {max_steps!r}")
   names = log.catalogue.category_names
@@ -279,7 +306,8 @@ def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
   user_ids, event_user = np.unique(log.user, return_inverse=True)
   event_user = event_user.reshape(-1).astype(np.int64)
   num_users = user_ids.size
-  order = np.lexsort((np.arange(n), log.timestamp, event_user))
+  ties = np.arange(n) if tie_order == "log" else _tie_hash(event_user, log.item_index)
+  order = np.lexsort((np.arange(n), ties, log.timestamp, event_user))
   su, ts = event_user[order], log.timestamp[order]
   user_start = np.searchsorted(su, np.arange(num_users))          # first sorted row of each user
   new_user = np.r_[True, su[1:] != su[:-1]]
@@ -291,21 +319,33 @@ def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
       new_step = new_user | np.r_[True, day[1:] != day[:-1]]
       step = np.cumsum(new_step) - 1
       step = step - step[user_start][su]
+  elif unit == "session":
+    new_step = new_user | (np.r_[0, np.diff(ts)] > session_gap)
+    step = np.cumsum(new_step) - 1
+    step = step - step[user_start][su]
   else:
-    step = (np.arange(n) - user_start[su]) // int(events_per_step)
+    position = np.arange(n) - user_start[su]
+    step = position // int(events_per_step)
+  dropped = np.zeros(n, bool)
+  if partial == "drop" and unit == "events":
+    whole = np.bincount(su, minlength=num_users) // int(events_per_step) * int(events_per_step)
+    dropped = position >= whole[su]
   lengths = np.zeros(num_users, np.int64)
-  np.maximum.at(lengths, su, step + 1)
+  np.maximum.at(lengths, su[~dropped], step[~dropped] + 1)
+  if lengths.max(initial=0) == 0:
+    raise ValueError(f"no step left: every user has fewer than {events_per_step} events "
+                     "and partial='drop'")
 
   cut = np.zeros(num_users, np.int64) if max_steps is None else np.maximum(lengths - max_steps, 0)
   step = step - cut[su]
   lengths = lengths - cut
   sorted_step = step
   event_step = np.empty(n, np.int64)
-  event_step[order] = np.where(sorted_step >= 0, sorted_step, -1)
+  event_step[order] = np.where(dropped, DROPPED, np.where(sorted_step >= 0, sorted_step, -1))
 
   num_steps = int(lengths.max())
   num_cats = len(names)
-  keep = sorted_step >= 0
+  keep = (sorted_step >= 0) & ~dropped
   flat = su[keep] * num_steps + sorted_step[keep]
   rows = log.item_index[order][keep]
   weights = log.value[order][keep]
@@ -343,13 +383,39 @@ def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
     step_time = step_time.reshape(num_users, num_steps)
 
   report = dict(unit=unit, events_per_step=int(events_per_step) if unit == "events" else None,
+                session_gap=int(session_gap) if unit == "session" else None,
+                partial=partial if unit == "events" else None,
+                tie_order=tie_order if unit == "events" else None,
                 users=int(num_users), events=int(n), steps=int(lengths.sum()),
                 idle_steps=int(idle.sum()) if idle_category is not None else 0,
-                cut_steps=int(cut.sum()), cut_events=int((~keep).sum()),
-                cut_users=int((cut > 0).sum()), max_steps=max_steps, idle_category=idle_category)
+                cut_steps=int(cut.sum()), cut_events=int(((sorted_step < 0) & ~dropped).sum()),
+                cut_users=int((cut > 0).sum()), dropped_events=int(dropped.sum()),
+                dropped_users=int(np.unique(su[dropped]).size),
+                users_without_steps=int((lengths == 0).sum()),
+                max_steps=max_steps, idle_category=idle_category)
   return Sequences(strengths.astype(np.float32), mask, step_time, lengths, user_ids, names,
                    event_user, event_step, idle if idle_category is not None else np.zeros_like(mask),
                    report)
+
+
+def _tie_hash(user: np.ndarray, item: np.ndarray) -> np.ndarray:
+  """(N,) uint64 splitmix64 hash of (user index, item row): an order for same-second events
+  that is fixed, reproducible and unrelated to the rows' order in the log."""
+  with np.errstate(over="ignore"):
+    x = (user.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+         + item.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(0x94D049BB133111EB))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def step_sizes(seqs: Sequences) -> np.ndarray:
+  """(U, T) int64 number of log events in each step (0 on padding and idle days)."""
+  mask = np.asarray(seqs.mask)
+  eu, es = np.asarray(seqs.event_user), np.asarray(seqs.event_step)
+  ok = es >= 0
+  flat = eu[ok] * mask.shape[1] + es[ok]
+  return np.bincount(flat, minlength=mask.size).reshape(mask.shape).astype(np.int64)
 
 
 class TimeSplit(NamedTuple):
@@ -421,6 +487,64 @@ def training_events(log: EventLog, seqs: Sequences, split: TimeSplit,
   if include == "train+val":
     keep |= ok & (es == np.asarray(split.val_step)[eu])
   return keep
+
+
+def _quantiles(x) -> dict:
+  x = np.asarray(x, np.float64)
+  if x.size == 0:
+    return {"n": 0}
+  q = np.quantile(x, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+  return dict(n=int(x.size), mean=float(x.mean()),
+              **{k: float(v) for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), q)})
+
+
+def step_statistics(log: EventLog, seqs: Sequences, split: TimeSplit,
+                    tie_tolerance: float = 1e-6) -> dict:
+  """What one step of ``seqs`` is: the length distribution of the unit and of its targets.
+
+  Over the users with a validation and a test step: steps per user, log
+  events per step (all steps, validation steps, test steps), test steps of a
+  single event, test and validation steps smaller than the largest step
+  size of the unit's blocks (``partial`` ones, unit="events" only), test
+  steps whose maximal strength is tied, and the seconds from the validation
+  step's last event to the test step's first (0: the boundary splits one
+  same-second burst).  ``seqs`` must come from ``log``.  Plain numbers.
+  """
+  sizes = step_sizes(seqs)
+  mask = np.asarray(seqs.mask, bool)
+  val, test = np.asarray(split.val_step), np.asarray(split.test_step)
+  users = np.flatnonzero((val >= 0) & (test >= 0))
+  active = mask & (sizes > 0)
+  test_size, val_size = sizes[users, test[users]], sizes[users, val[users]]
+  x = np.asarray(seqs.strengths)[users, test[users]]
+  tied = ((x >= x.max(1, keepdims=True) - tie_tolerance).sum(1) > 1)
+  eu, es = np.asarray(seqs.event_user), np.asarray(seqs.event_step)
+  if eu.shape != (log.num_events,):
+    raise ValueError("seqs must come from log (event counts differ)")
+  ok = es >= 0
+  flat = eu[ok] * mask.shape[1] + es[ok]
+  first = np.full(mask.size, np.iinfo(np.int64).max)
+  last = np.full(mask.size, np.iinfo(np.int64).min)
+  np.minimum.at(first, flat, log.timestamp[ok])
+  np.maximum.at(last, flat, log.timestamp[ok])
+  first, last = first.reshape(mask.shape), last.reshape(mask.shape)
+  gap = first[users, test[users]] - last[users, val[users]]
+  out = dict(users_with_val_and_test=int(users.size),
+             steps_per_user=_quantiles(mask.sum(1)[users]),
+             events_per_step=_quantiles(sizes[active]),
+             events_per_val_step=_quantiles(val_size),
+             events_per_test_step=_quantiles(test_size),
+             test_steps_of_one_event=int((test_size == 1).sum()),
+             test_steps_tied=int(tied.sum()),
+             test_steps_tied_pct=100.0 * float(tied.mean()) if users.size else 0.0,
+             val_to_test_seconds=_quantiles(gap),
+             test_within_60s_of_val=int((gap <= 60).sum()),
+             test_same_second_as_val=int((gap == 0).sum()))
+  per_step = (seqs.report or {}).get("events_per_step")
+  if per_step:
+    out["partial_val_steps"] = int((val_size < per_step).sum())
+    out["partial_test_steps"] = int((test_size < per_step).sum())
+  return out
 
 
 def read_event_log(events_csv, items_csv) -> EventLog:

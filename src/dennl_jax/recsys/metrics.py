@@ -23,7 +23,10 @@ index, which would favour alphabetically early categories.
 
 Intervals are percentile bootstraps over users; the resampling indices come
 from a numpy generator seeded with the bits of an explicit ``jax.random``
-key, so every interval is reproducible from its key.
+key, so every interval is reproducible from its key.  With ``clusters``
+(one id per value, e.g. the user of each (role draw, user) row) the
+bootstrap resamples whole clusters: a user evaluated in several role draws
+is one unit of the resampling, not several independent ones.
 """
 from __future__ import annotations
 
@@ -85,41 +88,63 @@ def _rng(key) -> np.random.Generator:
   return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().astype(np.uint32))
 
 
-def bootstrap_interval(values, key, num_samples: int = 1000, level: float = 0.95):
-  """(low, high) percentile bootstrap interval of the mean of ``values`` (n,)."""
+def _resampled_means(values, key, num_samples, clusters=None) -> np.ndarray:
+  """(num_samples,) bootstrap means of ``values`` (n,), resampling rows or whole clusters."""
+  rng = _rng(key)
+  if clusters is None:
+    idx = rng.integers(0, values.size, (num_samples, values.size))
+    return values[idx].mean(1)
+  clusters = np.asarray(clusters)
+  if clusters.shape != values.shape:
+    raise ValueError(f"clusters must have the values' shape {values.shape}; got {clusters.shape}")
+  _, inv = np.unique(clusters, return_inverse=True)
+  inv = inv.reshape(-1)
+  sums = np.bincount(inv, weights=values)
+  counts = np.bincount(inv).astype(np.float64)
+  idx = rng.integers(0, sums.size, (num_samples, sums.size))
+  return sums[idx].sum(1) / counts[idx].sum(1)
+
+
+def bootstrap_interval(values, key, num_samples: int = 1000, level: float = 0.95, clusters=None):
+  """(low, high) percentile bootstrap interval of the mean of ``values`` (n,).
+
+  clusters: optional (n,) ids; resamples whole clusters (the mean stays the
+  mean over all n values).
+  """
   values = np.asarray(values, np.float64)
   if values.ndim != 1 or values.size == 0:
     raise ValueError(f"values must be a non-empty (n,) array; got shape {values.shape}")
-  idx = _rng(key).integers(0, values.size, (num_samples, values.size))
-  means = values[idx].mean(1)
+  means = _resampled_means(values, key, num_samples, clusters)
   a = (1.0 - level) / 2.0
   return float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))
 
 
-def summarize(per_user: dict, key, num_samples: int = 1000) -> dict:
-  """{metric: {"mean", "low", "high"} in %} with bootstrap intervals over users, plus "n"."""
+def summarize(per_user: dict, key, num_samples: int = 1000, clusters=None) -> dict:
+  """{metric: {"mean", "low", "high"} in %} with bootstrap intervals over users, plus "n".
+
+  clusters: optional (n,) id of each row (see :func:`bootstrap_interval`).
+  """
   out = {}
   keys = jax.random.split(key, len(per_user))
   for k, (name, v) in zip(keys, sorted(per_user.items())):
-    lo, hi = bootstrap_interval(v, k, num_samples)
+    lo, hi = bootstrap_interval(v, k, num_samples, clusters=clusters)
     out[name] = {"mean": 100.0 * float(np.mean(v)), "low": 100.0 * lo, "high": 100.0 * hi}
   out["n"] = int(len(next(iter(per_user.values())))) if per_user else 0
   return out
 
 
-def paired_difference(a, b, key, num_samples: int = 1000) -> dict:
+def paired_difference(a, b, key, num_samples: int = 1000, clusters=None) -> dict:
   """Per-user paired difference a - b (same users, same order), in %.
 
   Returns mean, 95% bootstrap interval and ``p``: the two-sided bootstrap
   probability that the mean difference has the opposite sign (0.0 means no
-  resample crossed zero).
+  resample crossed zero).  clusters: optional (n,) id of each row.
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
     raise ValueError(f"a and b must be equal (n,) arrays; got {a.shape}, {b.shape}")
   d = a - b
-  idx = _rng(key).integers(0, d.size, (num_samples, d.size))
-  means = d[idx].mean(1)
+  means = _resampled_means(d, key, num_samples, clusters)
   p = 2.0 * min(np.mean(means <= 0.0), np.mean(means >= 0.0))
   return {"mean": 100.0 * float(d.mean()), "low": 100.0 * float(np.quantile(means, 0.025)),
           "high": 100.0 * float(np.quantile(means, 0.975)), "p": float(min(p, 1.0))}
@@ -152,6 +177,34 @@ def seed_spread(per_user_by_seed: list) -> dict:
   """{metric: standard deviation over seeds of the per-seed mean, in %}."""
   names = per_user_by_seed[0].keys()
   return {n: 100.0 * float(np.std([np.mean(r[n]) for r in per_user_by_seed])) for n in names}
+
+
+def draw_spread(per_draw_means: list) -> dict:
+  """{metric: {"std", "min", "max", "per_draw"}} in % of per-draw mean metrics.
+
+  per_draw_means: one {metric: (n_d,) per-user values} per role draw.
+  """
+  names = per_draw_means[0].keys()
+  out = {}
+  for n in names:
+    m = np.array([100.0 * float(np.mean(d[n])) for d in per_draw_means])
+    out[n] = {"std": float(m.std()), "min": float(m.min()), "max": float(m.max()),
+              "per_draw": m.tolist()}
+  return out
+
+
+def chance(num_categories: int) -> dict:
+  """{metric: %} expected under a uniformly random ranking of ``num_categories``.
+
+  top-k = k / C; MRR = H_C / C; NDCG@5 = sum_{r<=5} 1 / (C log2(1 + r)).
+  (The hit metrics depend on the target's support and are left out.)
+  """
+  c = int(num_categories)
+  r = np.arange(1, c + 1)
+  out = {f"top{k}": 100.0 * min(k, c) / c for k in KS}
+  out["mrr"] = 100.0 * float(np.sum(1.0 / r) / c)
+  out["ndcg5"] = 100.0 * float(np.sum(1.0 / np.log2(1.0 + r[:5])) / c)
+  return out
 
 
 def bucket_name(lo, hi) -> str:

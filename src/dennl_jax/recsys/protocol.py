@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from dennl_jax.recsys.events import DROPPED
 from dennl_jax.recsys.metrics import BUCKETS
 from dennl_jax.recsys.task import NextStepTask, last_steps
 
@@ -67,11 +68,14 @@ def graph_event_masks(log_event_user, event_step, split, roles, *, include_val: 
   validation step (what GraphSAGE trains on).  test_events: train_events plus
   the validation steps when ``include_val``.  cold_events: test_events plus
   COLD users' events before their test step (``cold_shown=h``: only the last
-  h steps before it).  No mask ever contains a test-step event.
+  h steps before it).  No mask ever contains a test-step event, nor an event
+  of a dropped trailing partial block (``events.DROPPED``: after the test step).
+  Events cut by ``max_steps`` (step -1) precede every kept step and count as
+  training-period events.
   """
   user = np.asarray(log_event_user)
   step = np.asarray(event_step)
-  ok = user >= 0
+  ok = (user >= 0) & (step != DROPPED)
   u = np.where(ok, user, 0)
   role = np.where(ok, np.asarray(roles)[u], TOO_SHORT)
   val = np.asarray(split.val_step)[u]

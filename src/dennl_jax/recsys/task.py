@@ -180,9 +180,10 @@ def dominant_target(task: NextStepTask) -> np.ndarray:
 def dominant_set(task: NextStepTask) -> np.ndarray:
   """(U, C) bool: the categories of maximal strength at the target step (all tied ones).
 
-  Ties are common (on MovieLens a day with one three-genre film ties three
-  genres; 24% of test days have a tie), so the metrics split a user's credit
-  equally over the tied categories instead of picking one by index.
+  Ties are common (on MovieLens a step of one three-genre film ties three
+  genres: 25.4 % of test sessions and 3.1 % of test steps of whole 10-rating
+  blocks tie, ``events.step_statistics``), so the metrics split a user's
+  credit equally over the tied categories instead of picking one by index.
   """
   x = target_strengths(task)
   return (x >= x.max(1, keepdims=True) - TIE_TOLERANCE) & evaluated(task)[:, None]
