@@ -70,7 +70,7 @@ class Setting(NamedTuple):
   optimizer: object       # unused since model selection (kept for the smoke tests' wiring)
   curves: dict            # method -> {"step": [...], "loss": [...]}, filled by _train
   val: dj.Batch | None = None   # validation users: model selection only
-  val_states: jax.Array | None = None   # their true states (select_by=accuracy only)
+  val_states: jax.Array | None = None   # their true states (accuracy / oracle rows only)
   workdir: str | None = None    # checkpoints + metrics of this seed and setting (--workdir)
   progress: bool = False        # tqdm bars (--progress)
   # Oracle selection (config.oracle_selection): candidate -> (validation accuracy, updates
@@ -93,18 +93,17 @@ def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: i
   # time-to-accuracy that a shared machine's load does not inflate.
   cpu_start, cpu_at = time.process_time(), []
 
-  # The oracle row follows the same runs: the most accurate evaluated state of each.
+  # The oracle row follows the same runs: the most accurate state among this
+  # process's evaluations (a resumed run's earlier evaluations are not revisited).
   track_oracle = early and s.oracle is not None and s.config.select_by != "accuracy"
-  accuracies = []
+  accuracies, most_accurate = [], []
 
   def evaluate(m):
     cpu_at.append(time.process_time() - cpu_start)
     if track_oracle:
-      accuracy = validation_accuracy(s, m)
-      accuracies.append(accuracy)
-      if method not in s.oracle or accuracy > s.oracle[method][0]:
-        s.oracle[method] = (accuracy, min((len(accuracies) - 1) * s.config.eval_every,
-                                             num_steps), m)
+      accuracies.append(validation_accuracy(s, m))
+      if not most_accurate or accuracies[-1] > most_accurate[0]:
+        most_accurate[:] = [accuracies[-1], len(accuracies) - 1, m]
     return validation_score(s, m)
 
   trained, history, fit = dj.train(
@@ -113,9 +112,18 @@ def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: i
       log=common.log, name=f"{s.name}/{method}", workdir=common.subdir(s.workdir, method),
       progress=s.progress, eval_fn=evaluate if early else None,
       eval_every=s.config.eval_every if early else 0, mode="min",
-      patience=s.config.patience if early else 0, min_delta=s.config.min_delta)
+      patience=patience_steps(s.config, num_steps) if early else 0,
+      min_delta=s.config.min_delta)
   s.curves[method] = {"step": history.step.tolist(), "loss": history.loss.tolist(),
                       "seconds": history.seconds.tolist()}
+  if most_accurate:
+    # This process's evaluations are the last entries of the curve.
+    accuracy, index, best_model = most_accurate
+    s.oracle[method] = (accuracy, int(fit.curve[len(fit.curve) - len(accuracies) + index][0]),
+                        best_model)
+  elif track_oracle:
+    common.log(f"[{s.name}] {method}: resumed without evaluations here; left out of the "
+               "oracle-selection row")
   if early:
     # [updates done, validation score, CPU seconds(, validation accuracy)]; a resumed
     # run's CPU count restarts, so only the evaluations of this process have one.
@@ -127,6 +135,14 @@ def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: i
         validation=[[int(c[0]), float(c[2]), t] + ([a] if track_oracle else [])
                     for c, t, a in zip(fit.curve, cpu, extra)])
   return trained
+
+
+def patience_steps(config, num_steps: int) -> int:
+  """Updates without a significant improvement that stop a run of ``num_steps``
+  (``patience_fraction`` of it, at least one evaluation; 0: never stop early)."""
+  if not config.patience_fraction:
+    return 0
+  return max(config.eval_every, int(round(config.patience_fraction * num_steps)))
 
 
 def validation_score(s: Setting, model) -> float:
@@ -167,7 +183,7 @@ def select_and_fit(s: Setting, method: str, build, losses, data: dj.Batch, num_s
   method gets the same grid (EM Mapping has one loss).  With ``eval_every >
   0`` each candidate's training length is chosen too: the step with the best
   validation score (the start included) is kept (early stopping with
-  ``config.patience``, :func:`dennl_jax.train`).
+  ``config.patience_fraction``, :func:`dennl_jax.train`).
   """
   records, best = [], {}
   for loss in losses:
@@ -438,12 +454,9 @@ def prepare_config(config):
     raise common.ConfigError("config.losses and config.select_learning_rates must be non-empty")
   if config.select_by not in ("heldout_nll", "accuracy"):
     raise common.ConfigError(f"select_by must be heldout_nll or accuracy, got {config.select_by!r}")
-  if config.patience < 0 or not config.min_delta >= 0:
-    raise common.ConfigError(f"patience and min_delta must be >= 0, got {config.patience}, "
-                             f"{config.min_delta}")
-  if config.patience and config.patience < config.eval_every:
-    raise common.ConfigError(f"patience ({config.patience}) must be at least eval_every "
-                             f"({config.eval_every})")
+  if not 0.0 <= config.patience_fraction <= 1.0 or not config.min_delta >= 0:
+    raise common.ConfigError(f"patience_fraction must be in [0, 1] and min_delta >= 0, got "
+                             f"{config.patience_fraction}, {config.min_delta}")
   if config.num_val_users < 1:
     raise common.ConfigError("model selection needs validation users (num_val_users >= 1)")
   return config

@@ -128,7 +128,7 @@ def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: 
               + "; ".join(f"{s}: {', '.join(r)}" for s, r in left_out.items())]
   lines += ["", "Wall seconds to fit (mean over the pooled seeds):", "", *timing, "",
             "Headline:", "", *[f"- {line}" for line in report.headline(
-                summary, settings, select_by=protocol.get("select_by", "heldout_nll"))]]
+                summary, settings, select_by=protocol.get("select_by", "unknown"))]]
   return lines
 
 

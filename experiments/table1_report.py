@@ -27,7 +27,8 @@ REFERENCE = "dennl"
 ORACLE_SELECTION = "oracle"
 UNTRAINED = "untrained"        # ``method@untrained``: the network before training
 SELECTION_TEXT = {"heldout_nll": "selected without labels (validation held-out NLL)",
-                  "accuracy": "ORACLE selection (validation labelling accuracy)"}
+                  "accuracy": "ORACLE selection (validation labelling accuracy)",
+                  "unknown": "selected by a criterion the run did not record"}
 
 
 def t_interval(values, level: float = 0.95):
@@ -205,8 +206,9 @@ def table_markdown(summary, times, config, settings, label):
            f"{config.num_test_users} held-out users; noise settings at T = "
            f"{config.noise_length}; preset `{config.preset}`; seeds {tuple(config.seeds)}. "
            f"Models {SELECTION_TEXT.get(config.select_by, config.select_by)}, the same grid "
-           f"for every trained method: {grid}, early stopping with patience "
-           f"{config.patience} updates (min delta {config.min_delta:g}), evaluated every "
+           f"for every trained method: {grid}, early stopping after "
+           f"{config.patience_fraction:.0%} of a run's budget without an improvement over "
+           f"{config.min_delta:g}, evaluated every "
            f"{config.eval_every}. Rows `[loss]`: the best learning rate within "
            f"that loss; rows `[oracle selection]`: candidate and step chosen by the validation "
            f"users' labelling accuracy (their true states), for comparison only. "

@@ -83,8 +83,9 @@ def aggregate(runs_by_draw, methods, key, config, meta):
   table = _compare(pooled, methods, jax.random.fold_in(key, 0), config)
   buckets = {}
   for name in methods:
-    table[name]["seed_std"] = float(np.mean([rm.seed_spread([r[name]["main"] for r in draw])["top1"]
-                                             for draw in runs_by_draw]))
+    # Spread of top-1 over training seeds, averaged over draws (0 with one seed).
+    table[name]["seed_std_top1"] = float(np.mean(
+        [rm.seed_spread([r[name]["main"] for r in draw])["top1"] for draw in runs_by_draw]))
     table[name]["lift_pct"] = rm.lift({m: {"mean": table[name][m]} for m in HEADLINE},
                                       {m: {"mean": table["popularity"][m]} for m in HEADLINE}
                                       ) if "popularity" in table else {}

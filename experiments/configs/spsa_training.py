@@ -11,7 +11,7 @@ Variants: ``full`` (default; Table 1's full-scale data: 1,000 training users,
 hidden 256, 3 stages), ``quick`` (``--quick``; Table 1's quick scale, T = 50,
 a few minutes per training run on 2 CPU cores) and ``tiny`` (the smoke test;
 its numbers mean nothing).  Training runs are strings ``"name:gradient:samples:batch:rate:b1"``
-(``gradient`` exact or spsa; ``b1`` Adam's first-moment decay: 0.9 is the
+(``gradient`` exact, spsa or forward; ``b1`` Adam's first-moment decay: 0.9 is the
 default, 0.99 averages about ten times as many noisy gradients).  Probes are
 ``"spsa:S:c"`` (S perturbations, step c) or ``"forward:S"``; an empty
 ``--config.probes="()"`` skips study (a).

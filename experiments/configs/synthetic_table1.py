@@ -31,7 +31,7 @@ SETTINGS = ("T50", "T100", "T400", "noise20", "noise10")
 
 # train_steps is a budget: patience (a quarter of it) stops a flat run early.
 _FULL = dict(num_users=1000, num_val_users=200, num_test_users=200, train_steps=4000,
-             patience=1000, min_delta=1e-3, batch_size=16, em_iters=30, num_stages=3,
+             patience_fraction=0.25, min_delta=1e-3, batch_size=16, em_iters=30, num_stages=3,
              noise_length=400, em_mapping_users=200, regression_steps=500, hidden=256, num_seeds=3, em_kmeans_restarts=4,
              em_random_restarts=4, select_learning_rates=(1e-3, 3e-3),
              losses=("likelihood", "heldout"), eval_every=100, workers=0)
@@ -40,7 +40,7 @@ _VARIANTS = {
     # The README's main job: the headline settings only, both at T = 50 (noise
     # at T = 50 too) so every compiled program serves both settings and seeds.
     "quick": dict(num_users=128, num_val_users=64, num_test_users=64, train_steps=800,
-                  patience=200, min_delta=1e-3, batch_size=16, em_iters=20, num_stages=2,
+                  patience_fraction=0.25, min_delta=1e-3, batch_size=16, em_iters=20, num_stages=2,
                   noise_length=50, em_mapping_users=128, regression_steps=150, hidden=64, num_seeds=2,
                   em_kmeans_restarts=2, em_random_restarts=2, select_learning_rates=(3e-3,),
                   losses=("likelihood", "heldout"), settings=("T50", "noise20"), eval_every=20,
@@ -56,7 +56,7 @@ _VARIANTS = {
                  em_iters=2, num_stages=1, noise_length=10, em_mapping_users=4,
                  regression_steps=2, hidden=8, settings=("noise20",), log_every=1, num_seeds=1,
                  em_kmeans_restarts=1, em_random_restarts=1, select_learning_rates=(1e-3,),
-                 losses=("likelihood",), bootstrap=50, eval_every=1, patience=1),
+                 losses=("likelihood",), bootstrap=50, eval_every=1, patience_fraction=0.5),
 }
 _MAX_DURATION = {"full": 20, "quick": 16, "ablations": 20, "tiny": 4}
 # The tiny world: 3 states in 2-D with a 4-dimensional embedding.
@@ -101,16 +101,17 @@ def get_config(arg=None):
   # validation users' true states: oracle selection, never the headline.
   config.select_by = "heldout_nll"
   # Also report each trained method as selected by validation accuracy (rows
-  # "[oracle selection]"; the same runs, one more evaluation per checkpoint).
+  # "[oracle selection]"; the same runs, one more validation pass per evaluation).
   config.oracle_selection = True
   # Early stopping: every candidate scored on the validation users every
   # eval_every steps (and at the start); its best step is kept (0: train
-  # train_steps and keep the last step).  Training stops once patience updates
-  # pass without the criterion improving by more than min_delta (0: never), so
-  # train_steps is a budget: the rule is "no improvement over the last 25 % of
-  # the budget" (patience = train_steps / 4).  Held-out NLL is per step, in nats.
+  # train_steps and keep the last step).  Every trained method (EM Mapping with
+  # regression_steps) stops once patience_fraction of its own budget passes
+  # without the criterion improving by more than min_delta (0: never), so the
+  # step count is a budget: "no improvement over the last 25 % of the budget"
+  # (0.25).  Held-out NLL is per step, in nats.
   config.eval_every = 0
-  config.patience = 0
+  config.patience_fraction = 0.0
   config.min_delta = 0.0
   config.em_iters = 0                  # conventional-EM iterations per restart
   config.em_kmeans_restarts = 1        # conventional EM: k-means++ starts per user

@@ -107,7 +107,8 @@ class Validation:
     name: the value's name in log lines and tracked metrics.
     patience: early stopping: the run stops at the first evaluation that is
       ``patience`` or more updates after the last *significant* improvement
-      (better than the best so far by more than ``min_delta``); 0: never.
+      (better by more than ``min_delta`` than the value at the previous
+      significant improvement); 0: never.
       The start evaluation counts as an improvement at update 0.
     min_delta: the smallest change of the value (in its own units) that
       counts as an improvement for ``patience``.  The best state is still

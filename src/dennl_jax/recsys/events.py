@@ -334,7 +334,8 @@ def to_sequences(log: EventLog, unit: str = "day", events_per_step: int = 10,
   np.maximum.at(lengths, su[~dropped], step[~dropped] + 1)
   if lengths.max(initial=0) == 0:
     raise ValueError(f"no step left: every user has fewer than {events_per_step} events "
-                     "and partial='drop'")
+                     "and partial='drop'" if partial == "drop" and unit == "events"
+                     else "no step left: the event log has no event")
 
   cut = np.zeros(num_users, np.int64) if max_steps is None else np.maximum(lengths - max_steps, 0)
   step = step - cut[su]
@@ -502,8 +503,9 @@ def step_statistics(log: EventLog, seqs: Sequences, split: TimeSplit,
                     tie_tolerance: float = 1e-6) -> dict:
   """What one step of ``seqs`` is: the length distribution of the unit and of its targets.
 
-  Over the users with a validation and a test step: steps per user, log
-  events per step (all steps, validation steps, test steps), test steps of a
+  Steps per user and the validation and test steps' sizes are over the users
+  with a validation and a test step; log events per step over every user's
+  steps (all steps, validation steps, test steps), test steps of a
   single event, test and validation steps smaller than the largest step
   size of the unit's blocks (``partial`` ones, unit="events" only), test
   steps whose maximal strength is tied, and the seconds from the validation
