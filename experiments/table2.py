@@ -31,7 +31,7 @@ import numpy as np
 
 from dennl_jax.recsys import events, graphsage
 from dennl_jax.recsys import metrics as rm
-from dennl_jax.recsys import protocol, registry
+from dennl_jax.recsys import protocol, registry, step_report
 from dennl_jax.recsys.baselines import active_history, category_embeddings, dominant_popularity
 from dennl_jax.recsys.task import dominant_set, evaluated, make_tasks, training_task
 from experiments import common
@@ -430,7 +430,7 @@ def run(config, output_dir, *, workdir=None, progress=False):
               seeds=list(range(config.seeds)), draws=int(config.draws),
               num_users=int(len(lengths)),
               num_users_evaluated=int(counts["train"]), users_per_role=counts,
-              steps=events.step_statistics(log, seqs, split),
+              steps=step_report.step_statistics(log, seqs, split),
               ranked_categories=len(seqs.category_names) - ("idle_index" in extra),
               num_categories=len(seqs.category_names), category_names=list(seqs.category_names),
               split_report=dict(split.report), cold_embedding=config.cold_embedding,

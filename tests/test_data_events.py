@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dennl_jax.recsys import events as ev
+from dennl_jax.recsys import step_report
 
 D = ev.SECONDS_PER_DAY
 
@@ -351,10 +352,10 @@ def test_sessions_and_whole_blocks_match_loop_oracle(unit, partial):
 def test_no_validation_or_test_block_is_partial():
   log = random_log(0, 500)
   s = ev.to_sequences(log, unit="events", events_per_step=4, partial="drop")
-  sizes = ev.step_sizes(s)
+  sizes = step_report.step_sizes(s)
   assert np.all(sizes[s.mask] == 4) and not sizes[~s.mask].any()
   sp = ev.time_split(s)
-  stats = ev.step_statistics(log, s, sp)
+  stats = step_report.step_statistics(log, s, sp)
   assert stats["partial_val_steps"] == stats["partial_test_steps"] == 0
   assert stats["events_per_test_step"]["min"] == stats["events_per_val_step"]["max"] == 4
   # the dropped events are each user's most recent ones: after the test step, in no mask
@@ -365,7 +366,7 @@ def test_no_validation_or_test_block_is_partial():
   assert np.all(log.timestamp[dropped] >= last_kept[s.event_user[dropped]])
   assert not np.any(ev.training_events(log, s, sp, include="train+val") & dropped)
   kept = ev.to_sequences(log, unit="events", events_per_step=4, partial="keep")
-  assert ev.step_statistics(log, kept, ev.time_split(kept))["partial_test_steps"] > 0
+  assert step_report.step_statistics(log, kept, ev.time_split(kept))["partial_test_steps"] > 0
 
 
 def test_sessions_split_at_the_gap_and_keep_a_second_together():

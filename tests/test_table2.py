@@ -173,7 +173,7 @@ def test_role_draws_change_only_the_split(tmp_path, monkeypatch):
 
 def test_movielens_default_protocol_has_no_partial_validation_or_test_step():
   import jax
-  from dennl_jax.recsys import events
+  from dennl_jax.recsys import step_report
   from dennl_jax.recsys.movielens import DEFAULT_DATA_DIR, resolve_data_dir
   try:
     resolve_data_dir(DEFAULT_DATA_DIR)
@@ -183,8 +183,8 @@ def test_movielens_default_protocol_has_no_partial_validation_or_test_step():
     config = common.get_config("table2", "quick")
     config.unit = unit
     log, seqs, split, _ = table2.load_data(config, jax.random.key(0))
-    stats = events.step_statistics(log, seqs, split)
-    sizes = events.step_sizes(seqs)
+    stats = step_report.step_statistics(log, seqs, split)
+    sizes = step_report.step_sizes(seqs)
     users = np.flatnonzero(split.val_step >= 0)
     val, test = sizes[users, split.val_step[users]], sizes[users, split.test_step[users]]
     if unit == "auto":      # whole blocks of 10: every validation and test step holds 10 ratings

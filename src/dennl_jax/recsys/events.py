@@ -55,8 +55,7 @@ UNITS = ("day", "events", "session")
 _TOL = 1e-5
 
 __all__ = ["Catalogue", "EventLog", "Sequences", "TimeSplit", "make_catalogue", "make_event_log",
-           "read_event_log", "to_sequences", "time_split", "training_events", "step_sizes",
-           "step_statistics",
+           "read_event_log", "to_sequences", "time_split", "training_events",
            "SECONDS_PER_DAY", "SESSION_GAP", "DROPPED", "UNITS"]
 
 
@@ -410,15 +409,6 @@ def _tie_hash(user: np.ndarray, item: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def step_sizes(seqs: Sequences) -> np.ndarray:
-  """(U, T) int64 number of log events in each step (0 on padding and idle days)."""
-  mask = np.asarray(seqs.mask)
-  eu, es = np.asarray(seqs.event_user), np.asarray(seqs.event_step)
-  ok = es >= 0
-  flat = eu[ok] * mask.shape[1] + es[ok]
-  return np.bincount(flat, minlength=mask.size).reshape(mask.shape).astype(np.int64)
-
-
 class TimeSplit(NamedTuple):
   """Per-user chronological split of the valid steps.
 
@@ -488,65 +478,6 @@ def training_events(log: EventLog, seqs: Sequences, split: TimeSplit,
   if include == "train+val":
     keep |= ok & (es == np.asarray(split.val_step)[eu])
   return keep
-
-
-def _quantiles(x) -> dict:
-  x = np.asarray(x, np.float64)
-  if x.size == 0:
-    return {"n": 0}
-  q = np.quantile(x, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
-  return dict(n=int(x.size), mean=float(x.mean()),
-              **{k: float(v) for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), q)})
-
-
-def step_statistics(log: EventLog, seqs: Sequences, split: TimeSplit,
-                    tie_tolerance: float = 1e-6) -> dict:
-  """What one step of ``seqs`` is: the length distribution of the unit and of its targets.
-
-  Steps per user and the validation and test steps' sizes are over the users
-  with a validation and a test step; log events per step over every user's
-  steps (all steps, validation steps, test steps), test steps of a
-  single event, test and validation steps smaller than the largest step
-  size of the unit's blocks (``partial`` ones, unit="events" only), test
-  steps whose maximal strength is tied, and the seconds from the validation
-  step's last event to the test step's first (0: the boundary splits one
-  same-second burst).  ``seqs`` must come from ``log``.  Plain numbers.
-  """
-  sizes = step_sizes(seqs)
-  mask = np.asarray(seqs.mask, bool)
-  val, test = np.asarray(split.val_step), np.asarray(split.test_step)
-  users = np.flatnonzero((val >= 0) & (test >= 0))
-  active = mask & (sizes > 0)
-  test_size, val_size = sizes[users, test[users]], sizes[users, val[users]]
-  x = np.asarray(seqs.strengths)[users, test[users]]
-  tied = ((x >= x.max(1, keepdims=True) - tie_tolerance).sum(1) > 1)
-  eu, es = np.asarray(seqs.event_user), np.asarray(seqs.event_step)
-  if eu.shape != (log.num_events,):
-    raise ValueError("seqs must come from log (event counts differ)")
-  ok = es >= 0
-  flat = eu[ok] * mask.shape[1] + es[ok]
-  first = np.full(mask.size, np.iinfo(np.int64).max)
-  last = np.full(mask.size, np.iinfo(np.int64).min)
-  np.minimum.at(first, flat, log.timestamp[ok])
-  np.maximum.at(last, flat, log.timestamp[ok])
-  first, last = first.reshape(mask.shape), last.reshape(mask.shape)
-  gap = first[users, test[users]] - last[users, val[users]]
-  out = dict(users_with_val_and_test=int(users.size),
-             steps_per_user=_quantiles(mask.sum(1)[users]),
-             events_per_step=_quantiles(sizes[active]),
-             events_per_val_step=_quantiles(val_size),
-             events_per_test_step=_quantiles(test_size),
-             test_steps_of_one_event=int((test_size == 1).sum()),
-             test_steps_tied=int(tied.sum()),
-             test_steps_tied_pct=100.0 * float(tied.mean()) if users.size else 0.0,
-             val_to_test_seconds=_quantiles(gap),
-             test_within_60s_of_val=int((gap <= 60).sum()),
-             test_same_second_as_val=int((gap == 0).sum()))
-  per_step = (seqs.report or {}).get("events_per_step")
-  if per_step:
-    out["partial_val_steps"] = int((val_size < per_step).sum())
-    out["partial_test_steps"] = int((test_size < per_step).sum())
-  return out
 
 
 def read_event_log(events_csv, items_csv) -> EventLog:

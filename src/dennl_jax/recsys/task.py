@@ -182,7 +182,7 @@ def dominant_set(task: NextStepTask) -> np.ndarray:
 
   Ties are common (on MovieLens a step of one three-genre film ties three
   genres: 25.4 % of test sessions and 3.1 % of test steps of whole 10-rating
-  blocks tie, ``events.step_statistics``), so the metrics split a user's
+  blocks tie, ``step_report.step_statistics``), so the metrics split a user's
   credit equally over the tied categories instead of picking one by index.
   """
   x = target_strengths(task)
