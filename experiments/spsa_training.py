@@ -38,6 +38,7 @@ import dennl_jax as dj
 from dennl_jax import synthetic as S
 from experiments import common
 from experiments import synthetic_table1 as table1
+from experiments import table1_selection as selection
 
 
 def _setting(config):
@@ -61,7 +62,7 @@ def _model(s, gradient: str, samples: int, perturbation: str, step: float = 1e-3
   with config.unlocked():
     config.gradient, config.spsa_samples = gradient, max(samples, 1)
     config.spsa_perturbation, config.spsa_step = perturbation, step
-  return table1._dennl(s._replace(config=config), table1._rngs(s))
+  return table1._dennl(s._replace(config=config), selection.network_rngs(s))
 
 
 def _gradient_fn(graphdef, loss_fn):
@@ -77,7 +78,7 @@ def _cosine(a, b) -> float:
 
 def probe_along_run(s, config) -> list:
   """Study (a): one record per (probe step, batch size, perturbations)."""
-  loss_fn = table1.LOSSES[config.loss]
+  loss_fn = selection.LOSSES[config.loss]
   model = _model(s, "exact", 1, config.spsa_perturbation)
   exact = _gradient_fn(nnx.split(model)[0], loss_fn)
   spsa = {}
@@ -104,7 +105,7 @@ def probe_along_run(s, config) -> list:
                               cosine=_cosine(g, e), norm_ratio=float(np.linalg.norm(e)
                                                                     / np.linalg.norm(g)),
                               cpu=time.process_time() - t))
-    value = table1.validation_score(s, m)
+    value = selection.validation_score(s, m)
     now = [x for x in records if x["step"] == updates[0]]
     common.log(f"[probe] step {updates[0]}: validation {value:.4f}; mean cosine " + ", ".join(
         f"{n},B={b}: "
@@ -146,16 +147,16 @@ def training_run(s, config, spec: dict) -> dict:
   """Study (b): one run's validation curve against CPU seconds."""
   model = _model(s, spec["gradient"], spec["samples"], config.spsa_perturbation)
   optimizer = dj.make_optimizer(spec["rate"], b1=spec["b1"])
-  loss_fn = table1.LOSSES[config.loss]
+  loss_fn = selection.LOSSES[config.loss]
   # Warm-up (compilation of the step and the validation): CPU seconds then count training.
   warm = dj.train(model, s.train, loss_fn=loss_fn, optimizer=optimizer, num_steps=1,
                   batch_size=spec["batch"], key=s.keys[5], log=None, log_every=0).model
-  table1.validation_score(s, warm), table1.validation_accuracy(s, warm)
+  selection.validation_score(s, warm), selection.validation_accuracy(s, warm)
   curve, cpu_start = [], time.process_time()
 
   def evaluate(m) -> float:
     cpu = time.process_time() - cpu_start
-    nll, acc = table1.validation_score(s, m), table1.validation_accuracy(s, m)
+    nll, acc = selection.validation_score(s, m), selection.validation_accuracy(s, m)
     curve.append(dict(step=len(curve) * config.eval_every, cpu=cpu, heldout_nll=nll,
                       accuracy=acc))
     return nll

@@ -277,12 +277,12 @@ def test_bench_hsmm_runs_any_subset_of_its_tables(tmp_path):
 def test_label_free_selection_never_reads_the_true_states(tmp_path, monkeypatch):
   """With select_by=heldout_nll and no oracle row, no validation label is ever read:
   the accuracy criterion raises if called, and the run still trains and selects."""
-  from experiments import synthetic_table1
+  from experiments import synthetic_table1, table1_selection
 
   def no_labels(s, model):
     raise AssertionError("label-free selection read the validation users' true states")
 
-  monkeypatch.setattr(synthetic_table1, "validation_accuracy", no_labels)
+  monkeypatch.setattr(table1_selection, "validation_accuracy", no_labels)
   config = common.get_config("synthetic_table1", "tiny")
   config.methods = ("mlp_mapper",)
   config.oracle_selection = False
