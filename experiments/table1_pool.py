@@ -4,7 +4,10 @@ Full-scale Table 1 costs hours on 2 CPU cores, so it is run in pieces: seeds
 in separate processes, a method added to a seed later, a setting at a time.
 This pools the pieces by (seed, setting, method) and writes the same report
 files a single run writes (``table1.json``, ``table1_stats.json``,
-``table1.md``), each setting summarised over the seeds that have it.
+``table1.md``), each setting summarised over the seeds that have it, plus
+every trained candidate's validation curve (``curves.json``,
+``validation_curves.png``) and a convergence table in ``table1.md`` (start,
+best, best step, steps run, ended by patience or budget).
 
   python -m experiments.table1_pool --output_dir=/tmp/t1_noise20 \
       --runs=/work/results/t1_s12/noise20_exact_s12,/work/results/t1_noise20_s11/exact_fixed
@@ -40,6 +43,34 @@ class PoolError(ValueError):
 
 def _protocol(config: dict) -> dict:
   return {k: v for k, v in config.items() if k not in PIECE_FIELDS}
+
+
+def read_curves(directories) -> dict:
+  """Training curves pooled over run directories: ``{seed: {setting: {candidate:
+  curve}}}`` from each run's ``curves.json`` (runs without one add nothing).
+  The same candidate of a seed and setting in two runs must have the same
+  validation curve."""
+  pooled = {}
+  for directory in directories:
+    path = os.path.join(directory, "curves.json")
+    if not os.path.exists(path):
+      continue
+    for seed, cells in common.read_json(path).items():
+      for setting, candidates in cells.items():
+        slot = pooled.setdefault(seed, {}).setdefault(setting, {})
+        for name, curve in candidates.items():
+          old = slot.get(name)
+          if old is not None and not _same_curve(old, curve):
+            raise PoolError(f"seed {seed}, {setting}, {name}: two runs have different "
+                            f"validation curves (second in {directory})")
+          slot[name] = curve
+  return pooled
+
+
+def _same_curve(a: dict, b: dict) -> bool:
+  va, vb = a.get("validation") or [], b.get("validation") or []
+  return len(va) == len(vb) and all(x[0] == y[0] and np.isclose(x[1], y[1], rtol=1e-6)
+                                    for x, y in zip(va, vb))
 
 
 def read_runs(directories) -> tuple[dict, dict, dict]:
@@ -103,7 +134,8 @@ def pool(per_user: dict, key, num_bootstrap: int = 2000) -> tuple[dict, dict]:
   return summary, left_out
 
 
-def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: dict) -> list:
+def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: dict,
+             curves: dict | None = None) -> list:
   settings = sorted({s for cells in summary["rows"].values() for s in cells}, key=SETTINGS.index)
   seeds = {s: next(iter(summary["rows"].values()))[s]["n_seeds"] for s in settings
            if s in next(iter(summary["rows"].values()))}
@@ -126,6 +158,15 @@ def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: 
   if left_out:
     lines += ["", "Left out (missing from some seeds of the setting): "
               + "; ".join(f"{s}: {', '.join(r)}" for s, r in left_out.items())]
+  convergence = report.convergence_rows(curves or {}, settings)
+  if convergence:
+    lines += ["", "Convergence of every trained candidate (validation held-out NLL per step; "
+              "the selected step is the best one; a run ends by patience or at its budget):", "",
+              *common.markdown_table(
+                  ["setting", "seed", "candidate", "start", "best", "best step", "steps run",
+                   "ended by"],
+                  [[s, seed, f"`{name}`", f"{start:.3f}", f"{best:.3f}", step, run, end]
+                   for s, seed, name, start, best, step, run, end in convergence])]
   lines += ["", "Wall seconds to fit (mean over the pooled seeds):", "", *timing, "",
             "Headline:", "", *[f"- {line}" for line in report.headline(
                 summary, settings, select_by=protocol.get("select_by", "unknown"))]]
@@ -144,12 +185,20 @@ def main():
     per_user, times, protocol = read_runs(runs.value)
     summary, left_out = pool(per_user, jax.random.PRNGKey(protocol.get("bootstrap_seed", 0)),
                              bootstrap.value)
+    curves = read_curves(runs.value)
     os.makedirs(output_dir.value, exist_ok=True)
     common.write_json(os.path.join(output_dir.value, "table1.json"), report.means_table(summary))
     common.write_json(os.path.join(output_dir.value, "table1_stats.json"),
                       dict(summary, left_out=left_out, runs=list(runs.value)))
     text = common.write_markdown(os.path.join(output_dir.value, "table1.md"),
-                                 markdown(summary, times, left_out, runs.value, protocol))
+                                 markdown(summary, times, left_out, runs.value, protocol,
+                                          curves))
+    if curves:
+      common.write_json(os.path.join(output_dir.value, "curves.json"), curves, indent=None)
+      settings = sorted({s for cells in curves.values() for s in cells}, key=SETTINGS.index)
+      report.plot_validation_curves(os.path.join(output_dir.value, "validation_curves.png"),
+                                    curves, settings,
+                                    lambda name: row_label(name.partition("[")[0]))
     print(text)
 
   app.run(_main)

@@ -173,6 +173,58 @@ def plot_curves(path, curves, settings, label_of):
   plt.close(fig)
 
 
+
+def convergence_rows(curves: dict, settings) -> list:
+  """One row per (setting, seed, candidate) of the label-free criterion's curve.
+
+  curves: ``{seed: {setting: {name: curve}}}`` (``curves.json``; a curve with a
+  ``validation`` list of ``[step, criterion, ...]``).  Returns ``[setting,
+  seed, name, criterion at the start, best, best step, steps run, how it
+  ended]``: "patience" when the run stopped early, "budget" when it used
+  every step.
+  """
+  rows = []
+  for setting in settings:
+    for seed in sorted(curves, key=int):
+      for name, curve in curves[seed].get(setting, {}).items():
+        points = curve.get("validation")
+        if not points:
+          continue
+        values = np.asarray([v[1] for v in points], np.float64)
+        rows.append([setting, int(seed), name, float(values[0]), float(values.min()),
+                     curve.get("best_step"), curve.get("steps_run"),
+                     "patience" if curve.get("stopped_early") else "budget"])
+  return rows
+
+
+def plot_validation_curves(path, curves: dict, settings, label_of):
+  """The label-free criterion of every trained candidate and seed, one panel per
+  setting, a dot at each run's selected (best) step: where each run flattens."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False)
+  names = sorted({n for seed in curves.values() for cells in seed.values() for n in cells})
+  colours = {n: f"C{i}" for i, n in enumerate(names)}
+  styles = ["-", "--", ":", "-."]
+  for ax, setting in zip(axes[0], settings):
+    for i, seed in enumerate(sorted(curves, key=int)):
+      for name, curve in curves[seed].get(setting, {}).items():
+        if not curve.get("validation") or name.startswith("em_mapping"):
+          continue
+        points = np.asarray([v[:2] for v in curve["validation"]], np.float64)
+        ax.plot(points[:, 0], points[:, 1], styles[i % len(styles)], color=colours[name],
+                label=f"{label_of(name)} [{name.partition('[')[2]}, seed {seed}")
+        best = int(np.argmin(points[:, 1]))
+        ax.plot(points[best, 0], points[best, 1], "o", color=colours[name], markersize=4)
+    ax.set_title(setting)
+    ax.set_xlabel("step")
+  axes[0][0].set_ylabel("validation held-out NLL per step")
+  axes[0][0].legend(fontsize=5)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
 PAPER = {  # Paper Table 1, labelling accuracy in %.
     "conventional_em": {"T50": 82.0, "T100": 85.5, "T400": 94.1, "noise20": 83.1, "noise10": 91.5},
     "em_mapping": {"T50": 71.4, "T100": 72.2, "T400": 73.0, "noise20": 67.9, "noise10": 71.4},
