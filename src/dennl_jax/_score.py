@@ -71,31 +71,12 @@ def with_symmetric_vjp(score, num_diff: int, jvp=None):
   def bwd(args, cotangent):
     cotangent_ll, cotangent_grads = cotangent
     diff_args, other = args[:num_diff], args[num_diff:]
-    # H c is linear in c: run the recursions on c / s and multiply back.  A
-    # large cotangent (a stacked network's gradient near probabilities of
-    # 1e-6 reaches 1e9) would otherwise overflow the tangent messages to inf
-    # and turn into NaN (inf - inf) where the product itself is finite.  s is
-    # a power of two, so nothing is rounded and smaller cotangents are untouched.
-    scale = _power_of_two_scale(cotangent_grads)
-    (_, grads), (_, hessian_c) = jvp(
-        tuple(diff_args), tuple(jax.tree.map(lambda c: c / scale, tuple(cotangent_grads))),
-        *other)
-    vjp = tuple(h * scale + cotangent_ll * g for h, g in zip(hessian_c, grads))
+    (_, grads), (_, hessian_c) = jvp(tuple(diff_args), tuple(cotangent_grads), *other)
+    vjp = tuple(h + cotangent_ll * g for h, g in zip(hessian_c, grads))
     return vjp + (None,) * len(other)
 
   fn.defvjp(fwd, bwd)
   return fn
-
-
-def _power_of_two_scale(arrays):
-  """The smallest power of two >= the largest finite |entry| of ``arrays``, at
-  least 1 (no gradient: a constant of the linear map)."""
-  largest = functools.reduce(jnp.maximum, [
-      jnp.max(jnp.where(jnp.isfinite(a), jnp.abs(a), 0.0), initial=0.0) for a in arrays])
-  largest = jax.lax.stop_gradient(largest)
-  _, exponent = jnp.frexp(largest)        # largest = m 2^e with 0.5 <= m < 1: exact
-  return jnp.where(largest > 1.0, jnp.ldexp(jnp.ones_like(largest), exponent),
-                   jnp.ones_like(largest))
 
 
 def with_score_jvp(log_likelihood, score, num_diff: int):
