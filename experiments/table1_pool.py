@@ -164,9 +164,10 @@ def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: 
               "the selected step is the best one; a run ends by patience or at its budget):", "",
               *common.markdown_table(
                   ["setting", "seed", "candidate", "start", "best", "best step", "steps run",
-                   "ended by"],
-                  [[s, seed, f"`{name}`", f"{start:.3f}", f"{best:.3f}", step, run, end]
-                   for s, seed, name, start, best, step, run, end in convergence])]
+                   "ended by", "skipped"],
+                  [[s, seed, f"`{name}`", f"{start:.3f}", f"{best:.3f}", step, run, end,
+                    "—" if skipped is None else skipped]
+                   for s, seed, name, start, best, step, run, end, skipped in convergence])]
   lines += ["", "Wall seconds to fit (mean over the pooled seeds):", "", *timing, "",
             "Headline:", "", *[f"- {line}" for line in report.headline(
                 summary, settings, select_by=protocol.get("select_by", "unknown"))]]

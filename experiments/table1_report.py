@@ -180,8 +180,9 @@ def convergence_rows(curves: dict, settings) -> list:
   curves: ``{seed: {setting: {name: curve}}}`` (``curves.json``; a curve with a
   ``validation`` list of ``[step, criterion, ...]``).  Returns ``[setting,
   seed, name, criterion at the start, best, best step, steps run, how it
-  ended]``: "patience" when the run stopped early, "budget" when it used
-  every step.
+  ended, updates skipped]``: "patience" when the run stopped early, "budget"
+  when it used every step; skipped: updates left out for a non-finite loss or
+  gradient (None where the run did not record it).
   """
   rows = []
   for setting in settings:
@@ -193,7 +194,8 @@ def convergence_rows(curves: dict, settings) -> list:
         values = np.asarray([v[1] for v in points], np.float64)
         rows.append([setting, int(seed), name, float(values[0]), float(values.min()),
                      curve.get("best_step"), curve.get("steps_run"),
-                     "patience" if curve.get("stopped_early") else "budget"])
+                     "patience" if curve.get("stopped_early") else "budget",
+                     curve.get("skipped")])
   return rows
 
 

@@ -85,8 +85,9 @@ def _train(s: Setting, method: str, model, loss_fn, data: dj.Batch, num_steps: i
       eval_every=s.config.eval_every if early else 0, mode="min",
       patience=patience_steps(s.config, num_steps) if early else 0,
       min_delta=s.config.min_delta)
+  # skipped: updates left out for a non-finite loss or gradient (dj.train's guard).
   s.curves[method] = {"step": history.step.tolist(), "loss": history.loss.tolist(),
-                      "seconds": history.seconds.tolist()}
+                      "seconds": history.seconds.tolist(), "skipped": int(fit.skipped)}
   if most_accurate:
     # This process's evaluations are the last entries of the curve.
     accuracy, index, best_model = most_accurate
@@ -165,7 +166,8 @@ def select_and_fit(s: Setting, method: str, build, losses, data: dj.Batch, num_s
       curve = s.curves.get(name, {})
       records.append({"loss": loss, "learning_rate": lr, "validation": score,
                       "best_step": curve.get("best_step"), "steps_run": curve.get("steps_run"),
-                      "stopped_early": curve.get("stopped_early")})
+                      "stopped_early": curve.get("stopped_early"),
+                      "skipped_steps": curve.get("skipped")})
       if s.oracle and name in s.oracle:
         records[-1].update(oracle_accuracy=s.oracle[name][0], oracle_step=s.oracle[name][1])
       common.log(f"[{s.name}] {method} loss={loss} lr={lr:g} validation {score:.4f}")

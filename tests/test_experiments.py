@@ -293,6 +293,7 @@ def test_label_free_selection_never_reads_the_true_states(tmp_path, monkeypatch)
   candidates = selection["mlp_mapper"]
   assert len(candidates) == 2 and sum(c["selected"] for c in candidates) == 1
   assert min(candidates, key=lambda c: c["validation"])["selected"]
+  assert all(c["skipped_steps"] == 0 for c in candidates)     # recorded per candidate
   stats = common.read_json(tmp_path / "table1_stats.json")
   assert "mlp_mapper@oracle" not in stats["rows"]
   assert "mlp_mapper@untrained" in stats["rows"]      # what training adds, beside it

@@ -70,8 +70,9 @@ def test_refuses_disagreeing_seeds_and_protocols(tmp_path):
   assert sorted(tp.read_runs([a, d])[0]) == [0, 1]
 
 
-def _curve(values, stopped_early):
+def _curve(values, stopped_early, skipped=None):
   return {"step": [0], "loss": [1.0], "best_step": 100 * int(np.argmin(values)),
+          **({} if skipped is None else {"skipped": skipped}),
           "steps_run": 100 * (len(values) - 1), "stopped_early": stopped_early,
           "validation": [[100 * i, v, None] for i, v in enumerate(values)]}
 
@@ -83,18 +84,19 @@ def test_curves_pool_into_a_convergence_table_and_figure(tmp_path):
   b = _run(tmp_path, "b", [1], [seed])
   dennl = "dennl[heldout,lr=0.001]"
   (tmp_path / "a" / "curves.json").write_text(json.dumps(
-      {"0": {"noise20": {dennl: _curve([7.0, 6.5, 6.4, 6.6], True)}}}))
+      {"0": {"noise20": {dennl: _curve([7.0, 6.5, 6.4, 6.6], True, skipped=120)}}}))
   (tmp_path / "b" / "curves.json").write_text(json.dumps(
       {"1": {"noise20": {dennl: _curve([7.1, 6.9, 6.8], False)}}}))
   curves = tp.read_curves([a, b])
   assert sorted(curves) == ["0", "1"]
   rows = report.convergence_rows(curves, ["noise20"])
-  assert rows == [["noise20", 0, dennl, 7.0, 6.4, 200, 300, "patience"],
-                  ["noise20", 1, dennl, 7.1, 6.8, 200, 200, "budget"]]
+  assert rows == [["noise20", 0, dennl, 7.0, 6.4, 200, 300, "patience", 120],
+                  ["noise20", 1, dennl, 7.1, 6.8, 200, 200, "budget", None]]
   per_user, times, protocol = tp.read_runs([a, b])
   summary, left_out = tp.pool(per_user, jax.random.PRNGKey(0), 50)
   text = "\n".join(tp.markdown(summary, times, left_out, [a, b], protocol, curves))
-  assert "| noise20 | 0 | `dennl[heldout,lr=0.001]` | 7.000 | 6.400 | 200 | 300 | patience |" in text
+  assert "| noise20 | 0 | `dennl[heldout,lr=0.001]` | 7.000 | 6.400 | 200 | 300 | patience | 120 |" in text
+  assert "| 200 | 200 | budget | — |" in text
   report.plot_validation_curves(tmp_path / "v.png", curves, ["noise20"], lambda n: "DENNL")
   assert (tmp_path / "v.png").stat().st_size > 1000
   # The same candidate of a seed must have the same curve in every run.
