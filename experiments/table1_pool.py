@@ -14,7 +14,8 @@ best, best step, steps run, ended by patience or budget).
 
 Refuses, naming the problem: runs whose protocols differ (any config field
 besides seeds, methods and settings: the gradient mode, the grid, the user
-counts, ...), and a (seed, setting, method) present in two runs with
+counts, ...; ``--equivalent_fields`` names fields whose different values mean
+the same protocol, and the report lists them), and a (seed, setting, method) present in two runs with
 different per-user accuracies (the same seed must give the same result;
 rows computed in both, such as the oracle, are checked, not trusted).
 Within a setting, a method missing from some of its seeds is left out of
@@ -22,6 +23,7 @@ that setting's summary and named in the output.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -73,20 +75,28 @@ def _same_curve(a: dict, b: dict) -> bool:
                                     for x, y in zip(va, vb))
 
 
-def read_runs(directories) -> tuple[dict, dict, dict]:
+def read_runs(directories, equivalent=()) -> tuple[dict, dict, dict]:
   """(per_user, times, config) pooled over run directories.
 
   per_user: ``{seed: {setting: {row: (U,) accuracies}}}``; times:
-  ``{method: {setting: [wall s per seed]}}``; config: the shared protocol.
+  ``{method: {setting: [wall s per seed]}}``; config: the shared protocol,
+  with ``config["differing"] = {field: [value per run]}`` for the fields of
+  ``equivalent`` that differ (config fields the caller declares equivalent,
+  e.g. an absolute ``patience`` and the ``patience_fraction`` that gives the
+  same number of steps; the report lists them).
   """
   per_user, times, protocol, first = {}, {}, None, None
+  differing = {}
   for directory in directories:
     config = common.read_json(os.path.join(directory, "config.json"))
+    for k in equivalent:
+      differing.setdefault(k, []).append(config.get(k))
     if protocol is None:
       protocol, first = _protocol(config), directory
     else:
       diff = sorted(k for k in set(protocol) | set(_protocol(config))
-                    if k not in NAME_FIELDS and protocol.get(k) != config.get(k))
+                    if k not in NAME_FIELDS and k not in equivalent
+                    and protocol.get(k) != config.get(k))
       if diff:
         raise PoolError(f"{directory} ran a different protocol from {first}: config field(s) "
                         f"{diff} differ ({[(protocol.get(k), config.get(k)) for k in diff]})")
@@ -109,6 +119,8 @@ def read_runs(directories) -> tuple[dict, dict, dict]:
           times.setdefault(method, {}).setdefault(setting, []).extend(secs)
   if protocol is None:
     raise PoolError("no runs given")
+  protocol = dict(protocol, differing={k: v for k, v in differing.items() if len(set(map(
+      json.dumps, v))) > 1})
   return per_user, times, protocol
 
 
@@ -154,6 +166,10 @@ def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: 
            f"`{protocol.get('select_by')}`, losses {protocol.get('losses')} x learning rates "
            f"{protocol.get('select_learning_rates')}; seeds per setting: "
            + ", ".join(f"{s}: {n}" for s, n in seeds.items()) + ".", ""]
+  if protocol.get("differing"):
+    lines += ["Config fields declared equivalent that differ between the runs (value per run, "
+              "in the order above): " + "; ".join(
+                  f"`{k}` {v}" for k, v in protocol["differing"].items()) + ".", ""]
   lines += report.markdown(summary, settings, labels, report.PAPER)
   if left_out:
     lines += ["", "Left out (missing from some seeds of the setting): "
@@ -179,11 +195,14 @@ def main():
   runs = flags.DEFINE_list("runs", None, "output directories of synthetic_table1 to pool")
   output_dir = flags.DEFINE_string("output_dir", None, "where the pooled report goes")
   bootstrap = flags.DEFINE_integer("bootstrap", 2000, "resamples of the paired intervals")
+  equivalent = flags.DEFINE_list(
+      "equivalent_fields", [], "config fields allowed to differ between the runs because "
+      "their values mean the same protocol (listed in table1.md), e.g. patience,patience_fraction")
   flags.mark_flags_as_required(["runs", "output_dir"])
 
   def _main(argv):
     del argv
-    per_user, times, protocol = read_runs(runs.value)
+    per_user, times, protocol = read_runs(runs.value, tuple(equivalent.value))
     summary, left_out = pool(per_user, jax.random.PRNGKey(protocol.get("bootstrap_seed", 0)),
                              bootstrap.value)
     curves = read_curves(runs.value)

@@ -68,6 +68,17 @@ def test_refuses_disagreeing_seeds_and_protocols(tmp_path):
   # The preset's name may differ (the ablations variant is the full protocol).
   d = _run(tmp_path, "d", [1], [seed], preset="ablations")
   assert sorted(tp.read_runs([a, d])[0]) == [0, 1]
+  # Fields declared equivalent may differ, and the report says how.
+  e = _run(tmp_path, "e", [2], [seed], patience=1000)
+  f = _run(tmp_path, "f", [3], [seed], patience_fraction=0.25)
+  with pytest.raises(tp.PoolError, match="patience"):
+    tp.read_runs([e, f])
+  per_user, times, protocol = tp.read_runs([e, f], ("patience", "patience_fraction"))
+  assert sorted(per_user) == [2, 3]
+  assert protocol["differing"] == {"patience": [1000, None], "patience_fraction": [None, 0.25]}
+  summary, left_out = tp.pool(per_user, jax.random.PRNGKey(0), 50)
+  assert "`patience` [1000, None]" in "\n".join(tp.markdown(summary, times, left_out, [e, f],
+                                                            protocol))
 
 
 def _curve(values, stopped_early, skipped=None):
