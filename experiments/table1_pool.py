@@ -151,7 +151,8 @@ def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: 
   settings = sorted({s for cells in summary["rows"].values() for s in cells}, key=SETTINGS.index)
   seeds = {s: next(iter(summary["rows"].values()))[s]["n_seeds"] for s in settings
            if s in next(iter(summary["rows"].values()))}
-  labels = {r: row_label(r) for r in summary["rows"]}
+  shown = report.reported(summary, len(protocol.get("losses") or ()))
+  labels = {r: row_label(r) for r in shown["rows"]}
   methods = [m for m in times if m in summary["rows"]]
   timing = common.markdown_table(
       ["Method", *settings],
@@ -170,7 +171,7 @@ def markdown(summary: dict, times: dict, left_out: dict, directories, protocol: 
     lines += ["Config fields declared equivalent that differ between the runs (value per run, "
               "in the order above): " + "; ".join(
                   f"`{k}` {v}" for k, v in protocol["differing"].items()) + ".", ""]
-  lines += report.markdown(summary, settings, labels, report.PAPER)
+  lines += report.markdown(shown, settings, labels, report.PAPER)
   if left_out:
     lines += ["", "Left out (missing from some seeds of the setting): "
               + "; ".join(f"{s}: {', '.join(r)}" for s, r in left_out.items())]

@@ -236,15 +236,23 @@ PAPER = {  # Paper Table 1, labelling accuracy in %.
 }
 
 
+def reported(summary: dict, num_losses: int) -> dict:
+  """The summary's rows a report shows: with one loss its ``method@loss`` rows
+  repeat the selected ones and are left out (oracle-selection and untrained
+  rows stay)."""
+  keep = [r for r in summary["rows"] if "@" not in r or num_losses > 1
+          or r.endswith(("@" + ORACLE_SELECTION, "@" + UNTRAINED))]
+  return {"rows": {r: summary["rows"][r] for r in keep},
+          "paired": {r: d for r, d in summary["paired"].items() if r in keep}}
+
+
 def table_markdown(summary, times, config, settings, label):
   """Lines of table1.md: accuracies (mean ± std over seeds) beside the paper's,
   paired differences, then fitting times.  ``label(row) -> str`` names rows
   (``method`` or ``method@loss``)."""
   from experiments import common
-  # With one loss its "[loss]" rows repeat the selected ones.
-  present = [r for r in summary["rows"] if "@" not in r or len(config.losses) > 1
-             or r.endswith(("@" + ORACLE_SELECTION, "@" + UNTRAINED))]
-  labels = {r: label(r) for r in present}
+  shown = reported(summary, len(config.losses))
+  labels = {r: label(r) for r in shown["rows"]}
   timing = common.markdown_table(
       ["Method", *settings],
       [[label(m), *[f"{np.mean(times.get(m, {}).get(s, [np.nan])):.0f}"
@@ -269,8 +277,6 @@ def table_markdown(summary, times, config, settings, label):
            f"Conventional EM: best of {config.em_kmeans_restarts} k-means++ + "
            f"{config.em_random_restarts} random restarts per user by likelihood, "
            f"{config.em_iters} iterations each.")
-  shown = {"rows": {r: summary["rows"][r] for r in present},
-           "paired": {r: d for r, d in summary["paired"].items() if r in present}}
   lines = markdown(shown, settings, labels, PAPER)
   return ["# Table 1 (synthetic HSMMs): labelling accuracy, ours vs. paper", "", intro, "",
           *lines, "", "Time to fit each method and produce the held-out users' parameters "
