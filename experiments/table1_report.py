@@ -201,31 +201,45 @@ def convergence_rows(curves: dict, settings) -> list:
 
 def plot_validation_curves(path, curves: dict, settings, label_of):
   """The label-free criterion of every trained candidate and seed, one panel per
-  setting, a dot at each run's selected (best) step: where each run flattens."""
+  setting (colour: candidate, line style: seed), a dot at each run's selected
+  (best) step: where each run flattens.  The y axis stops 15 % above the
+  highest starting value; a curve leaving the top has diverged."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), squeeze=False)
-  names = sorted({n for seed in curves.values() for cells in seed.values() for n in cells})
+  from matplotlib.lines import Line2D
+  fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.6), squeeze=False)
+  names = sorted({n for seed in curves.values() for cells in seed.values() for n in cells
+                  if not n.startswith("em_mapping")})
+  seeds = sorted(curves, key=int)
   colours = {n: f"C{i}" for i, n in enumerate(names)}
-  styles = ["-", "--", ":", "-."]
+  styles = {seed: ["-", "--", ":", "-."][i % 4] for i, seed in enumerate(seeds)}
   for ax, setting in zip(axes[0], settings):
-    for i, seed in enumerate(sorted(curves, key=int)):
+    starts, lows = [], []
+    for seed in seeds:
       for name, curve in curves[seed].get(setting, {}).items():
-        if not curve.get("validation") or name.startswith("em_mapping"):
+        if name not in colours or not curve.get("validation"):
           continue
         points = np.asarray([v[:2] for v in curve["validation"]], np.float64)
-        ax.plot(points[:, 0], points[:, 1], styles[i % len(styles)], color=colours[name],
-                label=f"{label_of(name)} [{name.partition('[')[2]}, seed {seed}")
-        best = int(np.argmin(points[:, 1]))
+        ax.plot(points[:, 0], points[:, 1], styles[seed], color=colours[name], linewidth=1)
+        best = int(np.nanargmin(points[:, 1]))
         ax.plot(points[best, 0], points[best, 1], "o", color=colours[name], markersize=4)
+        starts.append(points[0, 1])
+        lows.append(points[best, 1])
+    if starts:
+      low, high = min(lows), max(starts)
+      ax.set_ylim(low - 0.05 * (high - low), high + 0.15 * (high - low))
     ax.set_title(setting)
     ax.set_xlabel("step")
   axes[0][0].set_ylabel("validation held-out NLL per step")
-  axes[0][0].legend(fontsize=5)
+  handles = ([Line2D([], [], color=colours[n], label=f"{label_of(n)} [{n.partition('[')[2]}")
+              for n in names]
+             + [Line2D([], [], color="k", linestyle=styles[s], label=f"seed {s}") for s in seeds])
+  axes[0][-1].legend(handles=handles, fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
 
 PAPER = {  # Paper Table 1, labelling accuracy in %.
     "conventional_em": {"T50": 82.0, "T100": 85.5, "T400": 94.1, "noise20": 83.1, "noise10": 91.5},
