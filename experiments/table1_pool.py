@@ -7,7 +7,7 @@ files a single run writes (``table1.json``, ``table1_stats.json``,
 ``table1.md``), each setting summarised over the seeds that have it, plus
 every trained candidate's validation curve (``curves.json``,
 ``validation_curves.png``) and a convergence table in ``table1.md`` (start,
-best, best step, steps run, ended by patience or budget).
+best, best step, steps run, ended by patience or budget, skipped updates).
 
   python -m experiments.table1_pool --output_dir=/tmp/t1_noise20 \
       --runs=/work/results/t1_s12/noise20_exact_s12,/work/results/t1_noise20_s11/exact_fixed
@@ -15,8 +15,9 @@ best, best step, steps run, ended by patience or budget).
 Refuses, naming the problem: runs whose protocols differ (any config field
 besides seeds, methods and settings: the gradient mode, the grid, the user
 counts, ...; ``--equivalent_fields`` names fields whose different values mean
-the same protocol, and the report lists them), and a (seed, setting, method) present in two runs with
-different per-user accuracies (the same seed must give the same result;
+the same protocol, and the report lists them), and a (seed, setting, method)
+present in two runs with different per-user accuracies (the same seed must
+give the same result;
 rows computed in both, such as the oracle, are checked, not trusted).
 Within a setting, a method missing from some of its seeds is left out of
 that setting's summary and named in the output.

@@ -202,7 +202,7 @@ def convergence_rows(curves: dict, settings) -> list:
 def plot_validation_curves(path, curves: dict, settings, label_of):
   """The label-free criterion of every trained candidate and seed, one panel per
   setting (colour: candidate, line style: seed), a dot at each run's selected
-  (best) step: where each run flattens.  The y axis stops 15 % above the
+  (best) step: where each run flattens.  The y axis ends 15 % above the
   highest starting value; a curve leaving the top has diverged."""
   import matplotlib
   matplotlib.use("Agg")
