@@ -208,7 +208,7 @@ def make_setting(name, key, populations, config, synthetic, *, workdir=None,
   val = data.get("val")
   s = Setting(name=name, config=config, synthetic=synthetic, keys=keys,
               train=dj.Batch(tr_emb, tr_obs, tr_mask), test=dj.Batch(te_emb, te_obs, te_mask),
-              start=start, codec=dj.ParamCodec(start), optimizer=None, curves={},
+              start=start, codec=dj.ParamCodec(start), curves={},
               val=None if val is None else dj.Batch(val[3], val[1], val[2]),
               val_states=None if val is None else val[0], workdir=workdir, progress=progress,
               oracle={} if config.oracle_selection else None)

@@ -38,7 +38,6 @@ class Setting(NamedTuple):
   test: dj.Batch          # held-out users (scored)
   start: object           # pooled start: one HSMM shared by every method
   codec: dj.ParamCodec
-  optimizer: object       # unused since model selection (kept for the smoke tests' wiring)
   curves: dict            # method -> {"step": [...], "loss": [...]}, filled by _train
   val: dj.Batch | None = None   # validation users: model selection only
   val_states: jax.Array | None = None   # their true states (accuracy / oracle rows only)

@@ -126,7 +126,7 @@ def test_table1_networks_build():
   setting = synthetic_table1.Setting(
       name="T50", config=config, synthetic=synthetic,
       keys=jax.random.split(jax.random.PRNGKey(0), 8), train=None, test=None, start=start,
-      codec=dj.ParamCodec(start), optimizer=None, curves={})
+      codec=dj.ParamCodec(start), curves={})
   # Abstract construction (shapes only): checks the wiring without compiling anything.
   built = {name: nnx.eval_shape(lambda build=method.build: build(setting, nnx.Rngs(0)))
            for name, method in synthetic_table1.METHODS.items() if method.build is not None}
